@@ -1,0 +1,39 @@
+# geolora — two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench-perf check docs clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: any looser requirement pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/geolora bench --out results/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check geolora tests scripts benchmarks
+	$(BIN)/python -m pytest -n 2 -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check geolora tests scripts benchmarks
+
+bench-perf: $(STAMP)
+	$(BIN)/geolora bench --perf
+
+check: $(STAMP)
+	$(BIN)/geolora check
+
+clean:
+	rm -rf $(VENV) results build *.egg-info

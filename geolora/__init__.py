@@ -1,0 +1,1 @@
+"""geolora: Riemannian optimization of low-rank adapters."""
