@@ -1,0 +1,104 @@
+"""Orthonormal frames of a factored low-rank matrix and factored matrix tangent vectors.
+
+For ``X = M Nᵀ`` of rank r, the thin QR factorizations ``M = U R_M``, ``N = V R_N`` give the
+*frame* ``(U, R_M, V, R_N)`` and the core ``W = R_M R_Nᵀ`` (``X = U W Vᵀ``). The matrix tangent
+space is ``T_X = {U S Vᵀ + Up Vᵀ + U Vpᵀ : Uᵀ Up = 0, Vᵀ Vp = 0}`` (DESIGN.md conventions) and
+a tangent vector is stored as :class:`~geolora.manifolds.types.FixedRankTangent` ``(M=S, Up, Vp)``
+relative to the frame. Nothing here forms an ``m x n`` matrix except :func:`tangent_to_dense`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from geolora.linalg import qr_pos, transpose, tri_solve_right
+from geolora.manifolds.types import FixedRankTangent
+
+
+class Frame(NamedTuple):
+    """``M = U R_M``, ``N = V R_N`` with ``U: (..., m, r)``, ``V: (..., n, r)`` orthonormal and
+    ``R_M, R_N: (..., r, r)`` upper triangular with non-negative diagonals."""
+
+    U: Tensor
+    RM: Tensor
+    V: Tensor
+    RN: Tensor
+
+    @property
+    def W(self) -> Tensor:
+        """Core ``W = R_M R_Nᵀ`` with ``X = U W Vᵀ``."""
+        return self.RM @ transpose(self.RN)
+
+    def rank_deficient(self, rtol: float | None = None) -> Tensor:
+        """Boolean batch mask: ``R_M`` or ``R_N`` numerically singular (relative to its largest
+        diagonal entry), e.g. a zero-initialised LoRA factor."""
+        if rtol is None:
+            rtol = 1e-12 if self.U.dtype == torch.float64 else 1e-6
+        bad = torch.zeros(self.RM.shape[:-2], dtype=torch.bool, device=self.RM.device)
+        for r in (self.RM, self.RN):
+            d = torch.diagonal(r, dim1=-2, dim2=-1).abs()
+            top = d.amax(dim=-1)
+            bad = bad | (d.amin(dim=-1) <= rtol * top) | (top == 0)
+        return bad
+
+
+def make_frame(M: Tensor, N: Tensor, qr_method: str = "auto") -> Frame:
+    """Orthonormal frame of ``X = M Nᵀ``: ``M = U R_M``, ``N = V R_N`` (sign-fixed thin QR)."""
+    U, RM = qr_pos(M, qr_method)
+    V, RN = qr_pos(N, qr_method)
+    return Frame(U, RM, V, RN)
+
+
+def project_factor_grads(frame: Frame, grad_M: Tensor, grad_N: Tensor) -> FixedRankTangent:
+    """``P_T(∇_X f)`` in factored form from the factor gradients (LoRA-S eq. 12, A.17 eq. 23).
+
+    With ``∇_M = G N = G V R_N`` and ``∇_N = Gᵀ M = Gᵀ U R_M`` (``G = ∇_X f``, what autograd gives
+    for ``X = M Nᵀ``): ``G V = ∇_M R_N⁻¹``, ``Gᵀ U = ∇_N R_M⁻¹``, ``S = Uᵀ G V``,
+    ``Up = G V − U S``, ``Vp = Gᵀ U − V Sᵀ``. Cost O((m + n) r²); requires rank r.
+    """
+    GV = tri_solve_right(grad_M, frame.RN)
+    GtU = tri_solve_right(grad_N, frame.RM)
+    S = transpose(frame.U) @ GV
+    Up = GV - frame.U @ S
+    Vp = GtU - frame.V @ transpose(S)
+    return FixedRankTangent(S, Up, Vp)
+
+
+def project_products(frame: Frame, ZV: Tensor, ZtU: Tensor) -> FixedRankTangent:
+    """``P_T(Z)`` from ``Z V: (..., m, r)`` and ``Zᵀ U: (..., n, r)`` (Vandereycken 2013)."""
+    S = transpose(frame.U) @ ZV
+    return FixedRankTangent(S, ZV - frame.U @ S, ZtU - frame.V @ transpose(S))
+
+
+def project_dense(frame: Frame, Z: Tensor) -> FixedRankTangent:
+    """``P_T(Z)`` for a dense ``Z: (..., m, n)``: ``P_M Z + Z P_N − P_M Z P_N`` in factored form."""
+    return project_products(frame, Z @ frame.V, transpose(Z) @ frame.U)
+
+
+def project_lowrank(frame: Frame, A: Tensor, B: Tensor) -> FixedRankTangent:
+    """``P_T(A Bᵀ)`` for ``A: (..., m, k)``, ``B: (..., n, k)`` in O((m + n) k r)."""
+    return project_products(frame, A @ (transpose(B) @ frame.V), B @ (transpose(A) @ frame.U))
+
+
+def tangent_to_dense(frame: Frame, t: FixedRankTangent) -> Tensor:
+    """``U S Vᵀ + Up Vᵀ + U Vpᵀ`` as a dense ``(..., m, n)`` matrix (tests, small problems)."""
+    U, V = frame.U, frame.V
+    return (U @ t.M + t.Up) @ transpose(V) + U @ transpose(t.Vp)
+
+
+def tangent_to_factors(frame: Frame, t: FixedRankTangent) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of width 2r with ``A Bᵀ = U S Vᵀ + Up Vᵀ + U Vpᵀ``: ``A = [U S + Up, U]``,
+    ``B = [V, Vp]``."""
+    return (
+        torch.cat([frame.U @ t.M + t.Up, frame.U], dim=-1),
+        torch.cat([frame.V, t.Vp], dim=-1),
+    )
+
+
+def tangent_inner(u: FixedRankTangent, v: FixedRankTangent) -> Tensor:
+    """Frobenius inner product of two factored tangent vectors at the same frame:
+    ``tr(SᵀS') + tr(Upᵀ Up') + tr(Vpᵀ Vp')`` (the three parts are orthogonal)."""
+    return sum((a * b).sum(dim=(-2, -1)) for a, b in zip(u, v))

@@ -1,0 +1,411 @@
+"""Base class of every geolora LoRA optimizer.
+
+Parameter convention (DESIGN.md): a LoRA pair is a param group
+``{"params": [B, A], "lora_pair": True, "scaling": s, "name": "..."}`` with ``B: (out, r)``,
+``A: (r, in)``, ``ΔW = s·B A``; ``M = B``, ``N = Aᵀ``, ``X = M Nᵀ``. Autograd's factor gradients are
+exactly ``∇_M = ∇_X f N`` and ``∇_N = ∇_X fᵀ M`` with ``∇_X f = s ∇_{ΔW} f``. Groups without
+``lora_pair`` are ordinary parameters updated with AdamW (bit-compatible with
+``torch.optim.AdamW``, ``foreach=False``), so one optimizer object trains a whole model.
+
+:class:`LoRAOptimizer` owns what all optimizers share: validation of groups and options,
+non-finite gradient handling, the AdamW path for ordinary parameters and for the robust start of
+LoRA pairs, and the batching of same-shape pairs: pairs with equal ``(m, n, r, dtype, device)``,
+hyperparameters and step count are stacked into ``(L, m, r)`` tensors and handed to
+:meth:`LoRAOptimizer._update_pairs` in one call (``foreach=False`` hands them one by one — the
+reference path the tests compare with). Subclasses implement ``_init_pair_state`` and
+``_update_pairs``; the math lives in the preconditioners, metrics and manifolds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from geolora.linalg import compute_dtype
+from geolora.manifolds.types import FactorPoint, FactorTangent
+
+PAIR_KEYS = frozenset({"params", "lora_pair", "scaling", "name"})
+ADAMW_DEFAULTS: dict[str, Any] = {
+    "other_lr": None,
+    "other_betas": (0.9, 0.999),
+    "other_eps": 1e-8,
+    "other_weight_decay": 0.01,
+}
+NONFINITE_MODES = ("raise", "skip")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float = math.inf, hi_open=False) -> None:
+    ok = isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+        raise ValueError(f"invalid {name}: {value!r} (expected a number in {rng})")
+
+
+def validate_betas(name: str, betas: Any, n: int = 2) -> None:
+    """``ValueError`` unless ``betas`` is a length-``n`` tuple of numbers in ``[0, 1)``."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == n):
+        raise ValueError(f"invalid {name}: {betas!r} (expected {n} numbers in [0, 1))")
+    for i, b in enumerate(betas):
+        _check_range(f"{name}[{i}]", b, 0.0, 1.0, hi_open=True)
+
+
+def _param_label(group: dict, idx: int) -> str:
+    name = group.get("name")
+    if group.get("lora_pair"):
+        base = name if name is not None else "<unnamed lora pair>"
+        return f"{base}.{'lora_B' if idx == 0 else 'lora_A'}"
+    names = group.get("param_names")
+    if names is not None and idx < len(names):
+        return str(names[idx])
+    return f"{name or 'group'}[{idx}]"
+
+
+def adamw_update_(
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step in place, same operations and order as ``torch.optim.AdamW``
+    (``foreach=False``, ``amsgrad=False``, ``maximize=False``)."""
+    beta1, beta2 = betas
+    p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad.conj(), value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = math.sqrt(bias_correction2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class LoRAOptimizer(torch.optim.Optimizer):
+    """Common machinery of geolora optimizers (see module docstring).
+
+    Args:
+        params: iterable of param groups (LoRA pairs and ordinary groups) or of tensors (then
+            all of them are ordinary parameters).
+        defaults: the subclass's hyperparameters (``lr`` required).
+        robust_steps: number of initial steps during which a LoRA pair is updated with AdamW on
+            its factors (LoRA-S A.16 "robust start"); a pair whose factors are rank deficient
+            (e.g. ``B = 0``) also takes the AdamW path until they have full rank.
+        nonfinite: ``"raise"`` (default): a NaN/inf gradient raises ``FloatingPointError`` naming
+            the parameter before anything is modified; ``"skip"``: the group's step is skipped
+            and ``state["nonfinite_skips"]`` of its first parameter is incremented.
+        foreach: batch same-shape LoRA pairs (default) or update them one at a time.
+        other_lr, other_betas, other_eps, other_weight_decay: AdamW hyperparameters of the
+            ordinary groups (``other_lr=None`` means "same as ``lr``").
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        robust_steps: int = 0,
+        nonfinite: str = "raise",
+        foreach: bool = True,
+        robust_betas: tuple[float, float] = (0.9, 0.999),
+        robust_eps: float = 1e-8,
+        robust_weight_decay: float = 0.0,
+        **adamw_options: Any,
+    ) -> None:
+        unknown = set(adamw_options) - set(ADAMW_DEFAULTS)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown option(s) {sorted(unknown)}; "
+                f"valid: {sorted(set(defaults) | set(ADAMW_DEFAULTS) | {'robust_steps'})}"
+            )
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if not (isinstance(robust_steps, int) and robust_steps >= 0):
+            raise ValueError(f"robust_steps must be an integer >= 0, got {robust_steps!r}")
+        validate_betas("robust_betas", robust_betas)
+        _check_range("robust_eps", robust_eps, 0.0)
+        _check_range("robust_weight_decay", robust_weight_decay, 0.0)
+        all_defaults = dict(ADAMW_DEFAULTS)
+        all_defaults.update(adamw_options)
+        all_defaults.update(defaults)
+        all_defaults.update(
+            robust_steps=robust_steps,
+            robust_betas=tuple(robust_betas),
+            robust_eps=robust_eps,
+            robust_weight_decay=robust_weight_decay,
+        )
+        self.nonfinite = nonfinite
+        self.foreach = foreach
+        super().__init__(params, all_defaults)
+
+    # --- groups -----------------------------------------------------------------------------
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Check the subclass's hyperparameters; override and call ``super()``."""
+        _check_range("lr", group["lr"], 0.0)
+        if group["other_lr"] is not None:
+            _check_range("other_lr", group["other_lr"], 0.0)
+        validate_betas("other_betas", group["other_betas"])
+        _check_range("other_eps", group["other_eps"], 0.0)
+        _check_range("other_weight_decay", group["other_weight_decay"], 0.0)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        allowed = set(self.defaults) | PAIR_KEYS | {"param_names", "initial_lr"}
+        unknown = set(param_group) - allowed
+        if unknown:
+            label = param_group.get("name", "param group")
+            raise ValueError(
+                f"{type(self).__name__}: unknown option(s) {sorted(unknown)} in {label!r}; "
+                f"valid options: {sorted(set(self.defaults))}"
+            )
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group["params"] = params
+        if param_group.get("lora_pair", False):
+            self._validate_pair(param_group)
+        super().add_param_group(param_group)
+        self._validate_hyperparameters(self.param_groups[-1])
+
+    def _validate_pair(self, group: dict[str, Any]) -> None:
+        label = group.get("name", "<unnamed lora pair>")
+        params = group["params"]
+        if len(params) != 2:
+            raise ValueError(
+                f"lora_pair group {label!r} must hold exactly two tensors [B, A], got {len(params)}"
+            )
+        B, A = params
+        for nm, t in (("lora_B", B), ("lora_A", A)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{label}.{nm} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 2:
+                raise ValueError(f"{label}.{nm} must be 2-D, got shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{label}.{nm} must be floating point, got {t.dtype}")
+        m, r = B.shape
+        r2, n = A.shape
+        if r != r2:
+            raise ValueError(
+                f"lora_pair {label!r}: rank mismatch, lora_B is {tuple(B.shape)} (out, r) but "
+                f"lora_A is {tuple(A.shape)} (r, in)"
+            )
+        if r == 0 or r > min(m, n):
+            raise ValueError(f"lora_pair {label!r}: rank r={r} must be in [1, min(out, in)={min(m, n)}]")
+        if B.dtype != A.dtype:
+            raise TypeError(f"lora_pair {label!r}: dtype mix, lora_B {B.dtype} vs lora_A {A.dtype}")
+        if B.device != A.device:
+            raise ValueError(
+                f"lora_pair {label!r}: device mix, lora_B on {B.device} vs lora_A on {A.device}"
+            )
+        s = group.get("scaling", 1.0)
+        if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
+            raise ValueError(f"lora_pair {label!r}: scaling must be a finite number > 0, got {s!r}")
+
+    # --- state helpers ----------------------------------------------------------------------
+    def _init_pair_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
+        """Fresh optimizer state of one pair (tensors in the compute dtype)."""
+        return {}
+
+    def _update_pairs(
+        self,
+        group: dict[str, Any],
+        x: FactorPoint,
+        g: FactorTangent,
+        state: dict[str, Tensor],
+        step: int,
+    ) -> FactorPoint:
+        """New factors ``(M, N)`` for a stack of pairs (leading dim L).
+
+        ``x``/``g``: stacked factors and factor gradients in the compute dtype, ``state``: the
+        pairs' states stacked along dim 0 (update them in place or reassign keys), ``step``: the
+        1-based step number of these pairs (robust-start steps not counted).
+        """
+        raise NotImplementedError
+
+    # --- step -------------------------------------------------------------------------------
+    def _check_grads(self) -> set[int]:
+        """Return ids of groups to skip; raise on non-finite gradients in ``raise`` mode."""
+        skip: set[int] = set()
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{_param_label(group, i)}: sparse gradients are not supported")
+                if p.grad.shape != p.shape:
+                    raise ValueError(
+                        f"{_param_label(group, i)}: gradient shape {tuple(p.grad.shape)} != "
+                        f"parameter shape {tuple(p.shape)}"
+                    )
+                if not bool(torch.isfinite(p.grad).all()):
+                    if self.nonfinite == "raise":
+                        raise FloatingPointError(
+                            f"non-finite gradient (NaN or inf) in parameter "
+                            f"{_param_label(group, i)}; nothing was updated. Use "
+                            f"nonfinite='skip' to skip such steps instead."
+                        )
+                    skip.add(id(group))
+        return skip
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One optimization step over all groups (``closure`` re-evaluates the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skip = self._check_grads()
+        buckets: dict[tuple, list[tuple[dict, Tensor, Tensor]]] = defaultdict(list)
+        for group in self.param_groups:
+            if id(group) in skip:
+                st = self.state[group["params"][0]]
+                st["nonfinite_skips"] = st.get("nonfinite_skips", 0) + 1
+                continue
+            if group.get("lora_pair", False):
+                B, A = group["params"]
+                if B.grad is None and A.grad is None:
+                    continue
+                key = self._pair_phase(group, B, A)
+                if key is not None:
+                    buckets[key].append((group, B, A))
+            else:
+                self._adamw_group(group)
+        for key, items in buckets.items():
+            if self.foreach:
+                self._run_bucket(items)
+            else:
+                for item in items:
+                    self._run_bucket([item])
+        return loss
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        lr = group["lr"] if group["other_lr"] is None else group["other_lr"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if len(st) == 0 or "exp_avg" not in st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            adamw_update_(
+                p,
+                p.grad,
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                int(st["step"].item()),
+                lr,
+                group["other_betas"],
+                group["other_eps"],
+                group["other_weight_decay"],
+            )
+
+    def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
+        """Run the robust-start AdamW step (returns ``None``) or return the bucket key."""
+        st = self.state[B]
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0)
+            st["robust_step"] = torch.tensor(0.0)
+        gB = B.grad if B.grad is not None else torch.zeros_like(B)
+        gA = A.grad if A.grad is not None else torch.zeros_like(A)
+        robust = int(st["robust_step"].item()) < group["robust_steps"]
+        if not robust and "full_rank" not in st:
+            # Checked once, when the pair first leaves the robust phase (e.g. B = 0 init).
+            robust = _rank_deficient(B, A)
+            if not robust:
+                st["full_rank"] = True
+        if robust:
+            if "robust_exp_avg_B" not in st:
+                for nm, t in (("B", B), ("A", A)):
+                    st[f"robust_exp_avg_{nm}"] = torch.zeros_like(t)
+                    st[f"robust_exp_avg_sq_{nm}"] = torch.zeros_like(t)
+            st["robust_step"] += 1
+            k = int(st["robust_step"].item())
+            for nm, p, gp in (("B", B, gB), ("A", A, gA)):
+                adamw_update_(
+                    p,
+                    gp,
+                    st[f"robust_exp_avg_{nm}"],
+                    st[f"robust_exp_avg_sq_{nm}"],
+                    k,
+                    group["lr"],
+                    group["robust_betas"],
+                    group["robust_eps"],
+                    group["robust_weight_decay"],
+                )
+            return None
+        for nm in ("robust_exp_avg_B", "robust_exp_avg_sq_B", "robust_exp_avg_A", "robust_exp_avg_sq_A"):
+            st.pop(nm, None)
+        hp = tuple(
+            (k, _freeze(v)) for k, v in sorted(group.items()) if k not in ("params", "name", "param_names")
+        )
+        return (tuple(B.shape), tuple(A.shape), B.dtype, B.device, int(st["step"].item()), hp)
+
+    def _run_bucket(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
+        group0, B0, _ = items[0]
+        cdt = compute_dtype(B0.dtype)
+        states = []
+        for group, B, A in items:
+            st = self.state[B]
+            if "pair" not in st:
+                st["pair"] = True
+                st.update(self._init_pair_state(group, B, A))
+            states.append(st)
+        keys = [k for k, v in states[0].items() if isinstance(v, Tensor) and k not in _SCALAR_KEYS]
+        M = torch.stack([B for _, B, _ in items]).to(cdt)
+        N = torch.stack([A.T for _, _, A in items]).to(cdt)
+        gM = torch.stack([_grad(B) for _, B, _ in items]).to(cdt)
+        gN = torch.stack([_grad(A).T for _, _, A in items]).to(cdt)
+        stacked = {k: torch.stack([s[k] for s in states]) for k in keys}
+        step = int(states[0]["step"].item()) + 1
+        new = self._update_pairs(group0, FactorPoint(M, N), FactorTangent(gM, gN), stacked, step)
+        if not (bool(torch.isfinite(new.M).all()) and bool(torch.isfinite(new.N).all())):
+            names = ", ".join(str(g.get("name", "<unnamed>")) for g, _, _ in items)
+            raise FloatingPointError(
+                f"{type(self).__name__}: the update of LoRA pair(s) {names} is not finite "
+                f"(rank-deficient or ill-conditioned factors?); nothing was updated. Use "
+                f"robust_steps > 0 or damping > 0."
+            )
+        for i, (group, B, A) in enumerate(items):
+            B.copy_(new.M[i])
+            A.copy_(new.N[i].T)
+            st = states[i]
+            st["step"] += 1
+            for k, v in stacked.items():
+                st[k] = v[i].clone()
+
+
+_SCALAR_KEYS = frozenset({"step", "robust_step", "full_rank", "pair"})
+
+
+def _grad(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(v, Tensor):
+        return ("tensor", id(v))
+    return v
+
+
+def _rank_deficient(B: Tensor, A: Tensor) -> bool:
+    """Cheap test for a (numerically) rank-deficient factor, e.g. zero-initialised ``B``."""
+    for t in (B, A.T):
+        t = t.detach().to(compute_dtype(t.dtype))
+        s = torch.linalg.svdvals(t)
+        eps = 1e-12 if t.dtype == torch.float64 else 1e-6
+        if not bool(s[-1] > eps * s[0]) or not bool(s[0] > 0):
+            return True
+    return False

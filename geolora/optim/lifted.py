@@ -1,0 +1,189 @@
+"""The LoRA-S template: preconditioner on ``T_X`` + horizontal lift + factor update.
+
+One step for a stack of LoRA pairs (lora-s.txt Alg. 1, generalised; DESIGN.md "The optimizer
+template"):
+
+1. frame ``M = U R_M``, ``N = V R_N`` and projected gradient ``ξ = P_T(∇_X f)`` from the factor
+   gradients (eq. 12), optionally plus ``λ X`` (``decay="l2"``);
+2. preconditioner: ``ξ ↦ Ẋ`` with its own state (:mod:`geolora.optim.preconditioners`);
+3. lift: the horizontal ``(Ṁ, Ṅ)`` of ``P_T(Ẋ)`` under the metric
+   (:mod:`geolora.manifolds.metrics`);
+4. move: ``(M, N) ← (M − η(Ṁ + λM), N − η(Ṅ + λN))``. The decoupled decay ``λ`` is exactly the
+   LoRA-S regularised Sylvester matrix ``K ← K + λI`` (A.11 eq. 22): adding ``λI`` to ``K`` adds
+   ``λM`` and ``λN`` to the lift. LoRA-S's default is ``λ = 0``: the Sylvester ``K`` itself is the
+   decay.
+
+Every optimizer here is transformation invariant when the metric is (balanced or
+preconditioned): from ``(M R, N R⁻ᵀ)`` it produces the same ``X`` trajectory (Theorem 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from geolora.manifolds.frame import (
+    Frame,
+    make_frame,
+    project_dense,
+    project_factor_grads,
+    project_lowrank,
+)
+from geolora.manifolds.metrics import QuotientMetric, get_metric
+from geolora.manifolds.quotient import assemble_lift
+from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
+from geolora.optim.base import LoRAOptimizer, _check_range, validate_betas
+from geolora.optim.preconditioners import (
+    AdamPreconditioner,
+    Descent,
+    LowRank,
+    Preconditioner,
+    StepContext,
+)
+
+DECAY_MODES = ("decoupled", "l2")
+
+
+class LiftedOptimizer(LoRAOptimizer):
+    """Preconditioner + horizontal lift under ``metric`` (LoRA-S Alg. 1 template).
+
+    Args:
+        params: param groups (see :mod:`geolora.optim.base`).
+        preconditioner: a :class:`~geolora.optim.preconditioners.Preconditioner`.
+        metric: ``"balanced"`` (LoRA-S), ``"preconditioned"``, ``"flat"`` or a metric instance.
+        lr: learning rate η.
+        weight_decay: λ ≥ 0 (0 = LoRA-S default).
+        decay: ``"decoupled"`` (≡ ``K + λI``) or ``"l2"`` (``ξ ← ξ + λX`` before preconditioning).
+        damping: δ ≥ 0 for a metric given by name.
+        qr_method: orthonormalisation for frames (``"auto"``, ``"householder"``, ``"cholesky"``).
+        extra_defaults: further per-group hyperparameters of the preconditioner.
+        **kwargs: :class:`~geolora.optim.base.LoRAOptimizer` options (``robust_steps``,
+            ``nonfinite``, ``foreach``, ``other_*``).
+    """
+
+    def __init__(
+        self,
+        params,
+        preconditioner: Preconditioner,
+        *,
+        metric: str | QuotientMetric = "balanced",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        decay: str = "decoupled",
+        damping: float = 0.0,
+        qr_method: str = "auto",
+        extra_defaults: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if decay not in DECAY_MODES:
+            raise ValueError(f"decay must be one of {DECAY_MODES}, got {decay!r}")
+        self.preconditioner = preconditioner
+        self.metric = get_metric(metric, damping)
+        self.qr_method = qr_method
+        defaults = {"lr": lr, "weight_decay": weight_decay, "decay": decay}
+        defaults.update(extra_defaults or {})
+        super().__init__(params, defaults, **kwargs)
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._validate_hyperparameters(group)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        if group["decay"] not in DECAY_MODES:
+            raise ValueError(f"decay must be one of {DECAY_MODES}, got {group['decay']!r}")
+        if "betas" in group:
+            validate_betas("betas", group["betas"])
+        if "eps" in group:
+            _check_range("eps", group["eps"], 0.0)
+
+    def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
+        from geolora.linalg import compute_dtype
+
+        like = torch.empty((), dtype=compute_dtype(B.dtype), device=B.device)
+        m, r = B.shape
+        n = A.shape[1]
+        return self.preconditioner.init_state(m, n, r, like)
+
+    # --- the template -----------------------------------------------------------------------
+    def _frame(self, x: FactorPoint) -> Frame:
+        return make_frame(x.M, x.N, self.qr_method)
+
+    def _lift(self, frame: Frame, d: Descent) -> tuple[FixedRankTangent, FactorTangent]:
+        t = _to_tangent(frame, d)
+        return t, assemble_lift(frame, t, self.metric.lift_coefficients(frame, t.M))
+
+    def _update_pairs(self, group, x: FactorPoint, g: FactorTangent, state, step: int) -> FactorPoint:
+        frame = self._frame(x)
+        xi = project_factor_grads(frame, g.M, g.N)
+        lam = group["weight_decay"]
+        if lam and group["decay"] == "l2":
+            # ∇_X (λ/2 ‖X‖²) = λ X = U W Vᵀ, already tangent.
+            xi = FixedRankTangent(xi.M + lam * frame.W, xi.Up, xi.Vp)
+        m, r = x.M.shape[-2:]
+        ctx = StepContext(frame, m, x.N.shape[-2], r, lambda t: self._metric_norm(x, frame, t))
+        d = self.preconditioner.update(state, xi, ctx, group, step)
+        _, u = self._lift(frame, d)
+        return self._move(group, x, u)
+
+    def _move(self, group, x: FactorPoint, u: FactorTangent) -> FactorPoint:
+        """``(M, N) ← (M − η(Ṁ + λM), N − η(Ṅ + λN))`` (λ only with ``decay="decoupled"``)."""
+        lr, lam = group["lr"], group["weight_decay"]
+        shrink = 1.0 - lr * lam if group["decay"] == "decoupled" else 1.0
+        return FactorPoint(shrink * x.M - lr * u.M, shrink * x.N - lr * u.N)
+
+    def _metric_norm(self, x: FactorPoint, frame: Frame, t: FixedRankTangent) -> Tensor:
+        u = assemble_lift(frame, t, self.metric.lift_coefficients(frame, t.M))
+        return self.metric.inner(x, u, u).clamp_min(0).sqrt()
+
+
+def _to_tangent(frame: Frame, d: Descent) -> FixedRankTangent:
+    if isinstance(d, FixedRankTangent):
+        return d
+    if isinstance(d, LowRank):
+        return project_lowrank(frame, d.A, d.B)
+    if isinstance(d, Tensor):
+        return project_dense(frame, d)
+    raise TypeError(f"preconditioner returned {type(d).__name__}; expected a tangent, tensor or LowRank")
+
+
+class AdamS(LiftedOptimizer):
+    """AdamS — Adam lifted to the horizontal space of the LoRA-S metric (lora-s.txt §4.2,
+    Alg. 2; low-memory variant Alg. 4).
+
+    ``ξ = P_T(∇_X f)``; ``m ← β₁ m + (1−β₁) ξ``; ``v ← β₂ v + (1−β₂) ξ²``;
+    ``Ẋ = m̂ / (sqrt(v̂) + ε)``; solve ``G_M G_N K + K G_M G_N = Mᵀ Ẋ N``;
+    ``Ṁ = (Ẋ N − M G_N K) G_N⁻¹``, ``Ṅ = (Ẋᵀ M − N G_M Kᵀ) G_M⁻¹``;
+    ``(M, N) ← (M − η Ṁ, N − η Ṅ)``.
+
+    Defaults from the paper: ``betas=(0.9, 0.999)``, no weight decay (the Sylvester K is the
+    decay), robust start with AdamW for ``robust_steps=100`` steps from zero-initialised LoRA
+    (A.16). Memory: ``2mn`` per pair (``mn + 2(m+n)r + r²`` with ``low_memory=True``).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        low_memory: bool = False,
+        riemannian_second_moment: bool = False,
+        bias_correction: bool = True,
+        robust_steps: int = 100,
+        metric: str | QuotientMetric = "balanced",
+        **kwargs: Any,
+    ) -> None:
+        validate_betas("betas", betas)
+        pre = AdamPreconditioner(low_memory, riemannian_second_moment, bias_correction)
+        super().__init__(
+            params,
+            pre,
+            metric=metric,
+            lr=lr,
+            weight_decay=weight_decay,
+            robust_steps=robust_steps,
+            extra_defaults={"betas": tuple(betas), "eps": eps},
+            **kwargs,
+        )
