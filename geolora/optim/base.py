@@ -279,7 +279,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     buckets[key].append((group, B, A))
             else:
                 self._adamw_group(group)
-        for key, items in buckets.items():
+        for items in buckets.values():
             if self.foreach:
                 self._run_bucket(items)
             else:
@@ -376,7 +376,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 f"(rank-deficient or ill-conditioned factors?); nothing was updated. Use "
                 f"robust_steps > 0 or damping > 0."
             )
-        for i, (group, B, A) in enumerate(items):
+        for i, (_, B, A) in enumerate(items):
             B.copy_(new.M[i])
             A.copy_(new.N[i].T)
             st = states[i]
