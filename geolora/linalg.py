@@ -147,29 +147,56 @@ def solve_sylvester(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     return x.to(c.dtype)
 
 
+def _sylvester_gram_route(ga: Tensor, gb: Tensor, c: Tensor, left: bool) -> Tensor:
+    # A = G_M G_N is diagonalised through the Cholesky factor of one Gram matrix:
+    # right route (G_N = L Lᵀ): P = L⁻ᵀ Q, P⁻¹ = Qᵀ Lᵀ with Lᵀ G_M L = Q Λ Qᵀ;
+    # left route (G_M = L Lᵀ):  P = L Q,   P⁻¹ = Qᵀ L⁻¹ with Lᵀ G_N L = Q Λ Qᵀ.
+    if left:
+        l = torch.linalg.cholesky(ga)
+        lam, q = torch.linalg.eigh(sym(transpose(l) @ gb @ l))
+        p = l @ q
+        p_inv = transpose(q) @ torch.linalg.solve_triangular(
+            l, torch.eye(l.shape[-1], dtype=l.dtype, device=l.device), upper=False
+        )
+    else:
+        l = torch.linalg.cholesky(gb)
+        lam, q = torch.linalg.eigh(sym(transpose(l) @ ga @ l))
+        p = torch.linalg.solve_triangular(transpose(l), q, upper=True)  # L⁻ᵀ Q
+        p_inv = transpose(q) @ transpose(l)
+    ct = p_inv @ c @ p
+    return p @ (ct / (lam.unsqueeze(-1) + lam.unsqueeze(-2))) @ p_inv
+
+
 def solve_sylvester_gram(g_m: Tensor, g_n: Tensor, c: Tensor, damping: float = 0.0) -> Tensor:
     """Solve ``A K + K A = C`` with ``A = G_M G_N`` (LoRA-S eq. 9), batched, no Python loop.
 
     ``A`` is similar to a symmetric positive definite matrix: with the Cholesky factorization
     ``G_N = L Lᵀ`` and ``Lᵀ G_M L = Q Λ Qᵀ``, ``P = L⁻ᵀ Q`` gives ``A = P Λ P⁻¹`` with
-    ``P⁻¹ = Qᵀ Lᵀ``. Then ``K = P [(P⁻¹ C P) / (λ_i + λ_j)] P⁻¹``.
+    ``P⁻¹ = Qᵀ Lᵀ``; then ``K = P [(P⁻¹ C P) / (λ_i + λ_j)] P⁻¹``. The mirror route through
+    ``G_M = L Lᵀ`` is computed too and, per batch element, the one with the smaller residual is
+    kept (each route loses accuracy with the condition of the Gram matrix it factors).
     ``damping`` δ replaces ``G`` by ``G + δI`` (for rank-deficient / zero-initialised factors).
-    Computed in float64, returned in ``C``'s dtype. Shapes: all ``(..., r, r)``.
+    Computed in float64, returned in ``C``'s dtype. Shapes: all ``(..., r, r)``. The optimizers
+    use the better-conditioned gauge-free form :func:`solve_lyapunov_core` instead.
     """
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     wd = torch.float64
-    gm, gn = sym(g_m.to(wd)), sym(g_n.to(wd))
+    gm, gn, c64 = sym(g_m.to(wd)), sym(g_n.to(wd)), c.to(wd)
     if damping:
         eye = torch.eye(gm.shape[-1], dtype=wd, device=gm.device)
         gm, gn = gm + damping * eye, gn + damping * eye
-    l = torch.linalg.cholesky(gn)
-    lam, q = torch.linalg.eigh(sym(transpose(l) @ gm @ l))
-    p = torch.linalg.solve_triangular(transpose(l), q, upper=True)  # L⁻ᵀ Q
-    p_inv = transpose(q) @ transpose(l)
-    ct = p_inv @ c.to(wd) @ p
-    k = p @ (ct / (lam.unsqueeze(-1) + lam.unsqueeze(-2))) @ p_inv
-    return k.to(c.dtype)
+    a = gm @ gn
+    best, best_res = None, None
+    for left in (False, True):
+        k = _sylvester_gram_route(gm, gn, c64, left)
+        res = (a @ k + k @ a - c64).flatten(-2).norm(dim=-1)
+        if best is None:
+            best, best_res = k, res
+        else:
+            take = (res < best_res).reshape(res.shape + (1, 1))
+            best = torch.where(take, k, best)
+    return best.to(c.dtype)
 
 
 def solve_lyapunov_core(w: Tensor, s: Tensor, damping: float = 0.0) -> Tensor:

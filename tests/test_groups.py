@@ -1,0 +1,142 @@
+"""lora_param_groups on geolora LoRALinear models, peft models and bare named parameters."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+from geolora.lora import inject_lora, lora_modules, mark_only_lora_trainable
+from geolora.optim.groups import lora_param_groups
+
+
+def geolora_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6), nn.Linear(6, 2))
+    inject_lora(model, ["0", "2"], r=3, alpha=12)
+    mark_only_lora_trainable(model, keep=["3"])
+    return model
+
+
+def peft_bert():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"])
+    return get_peft_model(BertModel(cfg), config)
+
+
+def test_geolora_pairs_and_other_group() -> None:
+    model = geolora_model()
+    groups = lora_param_groups(model, lr=1e-3, other_lr=1e-2, other_weight_decay=0.1)
+    assert [g["name"] for g in groups] == ["0", "2", "other"]
+    for g, m in zip(groups, lora_modules(model).values()):
+        assert g["lora_pair"] is True and g["scaling"] == 4.0 and g["lr"] == 1e-3
+        b, a = g["params"]
+        assert b is m.lora_B and a is m.lora_A and "adapter" not in g
+    other = groups[-1]
+    assert "lora_pair" not in other and other["lr"] == 1e-2 and other["weight_decay"] == 0.1
+    assert other["params"] == [model[3].weight, model[3].bias]
+    # frozen base weights appear nowhere
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert all(id(p) not in in_groups for p in model.parameters() if not p.requires_grad)
+    # torch optimizers accept the groups as they are
+    torch.optim.AdamW(groups).step()
+
+
+def test_named_params_default_scaling_and_determinism() -> None:
+    model = geolora_model()
+    groups = lora_param_groups(model.named_parameters())
+    assert [g["scaling"] for g in groups if g.get("lora_pair")] == [1.0, 1.0]
+    assert "lr" not in groups[0] and "lr" not in groups[-1]
+    again = lora_param_groups(dict(model.named_parameters()))
+    assert [g["name"] for g in again] == [g["name"] for g in groups]
+    assert all(
+        [id(p) for p in g1["params"]] == [id(p) for p in g2["params"]]
+        for g1, g2 in zip(groups, again)
+    )
+
+
+def test_peft_tiny_bert() -> None:
+    model = peft_bert()
+    groups = lora_param_groups(model, lr=2e-4)
+    pairs = [g for g in groups if g.get("lora_pair")]
+    assert len(pairs) == 6 and len(groups) == 6  # peft froze everything else
+    names = [g["name"] for g in pairs]
+    expected = [
+        n for n, m in model.named_modules() if n.endswith(("query", "value", "intermediate.dense"))
+    ]
+    assert names == expected  # model order
+    for g in pairs:
+        module = model.get_submodule(g["name"])
+        b, a = g["params"]
+        assert g["adapter"] == "default" and g["scaling"] == 2.0 and g["lr"] == 2e-4
+        assert b is module.lora_B["default"].weight and a is module.lora_A["default"].weight
+        hidden = 32 if g["name"].endswith("intermediate.dense") else 16
+        assert b.shape == (hidden, 4) and a.shape == (4, 16)
+    # the pooler made trainable lands in the ordinary group
+    model.base_model.model.pooler.dense.weight.requires_grad_(True)
+    groups = lora_param_groups(model)
+    assert groups[-1]["name"] == "other"
+    assert groups[-1]["params"] == [model.base_model.model.pooler.dense.weight]
+
+
+def test_peft_multiple_adapters() -> None:
+    from peft import LoraConfig
+
+    model = peft_bert()
+    model.add_adapter(
+        "second", LoraConfig(r=2, lora_alpha=6, target_modules=["query"], use_rslora=True)
+    )
+    for n, p in model.named_parameters():
+        if ".second." in n:
+            p.requires_grad_(True)
+    groups = lora_param_groups(model)
+    assert len(groups) == 8
+    second = [g for g in groups if g["adapter"] == "second"]
+    assert len(second) == 2
+    for g in second:
+        assert g["name"].endswith("attention.self.query")
+        assert g["scaling"] == pytest.approx(6 / math.sqrt(2), rel=1e-15)
+        assert g["params"][0].shape == (16, 2) and g["params"][1].shape == (2, 16)
+    only = lora_param_groups(model, adapter="second")
+    assert [g["adapter"] for g in only] == ["second", "second"]
+    assert len(lora_param_groups(model, adapter=["default", "second"])) == 8
+    with pytest.raises(ValueError, match="nope"):
+        lora_param_groups(model, adapter="nope")
+
+
+def test_missing_partner_and_bad_input() -> None:
+    a = nn.Parameter(torch.zeros(3, 12))
+    b = nn.Parameter(torch.zeros(10, 3))
+    with pytest.raises(ValueError, match=r"'layer\.lora_A' has no trainable lora_B"):
+        lora_param_groups([("layer.lora_A", a)])
+    with pytest.raises(ValueError, match=r"'m\.lora_B\.x\.weight' has no trainable lora_A"):
+        lora_param_groups([("m.lora_B.x.weight", b), ("m.lora_A.y.weight", a)], adapter="x")
+    frozen = nn.Parameter(torch.zeros(10, 3), requires_grad=False)
+    with pytest.raises(ValueError, match="missing or frozen"):
+        lora_param_groups([("layer.lora_A", a), ("layer.lora_B", frozen)])
+    with pytest.raises(ValueError, match="rank mismatch"):
+        lora_param_groups([("l.lora_A", a), ("l.lora_B", nn.Parameter(torch.zeros(10, 2)))])
+    with pytest.raises(ValueError, match="2-D"):
+        lora_param_groups([("c.lora_A.d.weight", nn.Parameter(torch.zeros(3, 4, 1, 1)))])
+    with pytest.raises(TypeError, match="'w'"):
+        lora_param_groups([("w", 3.0)])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="other_lr"):
+        lora_param_groups([("l.lora_A", a), ("l.lora_B", b)], other_lr=-1.0)
+    groups = lora_param_groups([("lora_A", a), ("lora_B", b), ("lora_A", a)])
+    assert groups == [{"params": [b, a], "lora_pair": True, "scaling": 1.0, "name": ""}]

@@ -1,0 +1,151 @@
+"""Batched linear algebra: QR variants, polar, Sylvester/Lyapunov solvers vs scipy."""
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import torch
+
+from geolora.linalg import (
+    cholesky_qr2,
+    polar,
+    qf,
+    qr_pos,
+    skew,
+    solve_lyapunov_core,
+    solve_sylvester,
+    solve_sylvester_gram,
+    sym,
+)
+
+f64 = torch.float64
+
+
+def spd_with_condition(r: int, cond: float, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(r, r, dtype=f64, generator=gen))
+    ev = torch.logspace(0, np.log10(cond), r, dtype=f64)
+    return q @ torch.diag(ev) @ q.T
+
+
+def test_sym_skew_split():
+    a = torch.randn(3, 5, 5, dtype=f64)
+    assert torch.allclose(sym(a) + skew(a), a, atol=1e-15)
+    assert torch.allclose(sym(a), sym(a).mT)
+    assert torch.allclose(skew(a), -skew(a).mT)
+
+
+@pytest.mark.parametrize("method", ["householder", "cholesky"])
+def test_qr_pos_unique_and_batched(method):
+    a = torch.randn(4, 30, 6, dtype=f64)
+    q, r = qr_pos(a, method)
+    assert torch.allclose(q @ r, a, atol=1e-12)
+    assert torch.allclose(q.mT @ q, torch.eye(6, dtype=f64), atol=1e-12)
+    assert bool((torch.diagonal(r, dim1=-2, dim2=-1) > 0).all())
+    assert torch.allclose(torch.triu(r), r)
+    for i in range(4):
+        qi, ri = qr_pos(a[i], method)
+        assert torch.allclose(qi, q[i], atol=1e-12) and torch.allclose(ri, r[i], atol=1e-12)
+
+
+def test_cholesky_qr2_matches_householder_and_falls_back():
+    a = torch.randn(2, 50, 5, dtype=f64)
+    q1, r1 = cholesky_qr2(a)
+    q2, r2 = qr_pos(a, "householder")
+    assert torch.allclose(q1, q2, atol=1e-12) and torch.allclose(r1, r2, atol=1e-10)
+    a[1, :, 2] = 0.0  # rank deficient: Cholesky fails, Householder fallback keeps Q R = A
+    q, r = cholesky_qr2(a)
+    assert torch.isfinite(q).all()
+    assert torch.allclose(q @ r, a, atol=1e-12)
+
+
+def test_qf_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown QR method"):
+        qf(torch.randn(5, 2), "magic")
+
+
+def test_polar_is_closest_orthonormal():
+    a = torch.randn(3, 20, 4, dtype=f64)
+    p = polar(a)
+    assert torch.allclose(p.mT @ p, torch.eye(4, dtype=f64), atol=1e-12)
+    # Pᵀ A is symmetric positive definite for the polar factor.
+    h = p.mT @ a
+    assert torch.allclose(h, h.mT, atol=1e-12)
+    assert bool((torch.linalg.eigvalsh(h) > 0).all())
+
+
+def test_solve_sylvester_gram_matches_scipy_100_cases():
+    """G_M G_N K + K G_M G_N = C vs scipy.linalg.solve_sylvester on 100 batched cases with
+    condition numbers of G_M, G_N from 1 to 1e8.
+
+    The forward difference between any two backward-stable solvers is ~cond(A)·eps with
+    cond(A) ≈ cond(G_M)·cond(G_N); measured (r=6, worst of 10): 1e-15 at (1, 1), 5e-10 at
+    (1e4, 1e4), 1e-5 at (1e4, 1e8), 5e-2 at (1e8, 1e8) — with residuals equal to scipy's. So we
+    assert 1e-10 agreement where cond(G_M)·cond(G_N) <= 1e6 and, everywhere, a residual no worse
+    than 10x scipy's (same backward accuracy as the reference).
+    """
+    gen = torch.Generator().manual_seed(0)
+    conds = np.logspace(0, 8, 9)
+    cases = []
+    for i in range(100):
+        r = 2 + i % 7
+        cm, cn = float(conds[i % 9]), float(conds[(i // 9) % 9])
+        cases.append(
+            (
+                r,
+                cm,
+                cn,
+                spd_with_condition(r, cm, gen),
+                spd_with_condition(r, cn, gen),
+                torch.randn(r, r, dtype=f64, generator=gen),
+            )
+        )
+    checked_tight = 0
+    for r in range(2, 9):
+        group = [c for c in cases if c[0] == r]
+        K = solve_sylvester_gram(
+            torch.stack([c[3] for c in group]),
+            torch.stack([c[4] for c in group]),
+            torch.stack([c[5] for c in group]),
+        )
+        for j, (_, cm, cn, gm, gn, c) in enumerate(group):
+            A, C, Kj = (gm @ gn).numpy(), c.numpy(), K[j].numpy()
+            ref = sla.solve_sylvester(A, A, C)
+
+            def resid(X, A=A, C=C):
+                return np.linalg.norm(A @ X + X @ A - C) / np.linalg.norm(C)
+
+            rel = np.linalg.norm(Kj - ref) / np.linalg.norm(ref)
+            if cm * cn <= 1e6:
+                assert rel < 1e-10, (cm, cn, rel)
+                checked_tight += 1
+            assert resid(Kj) <= 10 * resid(ref) + 1e-14, (cm, cn, resid(Kj), resid(ref))
+    assert checked_tight >= 40
+
+
+def test_solve_sylvester_gram_damping():
+    gm = torch.zeros(3, 3, dtype=f64)
+    gn = spd_with_condition(3, 10.0, torch.Generator().manual_seed(1))
+    c = torch.randn(3, 3, dtype=f64)
+    k = solve_sylvester_gram(gm, gn, c, damping=1e-3)
+    a = (gm + 1e-3 * torch.eye(3, dtype=f64)) @ (gn + 1e-3 * torch.eye(3, dtype=f64))
+    assert torch.allclose(a @ k + k @ a, c, atol=1e-9)
+    with pytest.raises(ValueError, match="damping"):
+        solve_sylvester_gram(gm, gn, c, damping=-1.0)
+
+
+def test_solve_sylvester_general_spd():
+    gen = torch.Generator().manual_seed(2)
+    a = spd_with_condition(4, 1e3, gen)
+    b = spd_with_condition(5, 1e2, gen)
+    c = torch.randn(4, 5, dtype=f64, generator=gen)
+    x = solve_sylvester(a, b, c)
+    ref = sla.solve_sylvester(a.numpy(), b.numpy(), c.numpy())
+    assert np.abs(x.numpy() - ref).max() / np.abs(ref).max() < 1e-10
+
+
+def test_lyapunov_core_solves_its_equation():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, 5, dtype=f64, generator=gen)
+    s = torch.randn(6, 5, 5, dtype=f64, generator=gen)
+    k = solve_lyapunov_core(w, s)
+    a = w @ w.mT
+    assert torch.allclose(a @ k + k @ a, s @ w.mT, atol=1e-10)
