@@ -1,0 +1,189 @@
+"""Q-factor retraction, nuclear-norm step and projection transport of the bounded-rank manifold.
+
+Functions on the factored representation ``(K, V)`` of the desingularization of
+``{X ∈ R^{m×n} : rank X ≤ r}`` (Khrulkov–Oseledets 2018; Rebjock–Boumal 2024):
+``X = K Vᵀ``, ``VᵀV = I``, tangent vectors ``(K̇, V̇p)`` with ``Vᵀ V̇p = 0`` (see
+:class:`geolora.manifolds.bounded_rank.BoundedRank` for the full geometry). Every function accepts
+leading batch dimensions and costs ``O((m + n) r²)``; none forms an ``m × n`` matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from geolora.linalg import polar, qf, transpose
+from geolora.manifolds.types import BoundedRankPoint, BoundedRankTangent
+
+__all__ = [
+    "NUCLEAR_MODES",
+    "metric_gram_inverse",
+    "project_products",
+    "nuclear_polar_factor",
+    "singular_value_threshold",
+    "qfactor_retraction",
+    "projection_transport",
+    "bounded_rank_retraction",
+    "bounded_rank_transport",
+]
+
+#: Ways :func:`qfactor_retraction` applies the nuclear-norm term ``λ‖X‖_*``.
+NUCLEAR_MODES = ("subgradient", "prox")
+
+
+def metric_gram_inverse(K: Tensor, alpha: float) -> Tensor:
+    """``(KᵀK + 2αI)⁻¹`` — the inverse weight of ``V̇p`` in the bounded-rank metric.
+
+    Symmetric positive definite for every ``K`` (also ``K = 0``) when ``α > 0``. Computed by a
+    Cholesky factorization in float64 (DESIGN.md: small ``r × r`` work in float64) and returned in
+    ``K``'s dtype. Shapes ``(..., m, r) -> (..., r, r)``.
+    """
+    k64 = K.to(torch.float64)
+    r = K.shape[-1]
+    g = transpose(k64) @ k64 + (2.0 * alpha) * torch.eye(r, dtype=k64.dtype, device=K.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(g)).to(K.dtype)
+
+
+def project_products(
+    K: Tensor, V: Tensor, ZV: Tensor, Y: Tensor, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """Orthogonal projection of an ambient vector onto the tangent space, from two products.
+
+    The ambient space of the desingularization is ``R^{m×n} × Sym(n)`` with the metric
+    ``⟨Z, Z'⟩ + α⟨W, W'⟩`` (Rebjock–Boumal 2024). The metric-orthogonal projection of ``(Z, W)``
+    onto ``T_{(X, P)}`` is, in ``(K̇, V̇p)`` coordinates,
+    ``K̇ = Z V``, ``V̇p = (I − VVᵀ) (Zᵀ K − 2α W V) (KᵀK + 2αI)⁻¹``
+    (set the ``K̇``- and ``V̇p``-derivatives of ``‖K̇Vᵀ + KV̇pᵀ − Z‖² + α‖−(V̇pVᵀ + VV̇pᵀ) − W‖²``
+    to zero). The caller passes ``ZV = Z V: (..., m, r)`` and ``Y = Zᵀ K − 2α W V: (..., n, r)``.
+    ``W = 0`` gives the Riemannian gradient (loram.txt Alg. 6), the transported vector gives the
+    projection transport (Alg. 8).
+    """
+    Yp = Y - V @ (transpose(V) @ Y)
+    return ZV, Yp @ metric_gram_inverse(K, alpha)
+
+
+def nuclear_polar_factor(K: Tensor) -> Tensor:
+    """Orthonormal polar factor ``Q = Φ Ψᵀ`` of ``K = Φ Σ Ψᵀ`` (thin SVD), ``(..., m, r)``.
+
+    ``Q Vᵀ`` is a subgradient of ``‖X‖_*`` at ``X = K Vᵀ`` (it is ``U Vᵀ`` of the SVD of ``X``;
+    for rank-deficient ``K`` the columns belonging to zero singular values are some orthonormal
+    completion, still a valid subgradient since ``‖Q Vᵀ‖₂ = 1``).
+    """
+    return polar(K)
+
+
+def singular_value_threshold(K: Tensor, lam: Tensor | float) -> Tensor:
+    """``Φ max(Σ − λ, 0) Ψᵀ`` for ``K = Φ Σ Ψᵀ``: the proximal map of ``λ‖·‖_*`` on ``(..., m, r)``.
+
+    With orthonormal ``V``, ``‖K Vᵀ‖_* = ‖K‖_*`` and ``prox(K Vᵀ) = prox(K) Vᵀ``, so thresholding
+    ``K`` applies the proximal map of ``λ‖X‖_*`` to ``X = K Vᵀ`` without forming ``X``.
+    """
+    phi, sig, psi_h = torch.linalg.svd(K, full_matrices=False)
+    lam_t = torch.as_tensor(lam, dtype=sig.dtype, device=sig.device)
+    if lam_t.dim() > 0:
+        lam_t = lam_t.unsqueeze(-1)
+    return (phi * (sig - lam_t).clamp_min(0).unsqueeze(-2)) @ psi_h
+
+
+def _lam_matrix(lam: Tensor | float, like: Tensor) -> Tensor | float:
+    # Batch-shaped λ (...,) broadcasts over the trailing matrix dimensions.
+    if isinstance(lam, Tensor):
+        return lam.to(like.dtype).unsqueeze(-1).unsqueeze(-1)
+    return lam
+
+
+def qfactor_retraction(
+    K: Tensor,
+    V: Tensor,
+    Kdot: Tensor,
+    Vp: Tensor,
+    *,
+    nuclear_lambda: Tensor | float = 0.0,
+    nuclear_mode: str = "subgradient",
+    qr_method: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Q-factor retraction ``R_{(K, V)}(K̇, V̇p)`` with an optional nuclear-norm term (loram.txt Alg. 7).
+
+    ``V⁺ = qf(V + V̇p)``, ``K⁺ = (X + Ẋ) V⁺`` with ``X + Ẋ = (K + K̇) Vᵀ + K V̇pᵀ``, evaluated as
+    ``K⁺ = (K + K̇)(Vᵀ V⁺) + K (V̇pᵀ V⁺)`` (two ``r × r`` products; no ``m × n`` matrix). So
+    ``X⁺ = (X + Ẋ) V⁺V⁺ᵀ``: the tangent step projected onto the new row space.
+
+    Nuclear-norm term ``λ‖X‖_*`` (``λ = nuclear_lambda ≥ 0``, the step's own scale: an optimizer
+    passes ``lr · λ``), applied decoupled from ``(K̇, V̇p)`` like AdamW's weight decay:
+
+    * ``"subgradient"`` (Alg. 7 line 4): ``X⁺ = (X + Ẋ − λ Q Vᵀ) V⁺V⁺ᵀ`` with ``Q`` the polar
+      factor of ``K`` (``Q Vᵀ = U Vᵀ``, a subgradient of ``‖X‖_*``); identical to the plain
+      retraction along ``(K̇ − λQ, V̇p)``.
+    * ``"prox"``: ``X⁺ = prox_{λ‖·‖_*}((X + Ẋ) V⁺V⁺ᵀ)``, i.e. soft-thresholding of the singular
+      values of ``K⁺`` by ``λ`` (``V⁺`` unchanged); never moves ``X = 0`` away from 0.
+
+    Shapes: ``K, K̇: (..., m, r)``, ``V, V̇p: (..., n, r)``; ``nuclear_lambda`` a float or a
+    batch-shaped tensor. Returns ``(K⁺, V⁺)``.
+    """
+    if nuclear_mode not in NUCLEAR_MODES:
+        raise ValueError(f"nuclear_mode must be one of {NUCLEAR_MODES}, got {nuclear_mode!r}")
+    use_nuclear = isinstance(nuclear_lambda, Tensor) or nuclear_lambda != 0.0
+    if use_nuclear and nuclear_mode == "subgradient":
+        Kdot = Kdot - _lam_matrix(nuclear_lambda, K) * nuclear_polar_factor(K)
+    V_new = qf(V + Vp, qr_method)
+    K_new = (K + Kdot) @ (transpose(V) @ V_new) + K @ (transpose(Vp) @ V_new)
+    if use_nuclear and nuclear_mode == "prox":
+        K_new = singular_value_threshold(K_new, nuclear_lambda)
+    return K_new, V_new
+
+
+def projection_transport(
+    K: Tensor,
+    V: Tensor,
+    K_new: Tensor,
+    V_new: Tensor,
+    Kdot: Tensor,
+    Vp: Tensor,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
+    """Vector transport by projection from ``(K, V)`` to ``(K⁺, V⁺)`` (loram.txt Alg. 8).
+
+    The tangent vector ``(K̇, V̇p)`` at ``(K, V)`` is the ambient vector
+    ``(Ẋ, Ṗ) = (K̇Vᵀ + KV̇pᵀ, −(V̇pVᵀ + VV̇pᵀ))``; it is projected onto the tangent space at the new
+    point (:func:`project_products`):
+    ``K̇⁺ = Ẋ V⁺ = K̇ (VᵀV⁺) + K (V̇pᵀV⁺)``,
+    ``V̇p⁺ = (I − V⁺V⁺ᵀ) (ẊᵀK⁺ + 2α (V̇pVᵀ + VV̇pᵀ) V⁺) (K⁺ᵀK⁺ + 2αI)⁻¹``.
+    Cost ``O((m + n) r²)``. Returns ``(K̇⁺, V̇p⁺)``.
+    """
+    A = transpose(V) @ V_new  # (..., r, r)
+    B = transpose(Vp) @ V_new
+    ZV = Kdot @ A + K @ B
+    Y = (
+        V @ (transpose(Kdot) @ K_new)
+        + Vp @ (transpose(K) @ K_new)
+        + (2.0 * alpha) * (Vp @ A + V @ B)
+    )
+    return project_products(K_new, V_new, ZV, Y, alpha)
+
+
+def bounded_rank_retraction(
+    x: BoundedRankPoint,
+    u: BoundedRankTangent,
+    *,
+    nuclear_lambda: Tensor | float = 0.0,
+    nuclear_mode: str = "subgradient",
+    qr_method: str = "auto",
+) -> BoundedRankPoint:
+    """:func:`qfactor_retraction` on a :class:`BoundedRankPoint` and :class:`BoundedRankTangent`."""
+    K, V = qfactor_retraction(
+        x.K,
+        x.V,
+        u.K,
+        u.Vp,
+        nuclear_lambda=nuclear_lambda,
+        nuclear_mode=nuclear_mode,
+        qr_method=qr_method,
+    )
+    return BoundedRankPoint(K, V)
+
+
+def bounded_rank_transport(
+    x: BoundedRankPoint, y: BoundedRankPoint, v: BoundedRankTangent, alpha: float = 0.5
+) -> BoundedRankTangent:
+    """:func:`projection_transport` of ``v ∈ T_x`` to ``T_y`` (metric weight ``alpha``)."""
+    return BoundedRankTangent(*projection_transport(x.K, x.V, y.K, y.V, v.K, v.Vp, alpha))
