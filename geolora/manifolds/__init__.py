@@ -3,7 +3,12 @@
 from geolora.manifolds.base import Manifold
 from geolora.manifolds.euclidean import Euclidean
 from geolora.manifolds.fixed_rank import FixedRank
-from geolora.manifolds.metrics import BalancedMetric, FlatMetric, PreconditionedMetric, QuotientMetric
+from geolora.manifolds.metrics import (
+    BalancedMetric,
+    FlatMetric,
+    PreconditionedMetric,
+    QuotientMetric,
+)
 from geolora.manifolds.quotient import FactorQuotient
 from geolora.manifolds.stiefel import Stiefel, from_geoopt
 from geolora.manifolds.types import (
