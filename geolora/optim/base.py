@@ -210,6 +210,23 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
             raise ValueError(f"lora_pair {label!r}: scaling must be a finite number > 0, got {s!r}")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like ``torch.optim.Optimizer.load_state_dict`` but keeps every state tensor's dtype.
+
+        torch casts floating-point state to the parameter's dtype; geolora keeps states in the
+        compute dtype (fp32 for bf16 parameters, fp64 for the ``r x r`` statistics), so the cast
+        would break bitwise resume.
+        """
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, values in saved.items():
+            p = params[int(idx)]
+            for k, v in values.items():
+                cur = self.state[p].get(k)
+                if isinstance(v, Tensor) and isinstance(cur, Tensor) and cur.dtype != v.dtype:
+                    self.state[p][k] = v.detach().to(device=cur.device).clone()
+
     # --- state helpers ----------------------------------------------------------------------
     def _init_pair_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
         """Fresh optimizer state of one pair (tensors in the compute dtype)."""
