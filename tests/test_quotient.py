@@ -57,6 +57,24 @@ def test_lift_is_horizontal(metric, gen):
     assert (Q.norm(x, vp) / Q.norm(x, u)).max().item() < 1e-10
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_horizontal_projection_is_an_orthogonal_projector(metric, gen):
+    Q = FactorQuotient(m, n, r, metric)
+    x = Q.random_point(2, generator=gen)
+    u = FactorTangent(
+        torch.randn(2, m, r, dtype=f64, generator=gen),
+        torch.randn(2, n, r, dtype=f64, generator=gen),
+    )
+    h = Q.horizontal_proj(x, u)
+    hh = Q.horizontal_proj(x, h)
+    assert rel(hh.M, h.M) < 1e-10 and rel(hh.N, h.N) < 1e-10
+    v = Q.vertical_proj(x, u)
+    assert (Q.inner(x, h, v).abs() / (Q.norm(x, h) * Q.norm(x, v))).max().item() < 1e-10
+    # the vertical part really is vertical: (M Ω, −N Ωᵀ) for some Ω
+    om = torch.linalg.lstsq(x.M, v.M).solution
+    assert rel(v.N, -x.N @ om.mT) < 1e-9
+
+
 @pytest.mark.parametrize("metric", ["balanced", "preconditioned"])
 @pytest.mark.parametrize("gauge", ["diag1e3", "random"])
 def test_lift_is_equivariant(metric, gauge, gen):

@@ -1,6 +1,7 @@
 """Manifolds: Euclidean, Stiefel, FixedRank, BoundedRank and the factor quotient (M, N)/GL(r)."""
 
 from geolora.manifolds.base import Manifold
+from geolora.manifolds.bounded_rank import BoundedRank
 from geolora.manifolds.euclidean import Euclidean
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.metrics import (
@@ -22,6 +23,7 @@ from geolora.manifolds.types import (
 
 __all__ = [
     "BalancedMetric",
+    "BoundedRank",
     "BoundedRankPoint",
     "BoundedRankTangent",
     "Euclidean",

@@ -133,11 +133,11 @@ class BalancedMetric(QuotientMetric):
         return FactorTangent(g.M @ _gram(x.M), g.N @ _gram(x.N))
 
     def vertical_coefficient(self, x: FactorPoint, u: FactorTangent) -> Tensor:
-        # Horizontal iff Mᵀ Ṁ G_M⁻¹ = G_N⁻¹ Ṅᵀ N; for u − (MΩ, −NΩᵀ) this is
-        # G_M Ω + Ω G_M = MᵀṀ − G_N⁻¹ ṄᵀN G_M.
+        # Horizontal iff Mᵀ Ṁ G_M⁻¹ = G_N⁻¹ Ṅᵀ N; for u − (MΩ, −NΩᵀ), multiplying by G_N on
+        # the left and G_M on the right: G_N G_M Ω + Ω G_N G_M = G_N MᵀṀ − ṄᵀN G_M.
         GM, GN = _gram(x.M), _gram(x.N)
-        C = transpose(x.M) @ u.M - torch.linalg.solve(GN, transpose(u.N) @ x.N) @ GM
-        return solve_sylvester(GM, GM, C)
+        C = GN @ transpose(x.M) @ u.M - transpose(u.N) @ x.N @ GM
+        return solve_sylvester_gram(GN, GM, C)
 
 
 class PreconditionedMetric(QuotientMetric):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from geolora.retractions.bounded_rank import bounded_rank_retraction, bounded_rank_transport
 from geolora.retractions.fixed_rank import (
     fixed_rank_project,
     fixed_rank_retraction,
@@ -42,6 +43,8 @@ __all__ = [
     "fixed_rank_retraction",
     "fixed_rank_transport",
     "projection_transport",
+    "bounded_rank_retraction",
+    "bounded_rank_transport",
 ]
 
 RETRACTIONS: dict[str, Callable] = {
@@ -49,14 +52,14 @@ RETRACTIONS: dict[str, Callable] = {
     "stiefel.polar": stiefel_polar,
     "stiefel.cayley": stiefel_cayley,
     "fixed_rank.svd": fixed_rank_retraction,
-    # --- BoundedRank entries (geolora/retractions/bounded_rank.py) go here -------------------
+    "bounded_rank.qfactor": bounded_rank_retraction,
 }
 """Retractions by name: ``f(x, u) -> point``."""
 
 TRANSPORTS: dict[str, Callable] = {
     "projection": projection_transport,  # f(manifold, x, y, v)
     "fixed_rank.projection": fixed_rank_transport,  # f(x, y, v), factored O((m+n) r²)
-    # --- BoundedRank entries (geolora/retractions/bounded_rank.py) go here -------------------
+    "bounded_rank.projection": bounded_rank_transport,
 }
 """Vector transports by name."""
 

@@ -88,7 +88,7 @@ def singular_value_threshold(K: Tensor, lam: Tensor | float) -> Tensor:
 def _lam_matrix(lam: Tensor | float, like: Tensor) -> Tensor | float:
     # Batch-shaped λ (...,) broadcasts over the trailing matrix dimensions.
     if isinstance(lam, Tensor):
-        return lam.to(like.dtype).unsqueeze(-1).unsqueeze(-1)
+        return lam.to(dtype=like.dtype, device=like.device).unsqueeze(-1).unsqueeze(-1)
     return lam
 
 
