@@ -3,13 +3,21 @@
 from geolora.optim.base import LoRAOptimizer
 from geolora.optim.groups import lora_param_groups
 from geolora.optim.lifted import AdamS, LiftedOptimizer
+from geolora.optim.lifted_sgd import LiftedSGD
 from geolora.optim.lora_rite import LoRARite
 from geolora.optim.loraplus import LoRAPlus
+from geolora.optim.lracs import LRACS
 from geolora.optim.scaled import RiemannianPreconditionedAdamW, ScaledGD
+from geolora.optim.shampoo import LiftedShampoo
+from geolora.optim.wrap import Lifted
 
 __all__ = [
     "AdamS",
+    "LRACS",
+    "Lifted",
     "LiftedOptimizer",
+    "LiftedSGD",
+    "LiftedShampoo",
     "LoRAOptimizer",
     "LoRAPlus",
     "LoRARite",

@@ -173,6 +173,14 @@ class LoRAOptimizer(torch.optim.Optimizer):
         param_group["params"] = params
         if param_group.get("lora_pair", False):
             self._validate_pair(param_group)
+        seen = {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                g0, i0 = seen[id(p)]
+                raise ValueError(
+                    f"parameter {_param_label(param_group, i)} is already in group "
+                    f"{_param_label(g0, i0)!r}: a parameter may appear in one group only"
+                )
         super().add_param_group(param_group)
         self._validate_hyperparameters(self.param_groups[-1])
 
@@ -418,11 +426,15 @@ def _freeze(v: Any) -> Any:
 
 
 def _rank_deficient(B: Tensor, A: Tensor) -> bool:
-    """Cheap test for a (numerically) rank-deficient factor, e.g. zero-initialised ``B``."""
-    for t in (B, A.T):
-        t = t.detach().to(compute_dtype(t.dtype))
-        s = torch.linalg.svdvals(t)
-        eps = 1e-12 if t.dtype == torch.float64 else 1e-6
-        if not bool(s[-1] > eps * s[0]) or not bool(s[0] > 0):
-            return True
-    return False
+    """``True`` if ``X = B A`` is (nearly) rank deficient: ``σ_min(X) ≤ 10⁻³ σ_max(X)``.
+
+    Lifts divide by X's small singular values, so a pair leaves the AdamW phase only once
+    ``X`` is reasonably conditioned (e.g. after a zero-initialised ``B`` has grown). The test
+    uses the singular values of the core ``W = R_B R_Aᵀ`` (those of ``X``), so it does not
+    depend on the factor gauge and keeps optimizers invariant.
+    """
+    dt = torch.float64
+    rb = torch.linalg.qr(B.detach().to(dt), mode="r")[1]
+    ra = torch.linalg.qr(A.detach().T.to(dt), mode="r")[1]
+    s = torch.linalg.svdvals(rb @ ra.T)
+    return not (bool(s[0] > 0) and bool(s[-1] > 1e-3 * s[0]))
