@@ -124,7 +124,7 @@ _SPECS = [
     ),
     OptimizerSpec(
         "stiefel_lora",
-        _lazy("geolora.optim.stiefel_lora", "StiefelLoRA"),
+        _lazy("geolora.optim.stiefel_lora", "StiefelLoRA", coordinate_wise=True),
         1e-3,
         False,
         "B on the Stiefel manifold (Riemannian Adam), A Euclidean",

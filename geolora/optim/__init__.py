@@ -5,10 +5,13 @@ from geolora.optim.groups import lora_param_groups
 from geolora.optim.lifted import AdamS, LiftedOptimizer
 from geolora.optim.lifted_sgd import LiftedSGD
 from geolora.optim.lora_rite import LoRARite
+from geolora.optim.loram import LoRAMBoundedRank, LoRAMFixedRank
 from geolora.optim.loraplus import LoRAPlus
 from geolora.optim.lracs import LRACS
+from geolora.optim.riemannian import ManifoldParameter, RiemannianAdam, RiemannianSGD
 from geolora.optim.scaled import RiemannianPreconditionedAdamW, ScaledGD
 from geolora.optim.shampoo import LiftedShampoo
+from geolora.optim.stiefel_lora import StiefelLoRA
 from geolora.optim.wrap import Lifted
 
 __all__ = [
@@ -18,7 +21,13 @@ __all__ = [
     "LiftedOptimizer",
     "LiftedSGD",
     "LiftedShampoo",
+    "LoRAMBoundedRank",
+    "LoRAMFixedRank",
     "LoRAOptimizer",
+    "ManifoldParameter",
+    "RiemannianAdam",
+    "RiemannianSGD",
+    "StiefelLoRA",
     "LoRAPlus",
     "LoRARite",
     "RiemannianPreconditionedAdamW",
