@@ -109,7 +109,7 @@ _SPECS = [
     OptimizerSpec(
         "loram_fr",
         _lazy("geolora.optim.loram", "LoRAMFixedRank"),
-        1e-3,
+        5e-4,
         True,
         "Riemannian Adam on the fixed-rank manifold",
         "LoRAM, loram.txt (Alg. 1-4)",
