@@ -23,11 +23,11 @@ demo: $(STAMP)
 	$(BIN)/geolora bench --out results/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check geolora tests scripts benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check geolora tests scripts benchmarks
+	$(BIN)/ruff check .
 
 bench-perf: $(STAMP)
 	$(BIN)/geolora bench --perf

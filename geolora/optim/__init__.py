@@ -1,6 +1,7 @@
 """Optimizers: one template (preconditioner on T_X + lift/retraction), many instances."""
 
 from geolora.optim.base import LoRAOptimizer
+from geolora.optim.checkpoint import load_optimizer_state, save_optimizer_state
 from geolora.optim.groups import lora_param_groups
 from geolora.optim.lifted import AdamS, LiftedOptimizer
 from geolora.optim.lifted_sgd import LiftedSGD
@@ -32,5 +33,7 @@ __all__ = [
     "LoRARite",
     "RiemannianPreconditionedAdamW",
     "ScaledGD",
+    "load_optimizer_state",
     "lora_param_groups",
+    "save_optimizer_state",
 ]

@@ -182,7 +182,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     f"{_param_label(g0, i0)!r}: a parameter may appear in one group only"
                 )
         super().add_param_group(param_group)
-        self._validate_hyperparameters(self.param_groups[-1])
+        try:
+            self._validate_hyperparameters(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer unchanged
+            raise
 
     def _validate_pair(self, group: dict[str, Any]) -> None:
         label = group.get("name", "<unnamed lora pair>")
