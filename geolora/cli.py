@@ -23,9 +23,12 @@ def make_task(name: str, quick: bool):
     from geolora.bench.tasks import SensingTask, TeacherStudentTask
 
     if name == "minilm":
-        from geolora.bench.minilm import MiniLMGenreTask
+        from geolora.bench.minilm import MiniLMGenreTask, default_cache_dir
 
-        return MiniLMGenreTask()
+        # the frozen lower layers' outputs are cached on disk, so a second bench run skips them
+        task = MiniLMGenreTask.quick() if quick else MiniLMGenreTask()
+        task.cache_dir = default_cache_dir()
+        return task
     if name == "sensing":
         return SensingTask()
     if name == "teacher":

@@ -122,6 +122,12 @@ def test_registry_lookup_and_errors() -> None:
         run(SensingTask(), "adamw", steps=2, rank=0)
 
 
+def test_task_learning_rates() -> None:
+    assert run(SensingTask(), "adamw", steps=2).lr == SensingTask.default_lrs["adamw"]
+    assert run(SensingTask(lr_overrides={"adamw": 0.5}), "adamw", steps=2).lr == 0.5
+    assert run(SensingTask(), "adamw", steps=2, lr=0.25).lr == 0.25
+
+
 def test_adamw_keeps_geolora_group_keys() -> None:
     setup = TeacherStudentTask().setup(0, 4, "cpu")
     opt = registry.get("adamw").build(setup.param_groups())
@@ -166,6 +172,7 @@ def test_minilm_task_trains_from_the_packaged_model(tmp_path) -> None:
     assert res.steps == 2 and all(math.isfinite(v) for v in res.losses)
     assert 0 <= res.metrics["accuracy"] <= 1 and 0 <= res.metrics["macro_f1"] <= 1
     assert math.isfinite(res.metrics["test_loss"])
+    assert run(task, "adamw", steps=2, seed=0, rank=4).losses == res.losses
 
     setup = task.setup(0, 4, "cpu")
     groups = setup.param_groups()
@@ -196,6 +203,8 @@ def test_minilm_task_trains_from_the_packaged_model(tmp_path) -> None:
 
 
 def test_minilm_task_validates_arguments() -> None:
+    quick = MiniLMGenreTask.quick(top_layers=1)
+    assert (quick.n_train, quick.n_test, quick.default_steps, quick.top_layers) == (1024, 512, 30, 1)
     with pytest.raises(ValueError, match="top_layers"):
         MiniLMGenreTask(top_layers=0)
     with pytest.raises(ValueError, match="n_train"):

@@ -45,7 +45,8 @@ class RunResult:
         ms_per_step: median wall time of a full step (forward, backward, optimizer step), ms.
         ms_optimizer_step: median wall time of ``optimizer.step()`` alone, ms.
         state_mib: optimizer state memory: tensor bytes in ``optimizer.state`` / 2^20.
-        wall_s: wall time of the whole run including setup and evaluation, s.
+        wall_s: wall time of the run including setup and evaluation, s (a task's one-time
+            ``prepare(device)``, shared by all runs, is done before and not counted).
         diverged: True when the run stopped on a non-finite loss or a numerical error.
         error: the error message of a numerical failure, else None.
     """
@@ -156,15 +157,24 @@ def run(
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     device = torch.device(device)
 
+    label = f"{task.name} · {spec.name}"
+    bar = None
+    if progress is not None:
+        bar = progress.add_task(label, total=steps)
+    prepare = getattr(task, "prepare", None)
+    if callable(prepare):  # shared one-time work (e.g. cached frozen layers), not timed
+        if bar is not None:
+            progress.update(bar, description=f"{label} (preparing task)")
+        prepare(device)
+        if bar is not None:
+            progress.update(bar, description=label)
+
     t_start = time.perf_counter()
     losses: list[float] = []
     step_s: list[float] = []
     opt_s: list[float] = []
     diverged = False
     error: str | None = None
-    bar = None
-    if progress is not None:
-        bar = progress.add_task(f"{task.name} · {spec.name}", total=steps)
 
     # fork_rng keeps the caller's global RNG untouched while making any global draws
     # (e.g. LoRA init inside inject_lora) a function of ``seed``.
@@ -217,7 +227,7 @@ def run(
     metrics["final_train_loss"] = statistics.fmean(tail) if tail else math.nan
     if bar is not None:
         status = "[red]diverged" if diverged else "done"
-        progress.update(bar, description=f"{task.name} · {spec.name} ({status})", completed=steps)
+        progress.update(bar, description=f"{label} ({status})", completed=steps)
 
     return RunResult(
         optimizer=spec.name,
