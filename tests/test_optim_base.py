@@ -154,3 +154,22 @@ def test_validation_errors_name_the_problem():
     with pytest.raises(FloatingPointError, match="layer0.lora_B"):
         opt.step()
     assert torch.equal(B.detach(), before) and len(opt.state) == 0
+
+
+def test_ordinary_group_own_adamw_settings_are_honoured():
+    """A plain group's weight_decay/betas (torch style) drive its AdamW, like torch.optim.AdamW."""
+    pairs, others, targets = make_model()
+    ref = [p.detach().clone().requires_grad_() for p in others]
+    gs = groups(pairs, [])[:-1] + [{"params": others, "weight_decay": 0.5, "betas": (0.8, 0.99)}]
+    opt = AdamS(gs, lr=1e-2, robust_steps=0)
+    tref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.5, betas=(0.8, 0.99), foreach=False)
+    for _ in range(5):
+        opt.zero_grad()
+        tref.zero_grad()
+        loss_fn(pairs, others, targets).backward()
+        w, b = ref
+        ((w.sum(1) + b - 1.0) ** 2).sum().backward()
+        opt.step()
+        tref.step()
+    for p, q in zip(others, ref):
+        assert (p - q).abs().max().item() < 1e-12

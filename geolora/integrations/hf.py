@@ -1,0 +1,93 @@
+"""geolora optimizers for Hugging Face ``transformers.Trainer`` and ``peft`` models.
+
+:func:`create_optimizer` builds an optimizer by its registry name from the LoRA pairs of a model
+(:func:`~geolora.optim.groups.lora_param_groups`: geolora ``LoRALinear`` and peft LoRA layers
+alike) and hands it to the Trainer::
+
+    opt = create_optimizer(peft_model, "adams", lr=1e-3)
+    trainer = transformers.Trainer(model=peft_model, args=args, train_dataset=ds,
+                                   optimizers=(opt, None))
+
+With ``optimizers=(opt, None)`` the Trainer creates its learning-rate scheduler
+(``args.lr_scheduler_type``, warm-up included) on ``opt``: a ``torch.optim.lr_scheduler.LambdaLR``
+that rescales every param group's ``"lr"`` from its ``"initial_lr"`` at each step. geolora
+optimizers read ``group["lr"]`` at every step (LoRA pairs, the robust start and the ordinary
+group), so the schedule applies to all of them; an explicit ``other_lr`` is a fixed number and is
+not scheduled. ``args.learning_rate`` is not used: the optimizer's own ``lr`` is the peak.
+
+This module does not import ``transformers``: the optimizer is a plain ``torch.optim.Optimizer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from geolora.optim.groups import lora_param_groups
+
+if TYPE_CHECKING:
+    from geolora.bench.registry import OptimizerRegistry
+
+__all__ = ["create_optimizer"]
+
+
+def _registry() -> OptimizerRegistry:
+    """The bench registry with every built-in optimizer registered."""
+    import geolora.bench.catalog  # noqa: F401  (registers the geolora optimizers)
+    from geolora.bench.registry import REGISTRY
+
+    return REGISTRY
+
+
+def create_optimizer(
+    model: nn.Module,
+    name: str = "adams",
+    lr: float | None = None,
+    *,
+    adapter: str | Iterable[str] | None = None,
+    **kw: Any,
+) -> torch.optim.Optimizer:
+    """The optimizer registered as ``name`` over ``lora_param_groups(model)``.
+
+    Every trainable LoRA pair ``(B, A)`` of ``model`` (``ΔW = s · B A``, ``B: (out, r)``,
+    ``A: (r, in)``) becomes one ``lora_pair`` group with its scaling ``s``; the other trainable
+    parameters (e.g. a classifier head in peft's ``modules_to_save``) form one ordinary group,
+    updated with AdamW (``other_lr``, ``other_weight_decay`` options of geolora optimizers).
+
+    Args:
+        model: a model with geolora ``LoRALinear`` layers (:func:`geolora.lora.inject_lora`) or a
+            peft LoRA model (``peft.get_peft_model``).
+        name: registry id (lower case): ``adamw``, ``loraplus``, ``rpadamw``, ``lora_rite``,
+            ``adams``, ``adams_lm``, ``lracs``, ``loram_fr``, ``loram_br``, ``stiefel_lora``,
+            ``scaledgd``, ``lifted_sgd``, ``lifted_shampoo`` (and the ``grid_*`` entries of
+            ``geolora bench``).
+        lr: peak learning rate; ``None`` takes the registry's default for ``name``.
+        adapter: with several peft adapters, train only this one (or these).
+        **kw: further options of the optimizer class (e.g. ``robust_steps``, ``betas``,
+            ``weight_decay``, ``other_lr``).
+
+    Returns:
+        the optimizer; pass it as ``transformers.Trainer(..., optimizers=(opt, None))``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: unknown ``name`` (the message lists the known names), ``lr <= 0``, a model
+            without trainable parameters, or a bad LoRA layout (see ``lora_param_groups``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number or None, got lr={lr!r}")
+    spec = _registry().get(name)  # ValueError listing the known names
+    groups = lora_param_groups(model, adapter=adapter)
+    if not groups:
+        raise ValueError(
+            "model has no trainable parameters: attach LoRA (geolora.lora.inject_lora or "
+            "peft.get_peft_model) or unfreeze some parameters"
+        )
+    return spec.build(groups, lr, **kw)
