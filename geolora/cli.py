@@ -103,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from geolora.bench.registry import REGISTRY
     from geolora.bench.runner import run
 
-    console = Console()
+    console = Console(width=max(Console().width, 130))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.list:
         for name in REGISTRY.names():

@@ -1,11 +1,14 @@
 """Retraction-based optimizers: LoRAM-FR / LoRAM-BR, Stiefel-LoRA, RiemannianAdam / SGD.
 
 The LoRAM references below are written straight from the algorithm boxes of papers/loram.txt
-(Alg. 1–4 and 5–8) with dense matrices and explicit SVD / QR; the optimizers must follow them
-step by step.
+(Alg. 1–4 and 5–8) with dense matrices and explicit SVD / QR; with ``BOX`` (second moment left in
+place, no momentum bound) the optimizers must follow them step by step. The defaults add the
+second-moment rules of :mod:`geolora.optim.loram` (masking, cluster averaging, transport, Adam's
+bound), tested below against their own invariants and with negative controls.
 """
 
 import copy
+import math
 import pickle
 
 import geoopt
@@ -15,12 +18,21 @@ import torch
 from geolora.manifolds.bounded_rank import BoundedRank
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.stiefel import Stiefel
-from geolora.optim.loram import LoRAMBoundedRank, LoRAMFixedRank
+from geolora.optim import loram
+from geolora.optim.loram import (
+    LoRAMBoundedRank,
+    LoRAMFixedRank,
+    adam_ratio_bound,
+    bound_momentum,
+    cluster_average,
+    frame_alignment,
+)
 from geolora.optim.riemannian import ManifoldParameter, RiemannianAdam, RiemannianSGD
 from geolora.optim.stiefel_lora import StiefelLoRA
 
 f64 = torch.float64
 M_, N_, R_ = 12, 10, 3
+BOX = {"second_moment_transport": "none", "momentum_bound": False}  # loram.txt verbatim
 
 
 def planted(m=M_, n=N_, r=R_, seed=0, sv=(2.0, 1.5, 1.0)):
@@ -133,7 +145,7 @@ def test_loram_fr_follows_algorithm_box():
     B0, A0 = factors()
     target = planted()
     ref = reference_loram_fr(B0 @ A0, target, 20, lr=1e-2)
-    traj, losses, _ = run(LoRAMFixedRank, B0, A0, target, 20, lr=1e-2)
+    traj, losses, _ = run(LoRAMFixedRank, B0, A0, target, 20, lr=1e-2, **BOX)
     assert max_rel_dev(ref, traj) < 1e-10
     assert losses[-1] < losses[0]
 
@@ -142,7 +154,7 @@ def test_loram_br_follows_algorithm_box():
     B0, A0 = factors()
     target = planted()
     ref = reference_loram_br(B0 @ A0, target, 20, lr=2e-3, lam=1e-3)
-    traj, losses, _ = run(LoRAMBoundedRank, B0, A0, target, 20, lr=2e-3, nuclear_norm=1e-3)
+    traj, losses, _ = run(LoRAMBoundedRank, B0, A0, target, 20, lr=2e-3, nuclear_norm=1e-3, **BOX)
     assert max_rel_dev(ref, traj) < 1e-10
     assert losses[-1] < losses[0]
 
@@ -205,6 +217,189 @@ def test_loram_norm_based_second_moment_is_stable(cls):
     kw = {"nuclear_norm": 0.0} if cls is LoRAMBoundedRank else {}
     _, losses, _ = run(cls, B0, A0, planted(), 120, lr=0.1, coordinate_wise=False, **kw)
     assert losses[-1] < 1e-4 * losses[0]
+
+
+# --- second moments in a moving frame (geolora.optim.loram, rules 1–4) --------------------------
+@pytest.mark.parametrize("cls,lr", [(LoRAMFixedRank, 1e-2), (LoRAMBoundedRank, 3e-3)])
+def test_loram_defaults_are_stable_where_the_box_diverges(cls, lr):
+    # Start larger than the target: the box's transported momentum meets coordinates of tiny
+    # second moment (|m|/sqrt(v) ~ 1e3) and the loss grows (measured: FR 14.5 -> 394, BR -> 1e30
+    # in 100 steps); Adam's bound keeps every step within c_t·lr per coordinate (measured:
+    # FR -> 0.063, BR -> 4.1, never above the start).
+    B0, A0 = factors(scale=0.5)
+    kw = {"nuclear_norm": 0.0} if cls is LoRAMBoundedRank else {}
+    _, box, _ = run(cls, B0, A0, planted(), 100, lr=lr, **BOX, **kw)
+    _, dflt, _ = run(cls, B0, A0, planted(), 100, lr=lr, **kw)
+    assert box[-1] > box[0]
+    assert max(dflt) <= dflt[0] and dflt[-1] < 0.5 * dflt[0]
+
+
+def orthonormal(rows, r, g):
+    return torch.linalg.qr(torch.randn(rows, r, dtype=f64, generator=g))[0]
+
+
+def gauge_pair(B0, A0, g, log_cond=3.0):
+    """``(B0 R, R⁻¹ A0)`` for a random ``R`` with ``cond(R) = 10^log_cond``."""
+    r = B0.shape[1]
+    R = (orthonormal(r, r, g) * torch.logspace(0, log_cond, r, dtype=f64)) @ orthonormal(r, r, g)
+    return B0 @ R, torch.linalg.solve(R, A0)
+
+
+def gauge_deviation(cls, B0, A0, target, g, steps=6, lr=1e-2):
+    """Largest relative difference of the ``B A`` trajectories from ``(B0, A0)`` and a gauge."""
+    t1, _, _ = run(cls, B0, A0, target, steps, lr=lr)
+    t2, _, _ = run(cls, *gauge_pair(B0, A0, g), target, steps, lr=lr)
+    return max_rel_dev(t1, t2)
+
+
+def identity_clusters(s, rtol):
+    r = s.shape[-1]
+    return torch.eye(r, dtype=s.dtype).expand(*s.shape, r)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (3, 6, 3), (6, 3, 3), (4, 4, 4)])
+@pytest.mark.parametrize("cls", [LoRAMFixedRank, LoRAMBoundedRank])
+def test_loram_gauge_invariant_at_repeated_singular_values(cls, shape, monkeypatch):
+    # X = 2 Q_B Q_Aᵀ: all singular values equal, so the SVD frame is any rotation of itself.
+    # Averaging v over the cluster makes the step depend on X only (measured 2e-12); without
+    # it the trajectories differ by 5e-2 .. 0.15.
+    m, n, r = shape
+    g = torch.Generator().manual_seed(0)
+    B0, A0 = 2.0 * orthonormal(m, r, g), orthonormal(n, r, g).T
+    target = torch.randn(m, n, dtype=f64, generator=g)
+    assert gauge_deviation(cls, B0, A0, target, torch.Generator().manual_seed(1)) < 1e-9
+    monkeypatch.setattr(loram, "cluster_average", identity_clusters)
+    assert gauge_deviation(cls, B0, A0, target, torch.Generator().manual_seed(1)) > 1e-3
+
+
+def test_loram_br_zero_init_is_gauge_invariant(monkeypatch):
+    # K = 0: all singular values are 0, one cluster; V is any orthonormal basis of A's row
+    # space. Measured 1e-14 (0.66 without the cluster average).
+    B0, A0 = factors(zero_B=True)
+    dev = gauge_deviation(LoRAMBoundedRank, B0, A0, planted(), torch.Generator().manual_seed(3))
+    assert dev < 1e-9
+    monkeypatch.setattr(loram, "cluster_average", identity_clusters)
+    dev = gauge_deviation(LoRAMBoundedRank, B0, A0, planted(), torch.Generator().manual_seed(3))
+    assert dev > 1e-3
+
+
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (LoRAMFixedRank, (3, 6, 3)),
+        (LoRAMFixedRank, (6, 3, 3)),
+        (LoRAMFixedRank, (4, 4, 4)),
+        (LoRAMBoundedRank, (6, 3, 3)),
+        (LoRAMBoundedRank, (4, 4, 4)),
+    ],
+)
+def test_loram_identically_zero_blocks_are_masked(cls, shape, monkeypatch):
+    # r = m: Up ∈ range(I − UUᵀ) = {0}; r = n: Vp = 0 (FR and BR). Their rounding noise must
+    # not be normalised into lr-sized steps: float32 follows float64 to 5.5e-7 (measured), and
+    # to 1e-2 .. 4e-2 without the mask.
+    m, n, r = shape
+    g = torch.Generator().manual_seed(0)
+    B0 = torch.randn(m, r, dtype=f64, generator=g)
+    A0 = torch.randn(r, n, dtype=f64, generator=g) / 3
+    target = torch.randn(m, n, dtype=f64, generator=g)
+
+    def fp32_deviation():
+        t64, _, (B, _, opt) = run(cls, B0, A0, target, 3, lr=1e-2)
+        t32, _, _ = run(cls, B0.float(), A0.float(), target.float(), 3, lr=1e-2)
+        return max_rel_dev(t64, [t.double() for t in t32]), opt.state[B]
+
+    dev, st = fp32_deviation()
+    assert dev < 1e-5
+    blocks = (["Up"] if cls is LoRAMFixedRank and r == m else []) + (["Vp"] if r == n else [])
+    assert blocks  # the moments of a masked block stay exactly 0
+    assert all(not st[f"{p}_{f}"].any() for p in ("exp_avg", "exp_avg_sq") for f in blocks)
+    monkeypatch.setattr(cls, "_mask", staticmethod(lambda t, *dims: t))
+    assert fp32_deviation()[0] > 1e-3
+
+
+def test_cluster_average():
+    s = torch.tensor(
+        [[3.0, 2.0, 1.0], [2.0, 2.0, 1.0], [2.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=f64
+    )
+    W = cluster_average(s, 1e-8)
+    assert torch.equal(W[0], torch.eye(3, dtype=f64))  # distinct: exactly the identity
+    assert torch.allclose(
+        W[1], torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1.0]], dtype=f64)
+    )
+    assert torch.allclose(
+        W[2], torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5], [0, 0.5, 0.5]], dtype=f64)
+    )
+    assert torch.allclose(W[3], torch.full((3, 3), 1 / 3, dtype=f64))
+    assert torch.allclose(W @ W, W) and torch.allclose(W.sum(-1), torch.ones(4, 3, dtype=f64))
+    chain = cluster_average(torch.tensor([1.0, 1.0 - 0.6e-8, 1.0 - 1.2e-8], dtype=f64), 1e-8)
+    assert torch.allclose(chain, torch.full((3, 3), 1 / 3, dtype=f64))  # gaps chain
+
+
+def test_frame_alignment_is_exact_for_signed_permutations():
+    g = torch.Generator().manual_seed(0)
+    F = orthonormal(9, 4, g)
+    P = torch.eye(4, dtype=f64)[[2, 0, 3, 1]]
+    D = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=f64))
+    assert (frame_alignment(F, F @ P @ D) - P).abs().max() < 1e-15
+    # A small rotation: Q ∘ Q is doubly stochastic and I + O(θ²).
+    Om = 1e-2 * torch.randn(4, 4, dtype=f64, generator=g)
+    S = Om - Om.T
+    Q2 = frame_alignment(F, F @ torch.linalg.matrix_exp(S))
+    ones = torch.ones(4, dtype=f64)
+    assert torch.allclose(Q2.sum(0), ones) and torch.allclose(Q2.sum(1), ones)
+    dev = (Q2 - torch.eye(4, dtype=f64)).abs().max()
+    assert 0 < dev <= 4 * S.abs().max() ** 2  # second order in the angle
+
+
+def adam_moments(grads, betas):
+    b1, b2 = betas
+    m = v = torch.zeros_like(grads[0])
+    for gk in grads:
+        m, v = b1 * m + (1 - b1) * gk, b2 * v + (1 - b2) * gk * gk
+    return m, v
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.6), (0.0, 0.99)])
+def test_adam_ratio_bound_is_tight_and_never_binds_plain_adam(betas):
+    b1, b2 = betas
+    t = 30
+    g = torch.Generator().manual_seed(0)
+    grads = (
+        torch.randn(t, 1000, dtype=f64, generator=g) * torch.logspace(-3, 3, t, dtype=f64)[:, None]
+    )
+    m, v = adam_moments(grads, betas)
+    c2 = adam_ratio_bound(t, betas)
+    assert (m * m <= c2 * v * (1 + 1e-12)).all()
+    worst = torch.tensor([(b1 / b2) ** (t - k) for k in range(1, t + 1)], dtype=f64)[:, None]
+    m, v = adam_moments(worst, betas)  # the Cauchy–Schwarz equality case
+    assert abs(float(m * m / v) / c2 - 1) < 1e-12
+    # Plain Adam's moments go through bound_momentum unchanged (up to rounding at equality).
+    m, v = adam_moments(grads, betas)
+    assert torch.allclose(bound_momentum(m, v, t, betas), m, rtol=1e-14, atol=0)
+
+
+def test_bound_momentum_scales_violations_to_the_bound_and_respects_clusters():
+    betas, t = (0.9, 0.999), 5
+    c2 = adam_ratio_bound(t, betas)
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 3, dtype=f64, generator=g)
+    v = torch.rand(6, 3, dtype=f64, generator=g) * m * m / c2 * 4  # some entries violate
+    out = bound_momentum(m, v, t, betas)
+    over = m * m > c2 * v
+    assert over.any() and (~over).any()
+    assert torch.equal(out[~over], m[~over])
+    assert torch.allclose(out[over].abs(), (c2 * v[over]).sqrt(), rtol=1e-14)
+    # Cluster {0, 1}: v averaged (invariant), the scale is one number per row of the cluster,
+    # so bound(m Q) = bound(m) Q for a rotation Q of the cluster's columns.
+    W = cluster_average(torch.tensor([1.0, 1.0, 0.5], dtype=f64), 1e-8)
+    v = v @ W
+    th = 0.7
+    Q = torch.eye(3, dtype=f64)
+    Q[:2, :2] = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    avg = lambda t_: t_ @ W  # noqa: E731
+    lhs = bound_momentum(m @ Q, v, t, betas, avg)
+    rhs = bound_momentum(m, v, t, betas, avg) @ Q
+    assert torch.allclose(lhs, rhs, atol=1e-14)
 
 
 @pytest.mark.parametrize("retraction", ["qr", "polar"])
@@ -373,6 +568,10 @@ def test_pair_optimizers_validate_hyperparameters():
         LoRAMFixedRank([pair_group(B, A)], betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="bias_correction"):
         LoRAMFixedRank([pair_group(B, A)], bias_correction="yes")
+    with pytest.raises(ValueError, match="second_moment_transport"):
+        LoRAMFixedRank([pair_group(B, A)], second_moment_transport="parallel")
+    with pytest.raises(ValueError, match="momentum_bound"):
+        LoRAMBoundedRank([pair_group(B, A)], momentum_bound=1)
     with pytest.raises(ValueError, match="retraction"):
         StiefelLoRA([pair_group(B, A)], retraction="exp")
     with pytest.raises(ValueError, match="weight_decay"):
@@ -487,3 +686,35 @@ def test_manifold_parameter_copy_pickle_and_validation():
     with pytest.raises(FloatingPointError, match="non-finite"):
         RiemannianAdam([p]).step()
     assert torch.equal(p.detach(), before)
+
+
+def test_loram_groups_saved_without_the_second_moment_options_resume_the_box():
+    # A checkpoint from before the options existed: its groups lack the keys; it resumes the
+    # algorithm it was saved with (the box), here step for step against the box reference.
+    B0, A0 = factors()
+    target = planted()
+    ref = reference_loram_fr(B0 @ A0, target, 6, lr=1e-2)
+    traj, _, (B, A, opt) = run(LoRAMFixedRank, B0, A0, target, 3, lr=1e-2, **BOX)
+    sd = copy.deepcopy(opt.state_dict())
+    for grp in sd["param_groups"]:
+        del grp["second_moment_transport"], grp["momentum_bound"]
+    opt2 = LoRAMFixedRank([pair_group(B, A)], lr=1e-2)
+    opt2.load_state_dict(sd)
+    for _ in range(3):
+        opt2.zero_grad()
+        (0.5 * ((B @ A - target) ** 2).sum()).backward()
+        opt2.step()
+        traj.append((B @ A).detach().clone())
+    assert max_rel_dev(ref, traj) < 1e-10
+
+
+def test_bounded_rank_gram_failure_names_the_divergence():
+    # KᵀK + 2αI is positive definite for every finite K; the Cholesky factorization fails only
+    # for a diverged K (non-finite, or so large that 2αI is lost in rounding).
+    man = BoundedRank(6, 5, 3)
+    x = man.random_point(generator=torch.Generator().manual_seed(0))
+    grads = (torch.ones(6, 3, dtype=f64), torch.ones(5, 3, dtype=f64))
+    assert torch.isfinite(man.egrad2rgrad(x, grads).Vp).all()
+    for bad in (float("inf"), 1e160):
+        with pytest.raises(FloatingPointError, match="K has diverged"):
+            man.egrad2rgrad(type(x)(x.K * bad, x.V), grads)

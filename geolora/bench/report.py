@@ -73,24 +73,37 @@ def _mean(xs: Sequence[float]) -> float:
     return statistics.mean(xs) if xs else math.nan
 
 
+HEADERS = {
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "final_train_loss": "train loss",
+    "accuracy": "test acc",
+    "macro_f1": "macro-F1",
+    "rel_error": "rel. error",
+    "test_mse": "test MSE",
+    "excess_mse": "excess MSE",
+    "ms_per_step": "ms/step",
+    "ms_optimizer_step": "opt ms/step",
+    "step_ratio_vs_adamw": "opt step ×AdamW",
+    "state_mib": "state MiB",
+    "diverged": "diverged",
+}
+
+
 def print_table(rows: Sequence[dict[str, Any]], primary: str, title: str, console=None) -> None:
-    """A rich table of the summary rows."""
+    """A rich table of the summary rows (columns: metrics present in the rows, then costs)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    extra = [k for k in ("test_acc", "test_macro_f1") if any(k in r for r in rows)]
-    cols = ["optimizer", "lr", "final_train_loss"] + ([primary] if primary not in extra else [])
-    cols += extra + [
-        "ms_per_step",
-        "ms_optimizer_step",
-        "step_ratio_vs_adamw",
-        "state_mib",
-        "diverged",
+    metrics = [primary] + [
+        k for k in ("accuracy", "macro_f1") if k != primary and any(k in r for r in rows)
     ]
+    cols = ["optimizer", "lr", "final_train_loss", *metrics]
+    cols += ["ms_per_step", "ms_optimizer_step", "step_ratio_vs_adamw", "state_mib", "diverged"]
     table = Table(title=title)
     for c in cols:
-        table.add_column(c, justify="left" if c == "optimizer" else "right")
+        table.add_column(HEADERS.get(c, c), justify="left" if c == "optimizer" else "right")
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
     console.print(table)

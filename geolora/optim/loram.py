@@ -40,14 +40,63 @@ Zero-initialised LoRA (``B = 0``): loram.txt starts from ``S = 0`` and obtains `
   manifold, which does not change the model's function. Merely unbalanced factors
   (``(B R, R⁻¹ A)``, ill-conditioned ``R``) enter at once: the re-factoring removes the gauge.
 
-Stability (measured, float64, 12×10 rank-3 regressions): the boxes keep the coordinate-wise
-second moment ``v`` in place while the first moment is transported, so the transport can carry
-momentum into coordinates whose gradient history is ~0 and ``m / (sqrt(v) + ε)`` explodes there.
-From small or zero starts both optimizers converge (linearly, at constant lr 1e-2); from larger
-random starts LoRAM-FR diverges at lr 1e-2 (stable at 1e-3), and LoRAM-BR — whose ``V̇p``
-coordinates are angles, so ``X`` moves by ``σ·lr`` — diverges at lr ≥ 1e-3, and from a
-rank-deficient ``A`` even at 3e-4. ``coordinate_wise=False`` (one norm-based step size per pair,
-Bécigneul & Ganea 2019, which loram.txt Sec. 2 compares against) is stable in all these cases.
+Second moments in a moving frame
+--------------------------------
+The boxes keep the coordinate-wise second moment ``v`` in place while the first moment ``m`` is
+transported. The coordinates are those of the SVD frame (FR: ``M``, ``Up``, ``Vp``; BR: ``K``,
+``V̇p``), which the iteration re-chooses at every step. Taken literally this is unstable and, at
+some inputs, not a function of ``X``. Four additions, each a no-op where the box is well defined
+and stable (distinct singular values, ``r < min(m, n)``, ``|m| ≤ c_t sqrt(v)``):
+
+1. *Identically zero blocks are masked.* ``Up ∈ range(I − UUᵀ)`` is 0 when ``r = m``, and ``Vp``
+   is 0 when ``r = n`` (FR and BR). In floating point they hold rounding noise, which
+   ``m / (sqrt(v) + ε)`` would scale up to a step of size ``lr``: they are set to exactly 0
+   (in the gradient and in the transported momentum), as exact arithmetic gives.
+2. *Clusters of equal singular values share their statistics.* Within a cluster of
+   numerically equal singular values (consecutive gaps ``≤ sqrt(eps) σ₁``, chained; BR's zero
+   singular values of a rank-deficient ``K`` included) the frame is defined only up to a rotation
+   ``Q`` of those columns, under which the coordinates move as ``Up → Up Q``, ``M → Qᵀ M Q`` (BR:
+   ``K̇ → K̇ Q``, ``V̇p → V̇p Q``). Averaging ``v`` over the cluster (:func:`cluster_average`,
+   per row of ``Up``, ``Vp``, ``K̇``, per block of ``M``) makes ``v`` invariant and ``d = m /
+   (sqrt(v) + ε)`` equivariant, so the step depends on ``X`` only again.
+3. ``second_moment_transport="rotation"`` (default): ``v`` follows the frame as ``m`` does.
+   With ``Q = polar(Fᵀ F⁺)`` the Procrustes rotation between the old and new frames (FR: ``Q_U``,
+   ``Q_V`` from ``U``, ``V``; BR: from ``V``), a coordinate vector maps as ``c⁺ = c Q`` and ``v``
+   as the diagonal of ``Qᵀ diag(v) Q``: ``v⁺ = v (Q ∘ Q)`` (:func:`frame_alignment`; for FR
+   ``v_M⁺ = (Q_U ∘ Q_U)ᵀ v_M (Q_V ∘ Q_V)``, ``v_Up⁺ = v_Up (Q_V ∘ Q_V)``,
+   ``v_Vp⁺ = v_Vp (Q_U ∘ Q_U)``). ``Q ∘ Q`` is doubly stochastic (``v`` stays ≥ 0, its mass is
+   kept) and is exactly the permutation when the SVD reorders or flips columns (crossing
+   singular values), where the box hands each coordinate another one's history; otherwise
+   ``Q ∘ Q = I + O(step²)``. ``"none"``: the box's ``v`` in place.
+4. ``momentum_bound=True`` (default): Adam's own bound. From zero moments Adam always has
+   ``|m_t| ≤ c_t sqrt(v_t)`` with ``c_t² = (1 − β₁)²/(1 − β₂) Σ_{j<t} (β₁²/β₂)ʲ`` (Cauchy–Schwarz,
+   tight; ``c_∞ = 7.27`` for (0.9, 0.999)), so no coordinate moves by more than ``c_t lr``.
+   Transport breaks it: it moves momentum into coordinates whose gradient history is small
+   (measured ``max |m|/sqrt(v)`` of the transported moments: 1.4e3 after the first step of FR
+   from ``B, A ~ 0.3·N(0, 1)``, 12×10, r = 3, lr 1e-2; past 5e3 for BR from an ``A`` with two
+   equal rows at lr 1e-3, while its loss goes 13.1 → 3.7e17 in 1000 steps).
+   :func:`bound_momentum` scales ``m`` back into the bound (per cluster, so 2. is kept) and stores
+   the scaled ``m``. Rotation (3.) alone does not cure this (that BR run: 13.1 → 7e5); the bound
+   does (13.1 → 9e-2, ``max |m|/sqrt(v)`` ≤ 21 after transport).
+
+``second_moment_transport="none", momentum_bound=False`` is the box verbatim (tested to 1e-10
+against dense references written from Alg. 1–8); 1. and 2. do not change it where it is well
+defined. Measured (float64, ``0.5‖X − X*‖²``, 300 steps, ``X*`` rank r plus noise, starts
+``B, A ~ 0.5·N(0, 1)``): with the box FR's loss grows from lr 1e-3 on (40×30, r = 4:
+141 → 2.2e3; lr 3e-3: → 9.8e4; lr 1e-2: up to 1e30) and BR diverges (→ 1e192 at lr 1e-3); with
+the defaults FR's loss never rises above its start at any lr tried (1e-3 … 3e-2; 141 → 63 at
+1e-3, → 22 at 3e-3). From small starts (``0.1·N``) both converge; after 300 steps the defaults'
+excess loss is within a factor 2.5 of the box's (where above 1e-6).
+
+LoRAM-BR keeps one weakness of coordinate-wise steps: ``V̇p`` entries are angles and each moves
+by up to ``c_t·lr`` whatever ``σ``, so the row space turns by up to ``≈ c_t·lr·sqrt(n r)`` rad per
+step and the Q-factor retraction inflates ``‖X‖`` by ``≈ sqrt(1 + ‖V̇p‖²)`` per step (measured:
+0.2 rad and 2–7 % per step at lr 1e-2, 12×10, r = 3). From large starts it converges when
+``lr·sqrt(n r) ≲ 1e-2`` (12×10, r = 3: lr 3e-3) and grows beyond (40×30, r = 4, lr 1e-3:
+141 → 893; lr 3e-3: → 1.7e10). Use a small lr there (the paper: 1e-4) or ``coordinate_wise=False``
+(one norm-based step size per pair, Bécigneul & Ganea 2019, compared in loram.txt Sec. 2), which
+never raised the loss in any of these cases (lr up to 3e-2, both optimizers). A diverged ``K``
+stops with ``FloatingPointError`` (from the metric's Cholesky factorization).
 
 State per pair (all tensors): the point (``U``, ``S``, ``V`` or ``K``, ``V``), the first moment
 ``exp_avg_<field>`` and the coordinate-wise second moment ``exp_avg_sq_<field>`` for each field of
@@ -63,7 +112,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype, transpose
+from geolora.linalg import compute_dtype, polar, transpose
+from geolora.manifolds.base import tree_map
 from geolora.manifolds.bounded_rank import BoundedRank
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.types import (
@@ -79,7 +129,16 @@ from geolora.optim.riemannian import adam_direction
 from geolora.retractions.bounded_rank import NUCLEAR_MODES
 from geolora.retractions.fixed_rank import thin_qr
 
-__all__ = ["LoRAMBoundedRank", "LoRAMFixedRank", "ManifoldPairOptimizer"]
+__all__ = [
+    "SECOND_MOMENT_TRANSPORTS",
+    "LoRAMBoundedRank",
+    "LoRAMFixedRank",
+    "ManifoldPairOptimizer",
+    "adam_ratio_bound",
+    "bound_momentum",
+    "cluster_average",
+    "frame_alignment",
+]
 
 _ROBUST_KEYS = (
     "robust_exp_avg_B",
@@ -137,6 +196,86 @@ def _store(state: dict[str, Tensor], prefix: str, t: Any) -> None:
         state[f"{prefix}_{f}"] = v
 
 
+# --- second moments in a moving frame (module docstring, rules 2–4) ----------------------------
+SECOND_MOMENT_TRANSPORTS = ("rotation", "none")
+"""Values of ``second_moment_transport``: ``v ← v (Q ∘ Q)`` with the frame, or left in place."""
+
+
+def _cluster_rtol(s: Tensor) -> float:
+    """``sqrt(eps)`` of ``s``'s dtype: singular values closer than this (relative to the largest)
+    are numerically equal, their singular vectors determined only up to a rotation."""
+    return float(torch.finfo(s.dtype).eps) ** 0.5
+
+
+def cluster_average(s: Tensor, rtol: float) -> Tensor:
+    """Averaging matrix ``W: (..., r, r)`` over the clusters of numerically equal singular values.
+
+    ``s: (..., r)`` sorted decreasingly (``s ≥ 0``). Consecutive values whose gap is at most
+    ``rtol · s₁`` (chained) form a cluster ``c``; ``W_ij = 1/|c|`` if ``i, j ∈ c``, else 0.
+    ``W`` is symmetric, doubly stochastic and idempotent; with distinct values ``W = I`` exactly.
+    ``v W`` averages the columns of ``v`` within each cluster. ``s = 0`` is one cluster.
+    """
+    gaps = (s[..., :-1] - s[..., 1:]).abs()
+    new = gaps > rtol * s[..., :1]
+    zero = torch.zeros(s.shape[:-1] + (1,), dtype=torch.long, device=s.device)
+    labels = torch.cat([zero, new.long().cumsum(-1)], dim=-1)
+    same = (labels.unsqueeze(-1) == labels.unsqueeze(-2)).to(s.dtype)
+    return same / same.sum(dim=-1, keepdim=True)
+
+
+def adam_ratio_bound(step: int, betas: tuple[float, float]) -> float:
+    """``c_t²``: the largest ``m_t² / v_t`` plain Adam can reach at step ``t`` (moments from 0).
+
+    ``m_t = (1 − β₁) Σₖ β₁^{t−k} gₖ``, ``v_t = (1 − β₂) Σₖ β₂^{t−k} gₖ²``; Cauchy–Schwarz gives
+    ``m_t² ≤ (1 − β₁)²/(1 − β₂) · Σ_{j<t} γʲ · v_t`` with ``γ = β₁²/β₂`` (equality for
+    ``gₖ ∝ (β₁/β₂)^{t−k}``). For (0.9, 0.999): ``c₁ = 3.16``, ``c_∞ = 7.27``.
+    """
+    b1, b2 = betas
+    if b2 == 0.0:  # v_t = g_t² only: momentum from earlier steps is not bounded by it
+        return float("inf")
+    gamma = b1 * b1 / b2
+    geo = float(step) if gamma == 1.0 else (1.0 - gamma**step) / (1.0 - gamma)
+    return (1.0 - b1) ** 2 / (1.0 - b2) * geo
+
+
+def bound_momentum(m: Any, v: Any, step: int, betas: tuple[float, float], average=None) -> Any:
+    """Scale the first moment back into Adam's bound ``avg(m ⊙ m) ≤ c_t² v`` (coordinate-wise).
+
+    Plain Adam always satisfies it (:func:`adam_ratio_bound`), so this is a no-op there; a
+    transported momentum can violate it (transport moves momentum into coordinates whose
+    gradient history is small) and is scaled by ``sqrt(c_t² v / avg(m ⊙ m))`` where it does.
+    ``average`` (the cluster average) makes the scale one number per block of equal singular
+    values, so the bound is rotation invariant within a cluster.
+    """
+    c2 = adam_ratio_bound(step, betas)
+
+    def one(mt: Tensor, m2: Tensor, vt: Tensor) -> Tensor:
+        over = m2 > c2 * vt
+        return torch.where(over, mt * (c2 * vt / torch.where(over, m2, 1.0)).sqrt(), mt)
+
+    m2 = tree_map(lambda t: t * t, m)
+    if average is not None:
+        m2 = average(m2)
+    return tree_map(one, m, m2, v)
+
+
+def frame_alignment(old: Tensor, new: Tensor) -> Tensor:
+    """``Q ∘ Q`` (element-wise square) for the Procrustes rotation ``Q = polar(oldᵀ new)``.
+
+    ``old, new: (..., p, r)`` orthonormal frames; ``Q: (..., r, r)`` is the orthogonal matrix
+    closest to ``oldᵀ new`` (polar factor, float64). ``Q ∘ Q`` is doubly stochastic and equals
+    the permutation ``P`` when ``new = old P D`` (``D`` signs) exactly.
+    """
+    c = (transpose(old) @ new).to(torch.float64)
+    q = polar(c)
+    return (q * q).to(old.dtype)
+
+
+def _transports_v(group: dict[str, Any]) -> bool:
+    # Groups saved before the option existed resume the box (second moment in place).
+    return group.get("second_moment_transport", "none") == "rotation"
+
+
 class ManifoldPairOptimizer(LoRAOptimizer):
     """Base of the LoRA optimizers that own a manifold point per pair (module docstring).
 
@@ -184,31 +323,61 @@ class ManifoldPairOptimizer(LoRAOptimizer):
         return super()._pair_phase(group, B, A)
 
     @staticmethod
-    def _adam(group: dict[str, Any], man: Any, pt: Any, grad: Any, state, step: int):
+    def _adam(group: dict[str, Any], man: Any, pt: Any, grad: Any, state, step: int, average=None):
         """Moments and direction of the Riemannian Adam step (loram.txt Alg. 1 lines 5–8), from
-        the moments stored in ``state`` as ``exp_avg_<field>`` / ``exp_avg_sq[_<field>]``."""
+        the moments stored in ``state`` as ``exp_avg_<field>`` / ``exp_avg_sq[_<field>]``.
+
+        Coordinate-wise: ``m = β₁ w + (1 − β₁) g``, ``v = avg(β₂ v + (1 − β₂) g ⊙ g)``, with
+        ``momentum_bound`` ``m ← bound_momentum(m, v)``, then ``d = (m / c₁) / (sqrt(v / c₂) + ε)``
+        (``c₁ = 1 − β₁ᵗ``, ``c₂ = 1 − β₂ᵗ`` with ``bias_correction``, else 1). ``average`` is the
+        cluster average (identity for distinct singular values). Norm-based
+        (``coordinate_wise=False``): :func:`~geolora.optim.riemannian.adam_direction`, whose
+        ``v`` is one invariant number per pair. Returns ``(d, m, v)``.
+        """
         cls = type(grad)
-        d, m, v, _ = adam_direction(
-            man,
-            pt,
-            grad,
-            _tangent(state, "exp_avg", cls),
-            _tangent(state, "exp_avg_sq", cls),
-            step=step,
-            betas=group["betas"],
-            eps=group["eps"],
-            coordinate_wise=group["coordinate_wise"],
-            bias_correction=group["bias_correction"],
+        b1, b2 = group["betas"]
+        eps = group["eps"]
+        if not group["coordinate_wise"]:
+            d, m, v, _ = adam_direction(
+                man,
+                pt,
+                grad,
+                _tangent(state, "exp_avg", cls),
+                _tangent(state, "exp_avg_sq", cls),
+                step=step,
+                betas=(b1, b2),
+                eps=eps,
+                coordinate_wise=False,
+                bias_correction=group["bias_correction"],
+            )
+            return d, m, v
+        m = tree_map(lambda a, g: b1 * a + (1 - b1) * g, _tangent(state, "exp_avg", cls), grad)
+        v = tree_map(
+            lambda s, g: b2 * s + (1 - b2) * (g * g), _tangent(state, "exp_avg_sq", cls), grad
         )
+        if average is not None:
+            v = average(v)
+        if group.get("momentum_bound", False):  # groups saved before the option: the box
+            m = bound_momentum(m, v, step, (b1, b2), average)
+        bc1 = 1.0 - b1**step if group["bias_correction"] else 1.0
+        bc2 = 1.0 - b2**step if group["bias_correction"] else 1.0
+        d = tree_map(lambda a, s: (a / bc1) / ((s / bc2).sqrt() + eps), m, v)
         return d, m, v
 
     def _validate_adam(self, group: dict[str, Any]) -> None:
         validate_betas("betas", group["betas"])
         group["betas"] = tuple(group["betas"])
         _check_range("eps", group["eps"], 0.0)
-        for key in ("bias_correction", "coordinate_wise"):
+        for key in ("bias_correction", "coordinate_wise", "momentum_bound"):
             if key in group and not isinstance(group[key], bool):
                 raise ValueError(f"invalid {key}: {group[key]!r} (expected a bool)")
+        if "second_moment_transport" in group:
+            t = group["second_moment_transport"]
+            if t not in SECOND_MOMENT_TRANSPORTS:
+                raise ValueError(
+                    f"invalid second_moment_transport: {t!r} (expected one of "
+                    f"{SECOND_MOMENT_TRANSPORTS})"
+                )
 
 
 class LoRAMFixedRank(ManifoldPairOptimizer):
@@ -219,16 +388,19 @@ class LoRAMFixedRank(ManifoldPairOptimizer):
 
         g  = (Up, M, Vp) = P_T(∇_X f):  M = Uᵀ∇V,  Up = ∇V − U M,  Vp = ∇ᵀU − V Mᵀ     (Alg. 2)
         m  = β₁ w + (1 − β₁) g                         (w: momentum transported from last step)
-        v  = β₂ v + (1 − β₂) g ⊙ g                     (coordinate-wise on M, Up, Vp; not moved)
+        v  = β₂ v + (1 − β₂) g ⊙ g                     (coordinate-wise on M, Up, Vp)
         (U, S, V) ← R_X(−η m / (sqrt(v) + ε))           (truncated-SVD retraction, Alg. 3)
         w  = P_{T_{X⁺}}(m)                              (projection transport, Alg. 4)
 
-    The box has no bias correction (``bias_correction=False``, the default; ``True`` divides
-    ``m``, ``v`` by ``1 − βᵗ`` as Adam). ``coordinate_wise=False`` replaces ``v`` by the single
-    step size ``β₂ v + (1 − β₂)‖g‖²`` of Bécigneul & Ganea (the variant the paper compares with,
-    Sec. 2); see the module docstring for when to prefer it. Defaults from the paper:
-    ``lr=5e-5`` (rank 16; 3e-5 at rank 32, Table 1), Adam's ``betas=(0.9, 0.999)``,
-    ``eps=1e-8`` (not stated in the paper).
+    plus the module docstring's second-moment rules: ``Up`` (``r = m``) / ``Vp`` (``r = n``)
+    masked, ``v`` averaged over clusters of equal ``S``, ``v`` transported with the frame
+    (``second_moment_transport="rotation"``) and ``m`` kept in Adam's bound ``|m| ≤ c_t sqrt(v)``
+    (``momentum_bound=True``). ``second_moment_transport="none", momentum_bound=False`` is the box
+    verbatim. The box has no bias correction (``bias_correction=False``, the default; ``True``
+    divides ``m``, ``v`` by ``1 − βᵗ`` as Adam). ``coordinate_wise=False`` replaces ``v`` by the
+    single step size ``β₂ v + (1 − β₂)‖g‖²`` of Bécigneul & Ganea (the variant the paper compares
+    with, Sec. 2). Defaults from the paper: ``lr=5e-5`` (rank 16; 3e-5 at rank 32, Table 1),
+    Adam's ``betas=(0.9, 0.999)``, ``eps=1e-8`` (not stated in the paper).
     Zero-initialised LoRA goes through the base class's robust AdamW start until ``B A`` has rank
     r, then the truncated SVD enters the manifold (module docstring). Memory per pair:
     ``2(m + n) r + r`` for the point plus ``2((m + n) r + r²)`` for the moments.
@@ -243,6 +415,8 @@ class LoRAMFixedRank(ManifoldPairOptimizer):
         *,
         coordinate_wise: bool = True,
         bias_correction: bool = False,
+        second_moment_transport: str = "rotation",
+        momentum_bound: bool = True,
         robust_steps: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -252,6 +426,8 @@ class LoRAMFixedRank(ManifoldPairOptimizer):
             "eps": eps,
             "coordinate_wise": coordinate_wise,
             "bias_correction": bias_correction,
+            "second_moment_transport": second_moment_transport,
+            "momentum_bound": momentum_bound,
         }
         super().__init__(params, defaults, robust_steps=robust_steps, **kwargs)
 
@@ -283,21 +459,41 @@ class LoRAMFixedRank(ManifoldPairOptimizer):
         nz = s != 0
         return g.M, torch.where(nz, g.N / torch.where(nz, s, torch.ones_like(s)), 0.0)
 
+    @staticmethod
+    def _mix(v: FixedRankTangent, pu: Tensor, pv: Tensor) -> FixedRankTangent:
+        """Second moment under a change of frame with column weights ``pu``, ``pv: (..., r, r)``:
+        ``(puᵀ v_M pv, v_Up pv, v_Vp pu)`` (``Up`` pairs with ``V``'s columns, ``Vp`` with
+        ``U``'s)."""
+        return FixedRankTangent(transpose(pu) @ v.M @ pv, v.Up @ pv, v.Vp @ pu)
+
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
         pt = FixedRankPoint(state["U"], state["S"], state["V"])
         m, r = pt.U.shape[-2:]
-        man = FixedRank(m, pt.V.shape[-2], r)
+        n = pt.V.shape[-2]
+        man = FixedRank(m, n, r)
         zv, ztu = self._products(pt, x, g, step)
-        grad = man.project_factored(pt, zv, ztu)
-        d, m_new, v = self._adam(group, man, pt, grad, state, step)
+        grad = self._mask(man.project_factored(pt, zv, ztu), m, n, r)
+        w_avg = cluster_average(pt.S, _cluster_rtol(pt.S))
+        d, m_new, v = self._adam(
+            group, man, pt, grad, state, step, average=lambda t: self._mix(t, w_avg, w_avg)
+        )
         lr = group["lr"]
         new, w = man.retr_transp(pt, FixedRankTangent(*(-lr * t for t in d)), m_new)
+        if group["coordinate_wise"] and _transports_v(group):
+            v = self._mix(v, frame_alignment(pt.U, new.U), frame_alignment(pt.V, new.V))
         state["U"], state["S"], state["V"] = new
-        _store(state, "exp_avg", w)
+        _store(state, "exp_avg", self._mask(w, m, n, r))
         _store(state, "exp_avg_sq", v)
         return self._point_factors(state)
+
+    @staticmethod
+    def _mask(t: FixedRankTangent, m: int, n: int, r: int) -> FixedRankTangent:
+        """Zero the blocks that vanish identically: ``Up`` if ``r = m``, ``Vp`` if ``r = n``."""
+        up = torch.zeros_like(t.Up) if r == m else t.Up
+        vp = torch.zeros_like(t.Vp) if r == n else t.Vp
+        return FixedRankTangent(t.M, up, vp)
 
 
 def canonical_bounded_rank(x: BoundedRankPoint) -> BoundedRankPoint:
@@ -344,6 +540,11 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
     ``λ = nuclear_norm`` is applied per step exactly as in Alg. 7 line 4 (not multiplied by the
     learning rate); ``U`` is taken as the minimal-norm subgradient (:func:`nuclear_subgradient`).
     ``nuclear_mode="prox"`` soft-thresholds the singular values of ``K⁺`` by ``λ`` instead.
+    Second moments as in the module docstring: ``V̇p`` masked when ``r = n``, ``v`` averaged over
+    clusters of equal singular values of ``K`` (``K = 0`` is one cluster), transported with
+    ``V``'s frame (``second_moment_transport="rotation"``), ``m`` kept in Adam's bound
+    (``momentum_bound=True``); ``"none"``, ``False`` give the box verbatim. Coordinate-wise
+    steps turn the row space by up to ``c_t·lr`` per ``V̇p`` entry: lr ≲ 3e-3 (module docstring).
     No bias correction in the box (``bias_correction=False``); ``coordinate_wise=False`` uses the
     norm-based single step size of Bécigneul & Ganea (module docstring).
 
@@ -364,6 +565,8 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
         nuclear_mode: str = "subgradient",
         coordinate_wise: bool = True,
         bias_correction: bool = False,
+        second_moment_transport: str = "rotation",
+        momentum_bound: bool = True,
         robust_steps: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -376,6 +579,8 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
             "nuclear_mode": nuclear_mode,
             "coordinate_wise": coordinate_wise,
             "bias_correction": bias_correction,
+            "second_moment_transport": second_moment_transport,
+            "momentum_bound": momentum_bound,
         }
         super().__init__(params, defaults, robust_steps=robust_steps, **kwargs)
 
@@ -405,18 +610,28 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
     def _point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
         return FactorPoint(state["K"], state["V"])
 
+    @staticmethod
+    def _mix(v: BoundedRankTangent, p: Tensor) -> BoundedRankTangent:
+        """Second moment under a change of frame with column weights ``p: (..., r, r)``."""
+        return BoundedRankTangent(v.K @ p, v.Vp @ p)
+
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
         pt = BoundedRankPoint(state["K"], state["V"])
         m, r = pt.K.shape[-2:]
-        man = BoundedRank(m, pt.V.shape[-2], r, alpha=group["alpha"])
+        n = pt.V.shape[-2]
+        man = BoundedRank(m, n, r, alpha=group["alpha"])
         if step == 1:  # (M, N) are the factors the manifold was entered from
             gv, gtk = right_solve(g.M, transpose(pt.V) @ x.N), g.N @ (transpose(x.N) @ pt.V)
         else:
             gv, gtk = g.M, g.N
-        grad = man.rgrad_factored(pt, gv, gtk)
-        d, m_new, v = self._adam(group, man, pt, grad, state, step)
+        grad = self._mask(man.rgrad_factored(pt, gv, gtk), n, r)
+        s = pt.K.norm(dim=-2)  # canonical K = U diag(S): column norms are the singular values
+        w_avg = cluster_average(s, _cluster_rtol(s))
+        d, m_new, v = self._adam(
+            group, man, pt, grad, state, step, average=lambda t: self._mix(t, w_avg)
+        )
         lr, lam = group["lr"], group["nuclear_norm"]
         u = BoundedRankTangent(-lr * d.K, -lr * d.Vp)
         if lam and group["nuclear_mode"] == "subgradient":
@@ -427,8 +642,15 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
         else:
             new = man.retr(pt, u)
         new = canonical_bounded_rank(new)
-        w = man.transp(pt, new, m_new)
+        w = self._mask(man.transp(pt, new, m_new), n, r)
+        if group["coordinate_wise"] and _transports_v(group):
+            v = self._mix(v, frame_alignment(pt.V, new.V))
         state["K"], state["V"] = new
         _store(state, "exp_avg", w)
         _store(state, "exp_avg_sq", v)
         return self._point_factors(state)
+
+    @staticmethod
+    def _mask(t: BoundedRankTangent, n: int, r: int) -> BoundedRankTangent:
+        """Zero ``V̇p`` if ``r = n`` (then ``I − VVᵀ = 0``: the Grassmann part is a point)."""
+        return BoundedRankTangent(t.K, torch.zeros_like(t.Vp)) if r == n else t

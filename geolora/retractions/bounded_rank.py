@@ -34,14 +34,26 @@ NUCLEAR_MODES = ("subgradient", "prox")
 def metric_gram_inverse(K: Tensor, alpha: float) -> Tensor:
     """``(KᵀK + 2αI)⁻¹`` — the inverse weight of ``V̇p`` in the bounded-rank metric.
 
-    Symmetric positive definite for every ``K`` (also ``K = 0``) when ``α > 0``. Computed by a
-    Cholesky factorization in float64 (DESIGN.md: small ``r × r`` work in float64) and returned in
-    ``K``'s dtype. Shapes ``(..., m, r) -> (..., r, r)``.
+    Symmetric positive definite for every finite ``K`` (also ``K = 0``) when ``α > 0``. Computed
+    by a Cholesky factorization in float64 (DESIGN.md: small ``r × r`` work in float64) and
+    returned in ``K``'s dtype. Shapes ``(..., m, r) -> (..., r, r)``.
+
+    Raises ``FloatingPointError`` if the factorization fails, which happens only for a diverged
+    ``K``: non-finite entries, or ``‖K‖² ≳ 2α / eps`` so that ``2αI`` is lost in rounding.
     """
     k64 = K.to(torch.float64)
     r = K.shape[-1]
     g = transpose(k64) @ k64 + (2.0 * alpha) * torch.eye(r, dtype=k64.dtype, device=K.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(g)).to(K.dtype)
+    chol, info = torch.linalg.cholesky_ex(g)
+    if bool((info != 0).any()):
+        kmax = float(k64.abs().amax())
+        raise FloatingPointError(
+            "BoundedRank: the metric Gram matrix KᵀK + 2αI is not positive definite, so K has "
+            f"diverged (max |K| = {kmax:.3g}; non-finite, or too large for 2α = {2 * alpha:g} to "
+            "survive rounding). Lower the learning rate (LoRAM-BR: coordinate_wise=False is the "
+            "stable variant)."
+        )
+    return torch.cholesky_inverse(chol).to(K.dtype)
 
 
 def project_products(
