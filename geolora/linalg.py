@@ -15,6 +15,8 @@ __all__ = [
     "sym",
     "skew",
     "transpose",
+    "mm_t",
+    "addmm_t",
     "compute_dtype",
     "qr_pos",
     "qf",
@@ -31,6 +33,30 @@ __all__ = [
 def transpose(a: Tensor) -> Tensor:
     """Swap the last two dimensions (batched ``Aᵀ``)."""
     return a.transpose(-1, -2)
+
+
+def mm_t(a: Tensor, b: Tensor) -> Tensor:
+    """``A B`` evaluated as ``(Bᵀ Aᵀ)ᵀ``: same values, result in column-major ("tall") layout.
+
+    For a tall result ``(..., m, r)`` with small ``r`` (``U A``, ``Z V``, ``Zᵀ U``) CPU BLAS
+    is several times faster this way (measured, MKL, r = 8: 3x for ``(24, 384, 8) @ (24, 8, 8)``,
+    3-7x for ``(24, 384, 384) @ (24, 384, 8)``; equal for r ≥ 16), and the column-major result
+    matches the layout of ``torch.linalg.qr``'s ``Q`` and of triangular solves, so the next
+    products stay fast.
+    """
+    return transpose(transpose(b) @ transpose(a))
+
+
+def addmm_t(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """``β C + α A B`` (batched) in one ``baddbmm`` for 3-D operands, evaluated transposed like
+    :func:`mm_t` (column-major result); other shapes fall back to ``matmul``."""
+    if c.dim() == 3 and a.dim() == 3 and b.dim() == 3:
+        out = torch.baddbmm(transpose(c), transpose(b), transpose(a), beta=beta, alpha=alpha)
+        return transpose(out)
+    out = a @ b
+    if alpha != 1.0:
+        out = alpha * out
+    return out + (c if beta == 1.0 else beta * c)
 
 
 def sym(a: Tensor) -> Tensor:
@@ -58,7 +84,7 @@ def check_finite(name: str, *tensors: Tensor) -> None:
 def _sign_fix(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     # Make diag(R) >= 0 so the factorization is unique and continuous in A.
     d = torch.diagonal(r, dim1=-2, dim2=-1)
-    s = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    s = torch.where(d < 0, -1.0, 1.0).to(d.dtype)
     return q * s.unsqueeze(-2), r * s.unsqueeze(-1)
 
 
@@ -199,7 +225,13 @@ def solve_sylvester_gram(g_m: Tensor, g_n: Tensor, c: Tensor, damping: float = 0
     return best.to(c.dtype)
 
 
-def solve_lyapunov_core(w: Tensor, s: Tensor, damping: float = 0.0) -> Tensor:
+def solve_lyapunov_core(
+    w: Tensor,
+    s: Tensor,
+    damping: float = 0.0,
+    *,
+    svd: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
     """Solve ``W Wᵀ K' + K' W Wᵀ = S Wᵀ`` for the gauge-free Sylvester matrix ``K'``.
 
     This is LoRA-S eq. 9 in orthonormal coordinates (DESIGN.md "Gauge-free lift"): with
@@ -207,11 +239,16 @@ def solve_lyapunov_core(w: Tensor, s: Tensor, damping: float = 0.0) -> Tensor:
     ``K = R_Mᵀ K' R_M⁻ᵀ``. With the SVD ``W = Φ Σ Ψᵀ``:
     ``K' = Φ [(Φᵀ S Ψ Σ) / (σ_i² + σ_j² + 2δ)] Φᵀ``. Its conditioning depends on the singular
     values of ``X = U W Vᵀ`` only, not on the factor balance. Computed in float64.
-    Shapes ``(..., r, r)``.
+    ``svd``: ``(Φ, σ, Ψ)`` of ``w`` if already known (float64; ``Ψ``, not ``Ψᵀ``), so that
+    several solves with the same ``W`` share one SVD. Shapes ``(..., r, r)``.
     """
     wd = torch.float64
-    phi, sig, psi_h = torch.linalg.svd(w.to(wd))
-    t = transpose(phi) @ s.to(wd) @ transpose(psi_h) * sig.unsqueeze(-2)
+    if svd is None:
+        phi, sig, psi_h = torch.linalg.svd(w.to(wd))
+        psi = transpose(psi_h)
+    else:
+        phi, sig, psi = svd
+    t = transpose(phi) @ s.to(wd) @ psi * sig.unsqueeze(-2)
     sig2 = sig * sig + damping
     k = phi @ (t / (sig2.unsqueeze(-1) + sig2.unsqueeze(-2))) @ transpose(phi)
     return k.to(s.dtype)

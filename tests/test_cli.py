@@ -45,6 +45,19 @@ def test_bench_quick_sensing_writes_documented_outputs(tmp_path):
     assert inv["adamw"]["spread"] > 1.5
     for name in ("results.csv", "loss_curves.png", "metric.png", "invariance.png"):
         assert (out / name).stat().st_size > 0, name
+    # the docs results page is generated from exactly these files
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "results_page", Path(__file__).parents[1] / "scripts" / "results_page.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    page = mod.build(out, tmp_path / "docs", machine="CI")
+    assert "| adams |" in page and "Invariance (sensing task)" in page
+    assert f"{rows['adams']['rel_error']:.4g}" in page
+    assert (tmp_path / "docs" / "img" / "bench" / "sensing_invariance.png").is_file()
 
 
 def test_check_command_passes():

@@ -4,8 +4,10 @@ The optimizer step alone is timed on stacks of LoRA pairs shaped like a real mod
 all-MiniLM-L6-v2's 36 linears, 24 of 384×384, 6 of 1536×384 and 6 of 384×1536), with fixed
 random gradients, as the median of ``steps`` steps after ``warmup`` steps. Every optimizer is
 compared with ``torch.optim.AdamW`` (``foreach=True``; ``fused=True`` on CUDA) on the very same
-parameters in the same process, so the ratio is meaningful on any machine. State memory is the
-sum of the optimizer's state tensors.
+shapes in the same process, timed in rounds alternating with the optimizer's, so the ratio is
+meaningful on any (even a shared) machine. State memory is the sum of the optimizer's state
+tensors. :data:`EXTRA_FACTORIES` adds optimizers that are not in the registry
+(``lifted_adam`` = ``Lifted(torch.optim.Adam)``).
 """
 
 from __future__ import annotations
@@ -56,17 +58,20 @@ def make_pairs(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """LoRA pair groups with random full-rank factors and fixed random gradients."""
-    g = torch.Generator().manual_seed(seed)
+    """LoRA pair groups with random full-rank factors and fixed random gradients (drawn on
+    ``device`` with a generator of that device, so large model shapes build fast on GPUs)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = {"generator": g, "device": device}
     groups = []
     for out_f, in_f, count in shapes:
         for i in range(count):
-            B = torch.randn(out_f, rank, generator=g) / rank**0.5
-            A = torch.randn(rank, in_f, generator=g) / in_f**0.5
-            B = torch.nn.Parameter(B.to(device=device, dtype=dtype))
-            A = torch.nn.Parameter(A.to(device=device, dtype=dtype))
-            B.grad = (torch.randn(out_f, rank, generator=g) * 1e-3).to(device=device, dtype=dtype)
-            A.grad = (torch.randn(rank, in_f, generator=g) * 1e-3).to(device=device, dtype=dtype)
+            B = torch.randn(out_f, rank, **kw) / rank**0.5
+            A = torch.randn(rank, in_f, **kw) / in_f**0.5
+            B = torch.nn.Parameter(B.to(dtype=dtype))
+            A = torch.nn.Parameter(A.to(dtype=dtype))
+            B.grad = (torch.randn(out_f, rank, **kw) * 1e-3).to(dtype=dtype)
+            A.grad = (torch.randn(rank, in_f, **kw) * 1e-3).to(dtype=dtype)
             groups.append({"params": [B, A], "lora_pair": True, "name": f"{out_f}x{in_f}.{i}"})
     return groups
 
@@ -76,24 +81,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(opt: torch.optim.Optimizer, device: torch.device, steps: int, warmup: int) -> float:
-    """Median wall time (ms) of ``opt.step()`` over ``steps`` steps after ``warmup`` steps."""
+def time_steps(
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median time (ms) of ``opt.step()`` over ``steps`` steps after ``warmup`` steps."""
+    return 1e3 * statistics.median(_step_times(opt, device, steps, warmup, clock))
+
+
+def _step_times(opt, device: torch.device, steps: int, warmup: int, clock) -> list[float]:
     for _ in range(warmup):
         opt.step()
     _sync(device)
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.step()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        times.append(clock() - t0)
+    return times
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``wall``: elapsed time; ``cpu``: this process's CPU time (steadier on a shared machine with
+one thread; meaningless for asynchronous devices)."""
 
 
 def adamw_factory(device: torch.device) -> Callable[..., torch.optim.Optimizer]:
     """The baseline: ``torch.optim.AdamW`` with its fastest implementation on ``device``."""
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return lambda groups, lr: torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, **kw)
+
+
+def _lifted_adam(param_groups, lr: float, **kw: Any) -> torch.optim.Optimizer:
+    from geolora.optim.wrap import Lifted
+
+    return Lifted(torch.optim.Adam)(param_groups, lr=lr, **kw)
+
+
+#: Optimizers the perf benchmark times besides the registry's (``name -> factory``).
+EXTRA_FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {"lifted_adam": _lifted_adam}
+
+
+def optimizer_factories(
+    names: Sequence[str],
+) -> dict[str, Callable[..., torch.optim.Optimizer]]:
+    """``name -> factory(param_groups, lr, **kw)`` for registry names and
+    :data:`EXTRA_FACTORIES`, with the robust start disabled (``robust_steps=0``) so the
+    geometric step is what is timed; ``kw`` go to the optimizer (e.g. ``foreach=False``).
+    ``ValueError`` (from the registry, listing the known names) for an unknown name."""
+    import geolora.bench.catalog  # noqa: F401  (registers the built-in optimizers)
+
+    out: dict[str, Callable[..., torch.optim.Optimizer]] = {}
+    for name in names:
+        if name in EXTRA_FACTORIES:
+            fac = EXTRA_FACTORIES[name]
+            out[name] = lambda groups, lr, _f=fac, **kw: _f(
+                [dict(g) for g in groups], lr, **{"robust_steps": 0, **kw}
+            )
+            continue
+        spec = REGISTRY.get(name)
+        kw = {"robust_steps": 0} if _accepts_robust(spec) else {}
+        out[name] = lambda groups, lr, _s=spec, _kw=kw, **more: _s.build(groups, lr, **_kw, **more)
+    return out
 
 
 def bench_optimizer_step(
@@ -105,29 +158,39 @@ def bench_optimizer_step(
     warmup: int = 5,
     device: torch.device | str = "cpu",
     progress: Callable[[str], None] | None = None,
+    rounds: int = 3,
+    clock: str = "wall",
 ) -> list[PerfResult]:
     """Time each registered optimizer's step against AdamW on the same pairs (same process).
 
     Pairs are built fresh for every optimizer (AdamW included), so one optimizer's updates
     never change another's inputs; robust-start phases are disabled so the geometric step is
-    what is timed.
+    what is timed. For every optimizer AdamW is timed again, in ``rounds`` blocks alternating
+    with the optimizer's (``steps`` steps each, after ``warmup``), and each ratio uses the two
+    medians of those same rounds, so load from other processes hits both alike. ``clock``:
+    ``"wall"`` or ``"cpu"`` (process CPU time, see :data:`CLOCKS`; wall time on CUDA).
     """
     device = torch.device(device)
+    factories = optimizer_factories(names)
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    tick = CLOCKS["wall"] if device.type != "cpu" else CLOCKS[clock]
     out: list[PerfResult] = []
     npairs = sum(c for _, _, c in shapes)
+    per_round = max(1, steps // max(1, rounds))
     for r in ranks:
-        base_groups = make_pairs(shapes, r, device=device)
-        base = adamw_factory(device)(base_groups, 1e-4)
-        adamw_ms = time_steps(base, device, steps, warmup)
-        adamw_mib = optimizer_state_bytes(base) / 2**20
         for name in names:
             if progress is not None:
                 progress(f"{name} r={r}")
-            spec = REGISTRY.get(name)
-            groups = make_pairs(shapes, r, device=device)
-            kw = {"robust_steps": 0} if _accepts_robust(spec) else {}
-            opt = spec.build(groups, 1e-4, **kw)
-            ms = time_steps(opt, device, steps, warmup)
+            base = adamw_factory(device)(make_pairs(shapes, r, device=device), 1e-4)
+            opt = factories[name](make_pairs(shapes, r, device=device), 1e-4)
+            t_base = _step_times(base, device, 0, warmup, tick)
+            t_opt = _step_times(opt, device, 0, warmup, tick)
+            for _ in range(max(1, rounds)):
+                t_base += _step_times(base, device, per_round, 0, tick)
+                t_opt += _step_times(opt, device, per_round, 0, tick)
+            ms = 1e3 * statistics.median(t_opt)
+            adamw_ms = 1e3 * statistics.median(t_base)
             out.append(
                 PerfResult(
                     optimizer=name,
@@ -137,9 +200,10 @@ def bench_optimizer_step(
                     adamw_ms=adamw_ms,
                     ratio=ms / adamw_ms,
                     state_mib=optimizer_state_bytes(opt) / 2**20,
-                    adamw_state_mib=adamw_mib,
+                    adamw_state_mib=optimizer_state_bytes(base) / 2**20,
                 )
             )
+            del base, opt
     return out
 
 

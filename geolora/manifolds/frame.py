@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from geolora.linalg import qr_pos, transpose, tri_solve_right
+from geolora.linalg import addmm_t as addmm
+from geolora.linalg import mm_t, qr_pos, transpose, tri_solve_right
 from geolora.manifolds.types import FixedRankTangent
 
 
@@ -61,41 +62,52 @@ def project_factor_grads(frame: Frame, grad_M: Tensor, grad_N: Tensor) -> FixedR
     """
     GV = tri_solve_right(grad_M, frame.RN)
     GtU = tri_solve_right(grad_N, frame.RM)
-    S = transpose(frame.U) @ GV
-    Up = GV - frame.U @ S
-    Vp = GtU - frame.V @ transpose(S)
-    return FixedRankTangent(S, Up, Vp)
+    return project_products(frame, GV, GtU)
 
 
 def project_products(frame: Frame, ZV: Tensor, ZtU: Tensor) -> FixedRankTangent:
-    """``P_T(Z)`` from ``Z V: (..., m, r)`` and ``Zᵀ U: (..., n, r)`` (Vandereycken 2013)."""
+    """``P_T(Z)`` from ``Z V: (..., m, r)`` and ``Zᵀ U: (..., n, r)`` (Vandereycken 2013):
+    ``S = Uᵀ Z V``, ``Up = Z V − U S``, ``Vp = Zᵀ U − V Sᵀ``."""
     S = transpose(frame.U) @ ZV
-    return FixedRankTangent(S, ZV - frame.U @ S, ZtU - frame.V @ transpose(S))
+    Up = addmm(ZV, frame.U, S, alpha=-1.0)
+    Vp = addmm(ZtU, frame.V, transpose(S), alpha=-1.0)
+    return FixedRankTangent(S, Up, Vp)
 
 
 def project_dense(frame: Frame, Z: Tensor) -> FixedRankTangent:
     """``P_T(Z)`` for a dense ``Z: (..., m, n)``: ``P_M Z + Z P_N − P_M Z P_N`` in factored form."""
-    return project_products(frame, Z @ frame.V, transpose(Z) @ frame.U)
+    return project_products(frame, mm_t(Z, frame.V), mm_t(transpose(Z), frame.U))
 
 
 def project_lowrank(frame: Frame, A: Tensor, B: Tensor) -> FixedRankTangent:
     """``P_T(A Bᵀ)`` for ``A: (..., m, k)``, ``B: (..., n, k)`` in O((m + n) k r)."""
-    return project_products(frame, A @ (transpose(B) @ frame.V), B @ (transpose(A) @ frame.U))
+    return project_products(
+        frame, mm_t(A, transpose(B) @ frame.V), mm_t(B, transpose(A) @ frame.U)
+    )
 
 
 def tangent_to_dense(frame: Frame, t: FixedRankTangent) -> Tensor:
-    """``U S Vᵀ + Up Vᵀ + U Vpᵀ`` as a dense ``(..., m, n)`` matrix (tests, small problems)."""
-    U, V = frame.U, frame.V
-    return (U @ t.M + t.Up) @ transpose(V) + U @ transpose(t.Vp)
+    """``U S Vᵀ + Up Vᵀ + U Vpᵀ`` as a dense ``(..., m, n)`` matrix, written once as
+    ``A Bᵀ`` from :func:`tangent_to_factors` (dense preconditioners, tests)."""
+    A, B = tangent_to_factors(frame, t)
+    return A @ transpose(B)
 
 
 def tangent_to_factors(frame: Frame, t: FixedRankTangent) -> tuple[Tensor, Tensor]:
     """``(A, B)`` of width 2r with ``A Bᵀ = U S Vᵀ + Up Vᵀ + U Vpᵀ``: ``A = [U S + Up, U]``,
     ``B = [V, Vp]``."""
-    return (
-        torch.cat([frame.U @ t.M + t.Up, frame.U], dim=-1),
-        torch.cat([frame.V, t.Vp], dim=-1),
-    )
+    return _cat_columns(addmm(t.Up, frame.U, t.M), frame.U), _cat_columns(frame.V, t.Vp)
+
+
+def _cat_columns(a: Tensor, b: Tensor) -> Tensor:
+    """``[a, b]`` along the last dim, column-major (the layout :func:`mm_t` produces and the
+    products with these tall factors prefer)."""
+    return transpose(torch.cat([transpose(a), transpose(b)], dim=-2))
+
+
+def tangent_sqnorm(t: FixedRankTangent) -> Tensor:
+    """``‖U S Vᵀ + Up Vᵀ + U Vpᵀ‖_F² = ‖S‖² + ‖Up‖² + ‖Vp‖²`` (orthogonal parts), batch shape."""
+    return sum((a * a).sum(dim=(-2, -1)) for a in t)
 
 
 def tangent_inner(u: FixedRankTangent, v: FixedRankTangent) -> Tensor:

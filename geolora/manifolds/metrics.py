@@ -23,7 +23,7 @@ from torch import Tensor
 
 from geolora.linalg import solve_lyapunov_core, solve_sylvester, solve_sylvester_gram, transpose
 from geolora.manifolds.frame import Frame
-from geolora.manifolds.types import FactorPoint, FactorTangent
+from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
 
 
 class LiftCoefficients(NamedTuple):
@@ -53,6 +53,66 @@ def _gram(A: Tensor) -> Tensor:
     return transpose(A) @ A
 
 
+def _trace(A: Tensor) -> Tensor:
+    return torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
+
+
+class FrameCore:
+    """The float64 ``r x r`` part of a frame, each piece computed once and then reused.
+
+    ``R_M``, ``R_N``, the core ``W = R_M R_Nᵀ``, its SVD ``W = Φ Σ Ψᵀ`` (``svd()``) and the
+    damped inverses ``R (RᵀR + δI)⁻¹`` (``inv_t``). One optimizer step needs them for the lift
+    and again for the metric norm (LRACS, AdamS with the Riemannian second moment); a
+    ``FrameCore`` shared between the calls makes the second use free. ``svd`` may be given when
+    it is known in closed form (e.g. the balanced representative, ``W = Σ``).
+    Shapes ``(..., r, r)``.
+    """
+
+    def __init__(
+        self, RM: Tensor, RN: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> None:
+        self.RM = RM.to(torch.float64)
+        self.RN = RN.to(torch.float64)
+        self._svd = svd
+        self._W: Tensor | None = None
+        self._inv: dict[tuple[str, float], Tensor] = {}
+
+    @classmethod
+    def of(cls, frame: Frame) -> FrameCore:
+        """The core of ``frame`` (only ``R_M``, ``R_N`` are read)."""
+        return cls(frame.RM, frame.RN)
+
+    @property
+    def W(self) -> Tensor:
+        """``W = R_M R_Nᵀ`` (``X = U W Vᵀ``)."""
+        if self._W is None:
+            self._W = self.RM @ transpose(self.RN)
+        return self._W
+
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Φ, σ, Ψ)`` with ``W = Φ diag(σ) Ψᵀ`` (σ descending)."""
+        if self._svd is None:
+            phi, sig, psi_h = torch.linalg.svd(self.W)
+            self._svd = (phi, sig, transpose(psi_h))
+        return self._svd
+
+    def inv_t(self, side: str, damping: float = 0.0) -> Tensor:
+        """``R (RᵀR + δI)⁻¹`` of ``R_M`` (``side="M"``) or ``R_N`` (``"N"``); ``R⁻ᵀ`` for δ = 0."""
+        key = (side, float(damping))
+        if key not in self._inv:
+            self._inv[key] = damped_inv_t(self.RM if side == "M" else self.RN, damping)
+        return self._inv[key]
+
+    def grams(self) -> tuple[Tensor, Tensor]:
+        """``(G_M, G_N) = (R_MᵀR_M, R_NᵀR_N)`` — the factors' Gram matrices ``MᵀM``, ``NᵀN``."""
+        return _gram(self.RM), _gram(self.RN)
+
+
+def tangent_grams(t: FixedRankTangent) -> tuple[Tensor, Tensor]:
+    """``(Upᵀ Up, Vpᵀ Vp)`` in float64, ``(..., r, r)`` (two ``O((m + n) r²)`` products)."""
+    return _gram(t.Up).to(torch.float64), _gram(t.Vp).to(torch.float64)
+
+
 class QuotientMetric(ABC):
     """A metric on the factor space; defines the horizontal space and the lift.
 
@@ -73,6 +133,58 @@ class QuotientMetric(ABC):
     @abstractmethod
     def lift_coefficients(self, frame: Frame, S: Tensor) -> LiftCoefficients:
         """The ``r x r`` coefficients of the horizontal lift of ``Ẋ`` with core ``S = Uᵀ Ẋ V``."""
+
+    def core_coefficients(self, core: FrameCore, S: Tensor) -> LiftCoefficients:
+        """:meth:`lift_coefficients` from the frame's ``r x r`` part only (with a shared
+        :class:`FrameCore`). The built-in metrics implement it; the default raises
+        ``NotImplementedError`` (then the lift goes through :meth:`lift_coefficients`)."""
+        raise NotImplementedError
+
+    def gram_inner(self, GM: Tensor, GN: Tensor, MtM: Tensor, NtN: Tensor) -> Tensor:
+        """``ḡ(u, u)`` from ``r x r`` Grams: ``G_M = MᵀM``, ``G_N = NᵀN``, ``ṀᵀṀ``, ``ṄᵀṄ``
+        (every metric here depends on ``u`` only through them). Default: ``NotImplementedError``."""
+        raise NotImplementedError
+
+    @property
+    def has_core(self) -> bool:
+        """``True`` if :meth:`core_coefficients` and :meth:`gram_inner` are implemented."""
+        cls = type(self)
+        return (
+            cls.core_coefficients is not QuotientMetric.core_coefficients
+            and cls.gram_inner is not QuotientMetric.gram_inner
+        )
+
+    def coefficients(
+        self, frame: Frame, S: Tensor, core: FrameCore | None = None
+    ) -> LiftCoefficients:
+        """:meth:`core_coefficients` with ``core`` (built from ``frame`` if ``None``) where
+        implemented, else :meth:`lift_coefficients`."""
+        if type(self).core_coefficients is QuotientMetric.core_coefficients:
+            return self.lift_coefficients(frame, S)
+        return self.core_coefficients(FrameCore.of(frame) if core is None else core, S)
+
+    def sqnorm_from_grams(self, core: FrameCore, S: Tensor, Pu: Tensor, Pv: Tensor) -> Tensor:
+        """``‖lift(Ẋ)‖²_g`` in ``r x r`` work from ``S`` and ``Pu = UpᵀUp``, ``Pv = VpᵀVp``.
+
+        With ``Ṁ = U A_M + Up D_N``, ``Ṅ = V A_N + Vp D_M`` and ``Uᵀ Up = 0``, ``Vᵀ Vp = 0``:
+        ``ṀᵀṀ = A_MᵀA_M + D_Nᵀ Pu D_N`` and ``ṄᵀṄ = A_NᵀA_N + D_Mᵀ Pv D_M``, then
+        :meth:`gram_inner`. Float64, shape = batch shape.
+        """
+        AM, DN, AN, DM = self.core_coefficients(core, S)
+        MtM = _gram(AM) + transpose(DN) @ Pu @ DN
+        NtN = _gram(AN) + transpose(DM) @ Pv @ DM
+        GM, GN = core.grams()
+        return self.gram_inner(GM, GN, MtM, NtN)
+
+    def lift_sqnorm(
+        self, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
+    ) -> Tensor:
+        """``ḡ(u, u)`` of the horizontal lift ``u`` of ``t`` at the factors of ``frame``, without
+        forming ``u``: ``O((m + n) r²)`` for the Grams of ``Up``, ``Vp`` and ``r x r`` work
+        (:meth:`sqnorm_from_grams`). Equals ``inner(x, u, u)`` up to rounding. Float64."""
+        core = FrameCore.of(frame) if core is None else core
+        Pu, Pv = tangent_grams(t)
+        return self.sqnorm_from_grams(core, t.M.to(torch.float64), Pu, Pv)
 
     @abstractmethod
     def inner(self, x: FactorPoint, u: FactorTangent, v: FactorTangent) -> Tensor:
@@ -107,14 +219,17 @@ class BalancedMetric(QuotientMetric):
     name = "balanced"
 
     def lift_coefficients(self, frame: Frame, S: Tensor) -> LiftCoefficients:
-        f64 = torch.float64
-        RM, RN, S = frame.RM.to(f64), frame.RN.to(f64), S.to(f64)
+        return self.core_coefficients(FrameCore.of(frame), S)
+
+    def core_coefficients(self, core: FrameCore, S: Tensor) -> LiftCoefficients:
+        S = S.to(torch.float64)
+        RM, RN = core.RM, core.RN
         if self.damping == 0.0:
-            W = RM @ transpose(RN)
-            Kp = solve_lyapunov_core(W, S)
-            DM, DN = damped_inv_t(RM, 0.0), damped_inv_t(RN, 0.0)
+            W = core.W
+            Kp = solve_lyapunov_core(W, S, svd=core.svd())
+            DM, DN = core.inv_t("M"), core.inv_t("N")
             return LiftCoefficients(Kp @ RM, DN, transpose(S - Kp @ W) @ DM, DM)
-        GM, GN = _gram(RM), _gram(RN)
+        GM, GN = core.grams()
         K = solve_sylvester_gram(GM, GN, transpose(RM) @ S @ RN, damping=self.damping)
         eye = _eye(S.shape[-1], S)
         iGN = torch.linalg.inv(GN + self.damping * eye)
@@ -122,6 +237,29 @@ class BalancedMetric(QuotientMetric):
         AM = (S @ RN - RM @ GN @ K) @ iGN
         AN = (transpose(S) @ RM - RN @ GM @ transpose(K)) @ iGM
         return LiftCoefficients(AM, RN @ iGN, AN, RM @ iGM)
+
+    def gram_inner(self, GM: Tensor, GN: Tensor, MtM: Tensor, NtN: Tensor) -> Tensor:
+        return _trace(torch.linalg.solve(GM, MtM)) + _trace(torch.linalg.solve(GN, NtN))
+
+    def sqnorm_from_grams(self, core: FrameCore, S: Tensor, Pu: Tensor, Pv: Tensor) -> Tensor:
+        """Gauge-free closed form for δ = 0 (``W = Φ Σ Ψᵀ``, ``K'`` the Lyapunov solution,
+        ``Z = S − K'W``): ``‖u‖²_g = ‖K'‖² + tr(Σ⁻² ΨᵀPuΨ) + ‖Σ⁻¹ΦᵀZ‖² + tr(Σ⁻² ΦᵀPvΦ)`` —
+        the ``R_M``, ``R_N`` of the gauge cancel (``tr(G_M⁻¹ A_MᵀA_M) = ‖K'‖²``,
+        ``D_N G_M⁻¹ D_Nᵀ = (WᵀW)⁻¹``, ...), so only X's singular values enter."""
+        if self.damping != 0.0:
+            return super().sqnorm_from_grams(core, S, Pu, Pv)
+        phi, sig, psi = core.svd()
+        W = core.W
+        Kp = solve_lyapunov_core(W, S, svd=(phi, sig, psi))
+        inv2 = 1.0 / (sig * sig)
+        Z = transpose(phi) @ (S - Kp @ W)
+        pu = torch.diagonal(transpose(psi) @ Pu @ psi, dim1=-2, dim2=-1)
+        pv = torch.diagonal(transpose(phi) @ Pv @ phi, dim1=-2, dim2=-1)
+        return (
+            (Kp * Kp).sum(dim=(-2, -1))
+            + ((pu + pv) * inv2).sum(-1)
+            + ((Z * Z).sum(-1) * inv2).sum(-1)
+        )
 
     def inner(self, x: FactorPoint, u: FactorTangent, v: FactorTangent) -> Tensor:
         GM, GN = _gram(x.M), _gram(x.N)
@@ -151,9 +289,21 @@ class PreconditionedMetric(QuotientMetric):
     name = "preconditioned"
 
     def lift_coefficients(self, frame: Frame, S: Tensor) -> LiftCoefficients:
+        return self.core_coefficients(FrameCore.of(frame), S)
+
+    def core_coefficients(self, core: FrameCore, S: Tensor) -> LiftCoefficients:
         S = S.to(torch.float64)
-        DM, DN = damped_inv_t(frame.RM, self.damping), damped_inv_t(frame.RN, self.damping)
+        DM, DN = core.inv_t("M", self.damping), core.inv_t("N", self.damping)
         return LiftCoefficients(0.5 * S @ DN, DN, 0.5 * transpose(S) @ DM, DM)
+
+    def gram_inner(self, GM: Tensor, GN: Tensor, MtM: Tensor, NtN: Tensor) -> Tensor:
+        return (GN * MtM).sum(dim=(-2, -1)) + (GM * NtN).sum(dim=(-2, -1))
+
+    def sqnorm_from_grams(self, core: FrameCore, S: Tensor, Pu: Tensor, Pv: Tensor) -> Tensor:
+        """Closed form for δ = 0: ``‖u‖²_g = ½‖S‖² + tr(Pu) + tr(Pv)`` (gauge-free)."""
+        if self.damping != 0.0:
+            return super().sqnorm_from_grams(core, S, Pu, Pv)
+        return 0.5 * (S * S).sum(dim=(-2, -1)) + _trace(Pu) + _trace(Pv)
 
     def inner(self, x: FactorPoint, u: FactorTangent, v: FactorTangent) -> Tensor:
         GM, GN = _gram(x.M), _gram(x.N)
@@ -188,15 +338,20 @@ class FlatMetric(QuotientMetric):
     invariant = False
 
     def lift_coefficients(self, frame: Frame, S: Tensor) -> LiftCoefficients:
-        f64 = torch.float64
-        RM, RN, S = frame.RM.to(f64), frame.RN.to(f64), S.to(f64)
-        DM, DN = damped_inv_t(RM, self.damping), damped_inv_t(RN, self.damping)
+        return self.core_coefficients(FrameCore.of(frame), S)
+
+    def core_coefficients(self, core: FrameCore, S: Tensor) -> LiftCoefficients:
+        RM, RN, S = core.RM, core.RN, S.to(torch.float64)
+        DM, DN = core.inv_t("M", self.damping), core.inv_t("N", self.damping)
         AM0, AN0 = 0.5 * S @ DN, 0.5 * transpose(S) @ DM
         # Mᵀ Ṁ₀ = R_Mᵀ A_M0 ;  Ṅ₀ᵀ N = A_N0ᵀ R_N.
         C = transpose(AN0) @ RN - transpose(RM) @ AM0
         eye = _eye(S.shape[-1], S)
         Om = solve_sylvester(_gram(RM) + self.damping * eye, _gram(RN) + self.damping * eye, C)
         return LiftCoefficients(AM0 + RM @ Om, DN, AN0 - RN @ transpose(Om), DM)
+
+    def gram_inner(self, GM: Tensor, GN: Tensor, MtM: Tensor, NtN: Tensor) -> Tensor:
+        return _trace(MtM) + _trace(NtN)
 
     def inner(self, x: FactorPoint, u: FactorTangent, v: FactorTangent) -> Tensor:
         return (u.M * v.M).sum(dim=(-2, -1)) + (u.N * v.N).sum(dim=(-2, -1))

@@ -14,6 +14,11 @@ hyperparameters and step count are stacked into ``(L, m, r)`` tensors and handed
 :meth:`LoRAOptimizer._update_pairs` in one call (``foreach=False`` hands them one by one — the
 reference path the tests compare with). Subclasses implement ``_init_pair_state`` and
 ``_update_pairs``; the math lives in the preconditioners, metrics and manifolds.
+
+Between steps each pair's state tensors are views ``buffer[i]`` of one stacked buffer per
+bucket and key, reused by the bucket's next step without re-stacking (the views are ordinary
+tensors for ``state_dict()``; any replaced tensor, e.g. after ``load_state_dict``, is simply
+stacked again). Non-finite gradients are detected with one ``torch._foreach_norm`` call.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import Tensor
 from geolora.linalg import compute_dtype
 from geolora.manifolds.types import FactorPoint, FactorTangent
 
-PAIR_KEYS = frozenset({"params", "lora_pair", "scaling", "name"})
+PAIR_KEYS = frozenset({"params", "lora_pair", "scaling", "name", "adapter"})
 ADAMW_DEFAULTS: dict[str, Any] = {
     "other_lr": None,
     "other_betas": (0.9, 0.999),
@@ -145,6 +150,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         )
         self.nonfinite = nonfinite
         self.foreach = foreach
+        self._stacks: dict[tuple, dict[str, tuple[Tensor, tuple[Tensor, ...]]]] = {}
+        self._prev_stacks: dict[tuple, dict[str, tuple[Tensor, tuple[Tensor, ...]]]] = {}
         super().__init__(params, all_defaults)
 
     # --- groups -----------------------------------------------------------------------------
@@ -173,6 +180,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
         param_group["params"] = params
         if param_group.get("lora_pair", False):
             self._validate_pair(param_group)
+        else:
+            # An ordinary group's own AdamW settings (as torch users write them) win over the
+            # optimizer-wide other_* defaults.
+            for k in ("weight_decay", "betas", "eps"):
+                if k in param_group and f"other_{k}" not in param_group:
+                    param_group[f"other_{k}"] = param_group[k]
         seen = {id(p): (g, i) for g in self.param_groups for i, p in enumerate(g["params"])}
         for i, p in enumerate(params):
             if id(p) in seen:
@@ -231,6 +244,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        self._stacks = {}  # the loaded tensors replace the stacked buffers
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, values in saved.items():
             p = params[int(idx)]
@@ -262,8 +276,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     # --- step -------------------------------------------------------------------------------
     def _check_grads(self) -> set[int]:
-        """Return ids of groups to skip; raise on non-finite gradients in ``raise`` mode."""
-        skip: set[int] = set()
+        """Return ids of groups to skip; raise on non-finite gradients in ``raise`` mode.
+
+        Fast path: one ``torch._foreach_norm`` over all gradients; only if some norm is not
+        finite (a NaN/inf entry, or a finite gradient whose norm overflows) are the tensors
+        checked one by one, so the result is exactly that of the per-tensor test.
+        """
+        grads: list[Tensor] = []
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -275,6 +294,14 @@ class LoRAOptimizer(torch.optim.Optimizer):
                         f"{_param_label(group, i)}: gradient shape {tuple(p.grad.shape)} != "
                         f"parameter shape {tuple(p.shape)}"
                     )
+                grads.append(p.grad)
+        if _all_finite(grads):
+            return set()
+        skip: set[int] = set()
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
                 if not bool(torch.isfinite(p.grad).all()):
                     if self.nonfinite == "raise":
                         raise FloatingPointError(
@@ -293,6 +320,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         skip = self._check_grads()
+        # Stacked state buffers of the buckets of the previous step (see ``_run_bucket``);
+        # only the buckets of this step are kept.
+        self._prev_stacks = getattr(self, "_stacks", {})
+        self._stacks = {}
         buckets: dict[tuple, list[tuple[dict, Tensor, Tensor]]] = defaultdict(list)
         for group in self.param_groups:
             if id(group) in skip:
@@ -354,16 +385,18 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if not robust:
                 st["full_rank"] = True
         if robust:
+            cdt = compute_dtype(B.dtype)
             if "robust_exp_avg_B" not in st:
                 for nm, t in (("B", B), ("A", A)):
-                    st[f"robust_exp_avg_{nm}"] = torch.zeros_like(t)
-                    st[f"robust_exp_avg_sq_{nm}"] = torch.zeros_like(t)
+                    st[f"robust_exp_avg_{nm}"] = torch.zeros_like(t, dtype=cdt)
+                    st[f"robust_exp_avg_sq_{nm}"] = torch.zeros_like(t, dtype=cdt)
             st["robust_step"] += 1
             k = int(st["robust_step"].item())
             for nm, p, gp in (("B", B, gB), ("A", A, gA)):
+                p_c = p.to(cdt)  # p itself for fp32/fp64 parameters (bit-compatible path)
                 adamw_update_(
-                    p,
-                    gp,
+                    p_c,
+                    gp.to(cdt),
                     st[f"robust_exp_avg_{nm}"],
                     st[f"robust_exp_avg_sq_{nm}"],
                     k,
@@ -372,13 +405,43 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     group["robust_eps"],
                     group["robust_weight_decay"],
                 )
+                if p_c is not p:
+                    p.copy_(p_c)
             return None
         for nm in ("robust_exp_avg_B", "robust_exp_avg_sq_B", "robust_exp_avg_A", "robust_exp_avg_sq_A"):
             st.pop(nm, None)
         hp = tuple(
-            (k, _freeze(v)) for k, v in sorted(group.items()) if k not in ("params", "name", "param_names")
+            (k, _freeze(v)) for k, v in sorted(group.items()) if k not in _GROUP_LABEL_KEYS
         )
         return (tuple(B.shape), tuple(A.shape), B.dtype, B.device, int(st["step"].item()), hp)
+
+    #: ``True`` if :meth:`_update_pairs` never modifies the tensors of the ``state`` dict it is
+    #: given in place (it only assigns new tensors to keys). Then the persistent stacked state
+    #: buffers are handed over as they are; otherwise they are cloned first, so that a step
+    #: whose result is not finite leaves the state untouched.
+    functional_state: bool = False
+
+    def _stacked_state(
+        self, items: list[tuple[dict, Tensor, Tensor]], states: list[dict], keys: list[str]
+    ) -> tuple[dict[str, Tensor], set[str]]:
+        """The pairs' state tensors stacked along dim 0, and the keys served from the cache.
+
+        After a step the per-pair state tensors are views ``buffer[i]`` of one stacked buffer
+        per key (kept in ``self._stacks`` for the bucket), so the next step of the same bucket
+        needs no ``torch.stack``. The cache is used only while every pair's tensor *is* its view
+        (a ``load_state_dict`` or a user assignment replaces it, and the key is re-stacked).
+        """
+        cached = getattr(self, "_prev_stacks", {}).get(tuple(id(B) for _, B, _ in items), {})
+        stacked: dict[str, Tensor] = {}
+        hits: set[str] = set()
+        for k in keys:
+            entry = cached.get(k)
+            if entry is not None and all(st.get(k) is v for st, v in zip(states, entry[1])):
+                stacked[k] = entry[0]
+                hits.add(k)
+            else:
+                stacked[k] = _stack_like([st[k] for st in states])
+        return stacked, hits
 
     def _run_bucket(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
         group0, B0, _ = items[0]
@@ -391,30 +454,118 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 st.update(self._init_pair_state(group, B, A))
             states.append(st)
         keys = [k for k, v in states[0].items() if isinstance(v, Tensor) and k not in _SCALAR_KEYS]
-        M = torch.stack([B for _, B, _ in items]).to(cdt)
-        N = torch.stack([A.T for _, _, A in items]).to(cdt)
-        gM = torch.stack([_grad(B) for _, B, _ in items]).to(cdt)
-        gN = torch.stack([_grad(A).T for _, _, A in items]).to(cdt)
-        stacked = {k: torch.stack([s[k] for s in states]) for k in keys}
+        Bs = [B for _, B, _ in items]
+        As = [A for _, _, A in items]
+        M = torch.stack(Bs).to(cdt)
+        N = torch.stack([A.T for A in As]).to(cdt)
+        gM = torch.stack([_grad(B) for B in Bs]).to(cdt)
+        gN = torch.stack([_grad(A).T for A in As]).to(cdt)
+        stacked, hits = self._stacked_state(items, states, keys)
+        given = dict(stacked)
+        work = dict(stacked)
+        if not self.functional_state:
+            for k in hits:  # fresh stacks are private copies already
+                work[k] = stacked[k].clone()
         step = int(states[0]["step"].item()) + 1
-        new = self._update_pairs(group0, FactorPoint(M, N), FactorTangent(gM, gN), stacked, step)
-        if not (bool(torch.isfinite(new.M).all()) and bool(torch.isfinite(new.N).all())):
-            names = ", ".join(str(g.get("name", "<unnamed>")) for g, _, _ in items)
-            raise FloatingPointError(
-                f"{type(self).__name__}: the update of LoRA pair(s) {names} is not finite "
-                f"(rank-deficient or ill-conditioned factors?); nothing was updated. Use "
-                f"robust_steps > 0 or damping > 0."
-            )
-        for i, (_, B, A) in enumerate(items):
-            B.copy_(new.M[i])
-            A.copy_(new.N[i].T)
-            st = states[i]
-            st["step"] += 1
-            for k, v in stacked.items():
-                st[k] = v[i].clone()
+        try:
+            new = self._update_pairs(group0, FactorPoint(M, N), FactorTangent(gM, gN), work, step)
+        except torch.linalg.LinAlgError as exc:  # e.g. eigh of a NaN matrix
+            raise self._nonfinite_update_error(items) from exc
+        if not _all_finite([new.M, new.N]) and not (
+            bool(torch.isfinite(new.M).all()) and bool(torch.isfinite(new.N).all())
+        ):
+            raise self._nonfinite_update_error(items)
+        torch._foreach_copy_(Bs, list(new.M.unbind(0)))
+        torch._foreach_copy_(As, list(new.N.transpose(-1, -2).unbind(0)))
+        torch._foreach_add_([st["step"] for st in states], 1.0)
+        self._commit_state(items, states, work, given, hits)
+
+    def _nonfinite_update_error(self, items: list[tuple[dict, Tensor, Tensor]]) -> FloatingPointError:
+        names = ", ".join(str(g.get("name", "<unnamed>")) for g, _, _ in items)
+        return FloatingPointError(
+            f"{type(self).__name__}: the update of LoRA pair(s) {names} is not finite "
+            f"(rank-deficient or ill-conditioned factors?); nothing was updated. Use "
+            f"robust_steps > 0 or damping > 0."
+        )
+
+    def _commit_state(
+        self,
+        items: list[tuple[dict, Tensor, Tensor]],
+        states: list[dict],
+        work: dict[str, Tensor],
+        given: dict[str, Tensor],
+        hits: set[str],
+    ) -> None:
+        """Store the updated stacked state: each buffer becomes the bucket's persistent buffer
+        and every pair's state tensor its view ``buffer[i]`` (see :meth:`_stacked_state`)."""
+        cache = getattr(self, "_prev_stacks", {}).get(tuple(id(B) for _, B, _ in items), {})
+        entry: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
+        owners: set[int] = set()
+        for k, v in work.items():
+            if k in hits and v is given[k]:  # untouched cached buffer: views still valid
+                entry[k] = cache[k]
+                owners.add(id(v))
+                continue
+            if id(v) in owners or not _owns_storage(v):
+                v = _owning_copy(v)
+            owners.add(id(v))
+            views = v.unbind(0)
+            for st, view in zip(states, views):
+                st[k] = view
+            entry[k] = (v, views)
+        if not hasattr(self, "_stacks"):
+            self._stacks = {}
+        self._stacks[tuple(id(B) for _, B, _ in items)] = entry
 
 
 _SCALAR_KEYS = frozenset({"step", "robust_step", "full_rank", "pair"})
+# Group keys that label a pair and do not change its update (left out of the bucket key).
+_GROUP_LABEL_KEYS = frozenset({"params", "name", "adapter", "param_names"})
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """``True`` if the norms of all ``tensors`` are finite (so no entry is NaN/inf); ``False``
+    means "check one by one" (also for norms that overflow and for non-plain tensors)."""
+    if not tensors:
+        return True
+    if not all(type(t) is Tensor for t in tensors):  # e.g. DTensor gradients: exact path
+        return False
+    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for n in torch._foreach_norm(tensors):
+        by_device[n.device].append(n.float())
+    return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values())
+
+
+def _column_major(t: Tensor) -> bool:
+    """``t`` (3-D) is stored as contiguous ``(L, cols, rows)`` — the ``mm_t`` / QR layout."""
+    return t.dim() == 3 and not t.is_contiguous() and t.mT.is_contiguous()
+
+
+def _owns_storage(t: Tensor) -> bool:
+    """``t`` is dense (row- or column-major) and spans its whole storage, so it can be kept as a
+    state buffer without holding on to a larger tensor."""
+    return (
+        (t.is_contiguous() or _column_major(t))
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
+def _owning_copy(t: Tensor) -> Tensor:
+    """A copy of ``t`` that owns its storage, column-major if ``t`` is."""
+    if t.dim() == 3 and t.mT.is_contiguous():
+        return t.mT.clone(memory_format=torch.contiguous_format).mT
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _stack_like(ts: list[Tensor]) -> Tensor:
+    """``torch.stack(ts)``, column-major when the (2-D) tensors are: the per-pair views of a
+    column-major buffer are re-stacked into the same layout, so a step after a cache miss (e.g.
+    after ``load_state_dict``) computes exactly what the cached path computes."""
+    t0 = ts[0]
+    if t0.dim() == 2 and not t0.is_contiguous() and t0.T.is_contiguous():
+        return torch.stack([t.T for t in ts]).mT
+    return torch.stack(ts)
 
 
 def _grad(p: Tensor) -> Tensor:

@@ -26,12 +26,13 @@ from torch import Tensor
 
 from geolora.manifolds.frame import (
     Frame,
+    addmm,
     make_frame,
     project_dense,
     project_factor_grads,
     project_lowrank,
 )
-from geolora.manifolds.metrics import QuotientMetric, get_metric
+from geolora.manifolds.metrics import FrameCore, LiftCoefficients, QuotientMetric, get_metric
 from geolora.manifolds.quotient import assemble_lift
 from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
 from geolora.optim.base import LoRAOptimizer, _check_range, validate_betas
@@ -96,6 +97,11 @@ class LiftedOptimizer(LoRAOptimizer):
         if "eps" in group:
             _check_range("eps", group["eps"], 0.0)
 
+    @property
+    def functional_state(self) -> bool:  # type: ignore[override]
+        """The preconditioner's ``functional_state`` (see :class:`LoRAOptimizer`)."""
+        return bool(getattr(self.preconditioner, "functional_state", False))
+
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
         from geolora.linalg import compute_dtype
 
@@ -112,16 +118,27 @@ class LiftedOptimizer(LoRAOptimizer):
         t = _to_tangent(frame, d)
         return t, assemble_lift(frame, t, self.metric.lift_coefficients(frame, t.M))
 
+    def _core(self, frame: Frame) -> FrameCore | None:
+        """The frame's shared ``r x r`` part (``None`` for a metric without ``core_coefficients``)."""
+        return FrameCore.of(frame) if self.metric.has_core else None
+
     def _update_pairs(self, group, x: FactorPoint, g: FactorTangent, state, step: int) -> FactorPoint:
         frame = self._frame(x)
+        core = self._core(frame)
         xi = project_factor_grads(frame, g.M, g.N)
         lam = group["weight_decay"]
         if lam and group["decay"] == "l2":
             # ∇_X (λ/2 ‖X‖²) = λ X = U W Vᵀ, already tangent.
             xi = FixedRankTangent(xi.M + lam * frame.W, xi.Up, xi.Vp)
         m, r = x.M.shape[-2:]
-        ctx = StepContext(frame, m, x.N.shape[-2], r, lambda t: self._metric_norm(x, frame, t))
+        ctx = StepContext(
+            frame, m, x.N.shape[-2], r, lambda t: self._metric_norm(x, frame, t, core)
+        )
         d = self.preconditioner.update(state, xi, ctx, group, step)
+        cls = type(self)
+        if cls._lift is LiftedOptimizer._lift and cls._move is LiftedOptimizer._move:
+            t = _to_tangent(frame, d)
+            return self._lift_move(group, x, frame, t, self.metric.coefficients(frame, t.M, core))
         _, u = self._lift(frame, d)
         return self._move(group, x, u)
 
@@ -131,7 +148,35 @@ class LiftedOptimizer(LoRAOptimizer):
         shrink = 1.0 - lr * lam if group["decay"] == "decoupled" else 1.0
         return FactorPoint(shrink * x.M - lr * u.M, shrink * x.N - lr * u.N)
 
-    def _metric_norm(self, x: FactorPoint, frame: Frame, t: FixedRankTangent) -> Tensor:
+    def _lift_move(
+        self,
+        group,
+        x: FactorPoint,
+        frame: Frame,
+        t: FixedRankTangent,
+        coeffs: LiftCoefficients,
+        shrink: float | None = None,
+    ) -> FactorPoint:
+        """:meth:`_lift` and :meth:`_move` in two fused products per factor:
+        ``M⁺ = s M − η (U A_M) − η (Up D_N)``, ``N⁺ = s N − η (V A_N) − η (Vp D_M)``
+        (``s = 1 − ηλ`` for decoupled decay unless ``shrink`` is given), without materialising
+        ``(Ṁ, Ṅ)``."""
+        lr, lam = group["lr"], group["weight_decay"]
+        if shrink is None:
+            shrink = 1.0 - lr * lam if group["decay"] == "decoupled" else 1.0
+        dt = x.M.dtype
+        AM, DN, AN, DM = (c.to(dt) for c in coeffs)
+        M = addmm(addmm(x.M, frame.U, AM, beta=shrink, alpha=-lr), t.Up, DN, alpha=-lr)
+        N = addmm(addmm(x.N, frame.V, AN, beta=shrink, alpha=-lr), t.Vp, DM, alpha=-lr)
+        return FactorPoint(M, N)
+
+    def _metric_norm(
+        self, x: FactorPoint, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
+    ) -> Tensor:
+        """``‖lift(t)‖_g``: ``r x r`` work (:meth:`QuotientMetric.lift_sqnorm`) for the built-in
+        metrics, else the assembled lift's :meth:`QuotientMetric.inner`."""
+        if self.metric.has_core:
+            return self.metric.lift_sqnorm(frame, t, core).clamp_min(0).sqrt().to(x.M.dtype)
         u = assemble_lift(frame, t, self.metric.lift_coefficients(frame, t.M))
         return self.metric.inner(x, u, u).clamp_min(0).sqrt()
 

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype, sym, transpose, tri_solve_right
+from geolora.linalg import addmm_t, compute_dtype, mm_t, sym, transpose, tri_solve_right
 from geolora.manifolds.frame import make_frame
+from geolora.manifolds.metrics import damped_inv_t
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.base import LoRAOptimizer, _check_range, validate_betas
 
@@ -126,6 +127,8 @@ class LoRARite(LoRAOptimizer):
             if not isinstance(group[key], bool):
                 raise TypeError(f"{key} must be a bool, got {type(group[key]).__name__}")
 
+    functional_state = True  # _update_pairs only assigns new tensors to state keys
+
     def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
         if group.get("pinv", False):
             # Pseudo-inverses handle rank-deficient factors: skip the rank check that would
@@ -157,66 +160,83 @@ class LoRARite(LoRAOptimizer):
     ) -> FactorPoint:
         frame = make_frame(x.M, x.N, self.qr_method)
         if group["pinv"]:
-            pinv_RM = torch.linalg.pinv(frame.RM)
-            pinv_RN = torch.linalg.pinv(frame.RN)
-            gM_bar = g.M @ pinv_RN
-            gN_bar = g.N @ pinv_RM
+            inv_RN = torch.linalg.pinv(frame.RN)
+            inv_RM = torch.linalg.pinv(frame.RM)
+            gM_bar = mm_t(g.M, inv_RN)
+            gN_bar = mm_t(g.N, inv_RM)
+            out_M, out_N = transpose(inv_RN), transpose(inv_RM)
         else:
             gM_bar = tri_solve_right(g.M, frame.RN)  # ∇_M R_N⁻¹ = ∇_X V
             gN_bar = tri_solve_right(g.N, frame.RM)  # ∇_N R_M⁻¹ = ∇_Xᵀ U
+            # R⁻ᵀ (r×r, float64), so that the last step M̂ R_N⁻ᵀ fuses with the update.
+            out_M, out_N = damped_inv_t(frame.RN, 0.0), damped_inv_t(frame.RM, 0.0)
         # The M-moments live in the basis of N (P_M = Vᵀ V_old) and vice versa.
-        P_M = transpose(frame.V) @ state["basis_V"]
-        P_N = transpose(frame.U) @ state["basis_U"]
-        dM = self._factor_step(group, state, "M", gM_bar, P_M, step)
-        dN = self._factor_step(group, state, "N", gN_bar, P_N, step)
+        P = torch.stack(
+            [transpose(frame.V) @ state["basis_V"], transpose(frame.U) @ state["basis_U"]]
+        )
+        precond = self._preconditioners(group, state, (gM_bar, gN_bar), P, step)
+        beta1 = group["betas"][0]
+        # M̄ = β₁ M̄_old Pᵀ + (1 − β₁) ḡ (V̂ + ρ̂ I)^{-1/2}: two fused products per factor.
+        moms = []
+        for i, (side, gbar) in enumerate((("M", gM_bar), ("N", gN_bar))):
+            mom = addmm_t(
+                mm_t(gbar, precond[i]), state[f"exp_avg_{side}"], transpose(P[i]), alpha=beta1
+            )
+            state[f"exp_avg_{side}"] = mom
+            moms.append(mom)
         state["basis_U"], state["basis_V"] = frame.U, frame.V
-        if group["pinv"]:
-            dM = dM @ transpose(pinv_RN)
-            dN = dN @ transpose(pinv_RM)
-        else:
-            dM = tri_solve_right(dM, frame.RN, transpose_r=True)  # M̂ R_N⁻ᵀ
-            dN = tri_solve_right(dN, frame.RM, transpose_r=True)
+        # M ← (1 − ηλ) M − (η / (1 − β₁ᵗ)) M̄ R_N⁻ᵀ  (and N likewise), one product each.
         lr, lam = group["lr"], group["weight_decay"]
-        return FactorPoint(x.M - lr * (dM + lam * x.M), x.N - lr * (dN + lam * x.N))
+        bc1 = 1.0 - beta1**step if group["bias_correction"] else 1.0
+        dt = x.M.dtype
+        shrink = 1.0 - lr * lam
+        M = addmm_t(x.M, moms[0], out_M.to(dt), beta=shrink, alpha=-lr / bc1)
+        N = addmm_t(x.N, moms[1], out_N.to(dt), beta=shrink, alpha=-lr / bc1)
+        return FactorPoint(M, N)
 
     @staticmethod
-    def _factor_step(
+    def _preconditioners(
         group: dict[str, Any],
         state: dict[str, Tensor],
-        side: str,
-        gbar: Tensor,
+        gbars: tuple[Tensor, Tensor],
         P: Tensor,
         step: int,
     ) -> Tensor:
-        """Lines 6–9 of Algorithm 1 for one factor; returns the bias-corrected ``M̄`` (..., rows, r)."""
+        """Lines 6–8 of Algorithm 1 for both factors at once (the ``r x r`` work stacked along a
+        leading dim of size 2: ``M``, ``N``): updates the second moments and escaped masses in
+        ``state`` and returns ``(1 − β₁)(V̂ + ρ̂ I)^{-1/2}`` of both, ``(2, ..., r, r)`` in the
+        factors' dtype. ``P``: the basis transports ``(2, ..., r, r)``."""
         beta1, beta2 = group["betas"]
         ema = group["second_moment"] == "ema"
         wd = torch.float64
         P64 = P.to(wd)
-        g64 = gbar.to(wd)
-        V_old = state[f"exp_avg_sq_{side}"].to(wd)
+        V_old = torch.stack([state["exp_avg_sq_M"], state["exp_avg_sq_N"]]).to(wd)
         V_tr = sym(P64 @ V_old @ transpose(P64))
-        gram = transpose(g64) @ g64
+        gram = torch.stack([_gram64(gbars[0]), _gram64(gbars[1])])
         if group["row_normalize"]:
-            gram = gram / gbar.shape[-2]
-        rho = state[f"escaped_{side}"].to(wd)
+            rows = torch.tensor([gbars[0].shape[-2], gbars[1].shape[-2]], dtype=wd)
+            gram = gram / rows.to(gram.device).reshape((2,) + (1,) * (gram.dim() - 1))
+        rho = torch.stack([state["escaped_M"], state["escaped_N"]]).to(wd)
         if group["escaped_mass"]:
-            d = (torch.linalg.eigvalsh(V_old) - torch.linalg.eigvalsh(V_tr)).abs().amax(dim=-1)
-            rho = rho + d
+            lam_both = torch.linalg.eigvalsh(torch.stack([V_old, V_tr]))
+            rho = rho + (lam_both[0] - lam_both[1]).abs().amax(dim=-1)
         if ema:
             V_new = beta2 * V_tr + (1.0 - beta2) * gram
             rho = beta2 * rho
         else:
             V_new = V_tr + gram
-        state[f"exp_avg_sq_{side}"] = V_new
-        state[f"escaped_{side}"] = rho
-        bc1 = 1.0 - beta1**step if group["bias_correction"] else 1.0
+        state["exp_avg_sq_M"], state["exp_avg_sq_N"] = V_new.unbind(0)
+        state["escaped_M"], state["escaped_N"] = rho.unbind(0)
         bc2 = 1.0 - beta2**step if (group["bias_correction"] and ema) else 1.0
         eye = torch.eye(V_new.shape[-1], dtype=wd, device=V_new.device)
         lam, Q = torch.linalg.eigh((V_new + rho[..., None, None] * eye) / bc2)
-        f = 1.0 / (lam.clamp_min(0.0).sqrt() + group["eps"])
-        precond = (Q * f.unsqueeze(-2)) @ transpose(Q)  # (V̂ + ρ̂ I)^{-1/2}
-        S = gbar @ precond.to(gbar.dtype)
-        mom = beta1 * (state[f"exp_avg_{side}"] @ transpose(P)) + (1.0 - beta1) * S
-        state[f"exp_avg_{side}"] = mom
-        return mom / bc1
+        f = (1.0 - beta1) / (lam.clamp_min(0.0).sqrt() + group["eps"])
+        return ((Q * f.unsqueeze(-2)) @ transpose(Q)).to(gbars[0].dtype)
+
+
+def _gram64(a: Tensor) -> Tensor:
+    """``aᵀ a`` accumulated in float64 (``(..., rows, r) -> (..., r, r)``): its small
+    eigenvalues set the preconditioner ``(V̂ + ρ̂ I)^{-1/2}``, so they need more than the
+    ``u λ_max`` absolute accuracy of a float32 product."""
+    a64 = a.to(torch.float64)
+    return transpose(a64) @ a64

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from geolora.linalg import transpose
 from geolora.manifolds.frame import Frame
-from geolora.manifolds.metrics import QuotientMetric
+from geolora.manifolds.metrics import FrameCore, QuotientMetric, tangent_grams
 from geolora.manifolds.quotient import assemble_lift
 from geolora.manifolds.types import FactorPoint, FixedRankTangent
 from geolora.optim.base import _check_range
@@ -85,14 +85,16 @@ class LRACS(LiftedOptimizer):
         _check_range("beta", group["beta"], 0.0, 1.0, hi_open=True)
         _check_range("gamma", group["gamma"], 1.0, math.inf, hi_open=True)
 
-    def _metric_norm(self, x: FactorPoint, frame: Frame, t: FixedRankTangent) -> Tensor:
+    def _metric_norm(
+        self, x: FactorPoint, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
+    ) -> Tensor:
         if not self.metric.invariant:
-            return super()._metric_norm(x, frame, t)
-        return balanced_representative_norm(self.metric, frame, t)
+            return super()._metric_norm(x, frame, t, core)
+        return balanced_representative_norm(self.metric, frame, t, core)
 
 
 def balanced_representative_norm(
-    metric: QuotientMetric, frame: Frame, t: FixedRankTangent
+    metric: QuotientMetric, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
 ) -> Tensor:
     """``‖lift(Ẋ)‖_g`` for a gauge-invariant metric, evaluated at the balanced representative
     ``(U Φ Σ^{1/2}, V Ψ Σ^{1/2})`` of ``X = U W Vᵀ`` (``W = Φ Σ Ψᵀ``).
@@ -103,8 +105,26 @@ def balanced_representative_norm(
     ``G_M = G_N = Σ`` and only X's own conditioning enters. Its frame needs no QR:
     ``(U Φ, Σ^{1/2}, V Ψ, Σ^{1/2})``, and ``Ẋ``'s coordinates there are
     ``(Φᵀ S Ψ, Up Ψ, Vp Φ)``. Cost ``O((m + n) r²)``; shape = batch shape.
+
+    For the built-in metrics (``metric.has_core``) everything after the Grams ``UpᵀUp``,
+    ``VpᵀVp`` is ``r x r`` work (:meth:`QuotientMetric.sqnorm_from_grams` at the balanced core
+    ``R_M = R_N = Σ^{1/2}``, whose SVD is known: ``W = Σ``), sharing the SVD of ``W`` with the
+    lift through ``core``; no ``m x r`` product is formed. Returned in the factors' dtype.
     """
     dt = frame.U.dtype
+    if metric.has_core:
+        core = FrameCore.of(frame) if core is None else core
+        phi, sig, psi = core.svd()
+        f64 = torch.float64
+        Pu, Pv = tangent_grams(t)
+        root = torch.diag_embed(sig.sqrt())
+        eye = torch.eye(sig.shape[-1], dtype=f64, device=sig.device).expand_as(root)
+        bal_core = FrameCore(root, root, svd=(eye, sig, eye))
+        Sb = transpose(phi) @ t.M.to(f64) @ psi
+        Pub = transpose(psi) @ Pu @ psi
+        Pvb = transpose(phi) @ Pv @ phi
+        sq = metric.sqnorm_from_grams(bal_core, Sb, Pub, Pvb)
+        return sq.clamp_min(0).sqrt().to(dt)
     phi, sig, psi_h = torch.linalg.svd(frame.W.to(torch.float64))
     psi = transpose(psi_h)
     root = torch.diag_embed(sig.sqrt())

@@ -26,7 +26,7 @@ the descent is returned as the factored ``(Diag(q)^{-1/2} A) (Diag(s)^{-1/2} B)�
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, linalg
 
 from geolora.linalg import transpose
 from geolora.manifolds.frame import project_lowrank, tangent_to_factors
@@ -43,13 +43,21 @@ def racs_scalings(A: Tensor, B: Tensor, iters: int = 5) -> tuple[Tensor, Tensor]
     A zero ``G`` gives ``s = q = 0``.
     """
     tiny = torch.finfo(A.dtype).tiny
-    q = A.new_ones(A.shape[:-1])
-    s = B.new_zeros(B.shape[:-1])
-    for _ in range(iters):
-        C = transpose(A) @ (A * q.unsqueeze(-1))  # Aᵀ Diag(q) A
-        s = ((B @ C) * B).sum(-1).clamp_min(0) / (q * q).sum(-1, keepdim=True).clamp_min(tiny)
-        D = transpose(B) @ (B * s.unsqueeze(-1))  # Bᵀ Diag(s) B
-        q = ((A @ D) * A).sum(-1).clamp_min(0) / (s * s).sum(-1, keepdim=True).clamp_min(tiny)
+    # Row-major copies: the row-wise dot products below reduce along the contiguous dim.
+    A, B = A.contiguous(), B.contiguous()
+    At, Bt = transpose(A), transpose(B)
+    # First iteration from q = 1: Aᵀ Diag(1) A = Aᵀ A and ‖q‖² = m.
+    C = At @ A
+    qq = A.new_full(A.shape[:-2] + (1,), float(A.shape[-2]))
+    q = s = None
+    for it in range(iters):
+        if it:
+            C = At @ (A * q.unsqueeze(-1))  # Aᵀ Diag(q) A
+            qq = linalg.vecdot(q, q).unsqueeze(-1)
+        s = linalg.vecdot(B @ C, B).clamp_min_(0).div_(qq.clamp_min(tiny))
+        D = Bt @ (B * s.unsqueeze(-1))  # Bᵀ Diag(s) B
+        ss = linalg.vecdot(s, s).unsqueeze(-1)
+        q = linalg.vecdot(A @ D, A).clamp_min_(0).div_(ss.clamp_min(tiny))
     return s, q
 
 
@@ -76,6 +84,7 @@ class RACSPreconditioner:
     """
 
     name = "racs"
+    functional_state = True
 
     def __init__(self, power_iters: int = 5, bias_correction: bool = True) -> None:
         if not (isinstance(power_iters, int) and power_iters >= 1):
@@ -96,9 +105,9 @@ class RACSPreconditioner:
         beta, gamma, eps = hp["beta"], hp["gamma"], hp["eps"]
         A, B = tangent_to_factors(ctx.frame, xi)
         s, q = racs_scalings(A, B, self.power_iters)
-        ms, mq = state["racs_s"], state["racs_q"]
-        ms.mul_(beta).add_(s, alpha=1 - beta)
-        mq.mul_(beta).add_(q, alpha=1 - beta)
+        ms = torch.mul(state["racs_s"], beta).add_(s, alpha=1 - beta)
+        mq = torch.mul(state["racs_q"], beta).add_(q, alpha=1 - beta)
+        state["racs_s"], state["racs_q"] = ms, mq
         bc = 1.0 - beta**step if self.bias_correction else 1.0
         dq = inv_sqrt_floored(mq / bc, eps)
         ds = inv_sqrt_floored(ms / bc, eps)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype, sym, transpose
+from geolora.linalg import compute_dtype, mm_t, sym, transpose
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.base import LoRAOptimizer, _check_range, adamw_update_, validate_betas
 
@@ -53,7 +53,7 @@ def scaled_gradients(x: FactorPoint, g: FactorTangent, damping: float = 0.0) -> 
     """
     inv_N = _inv_gram(x.N, damping).to(g.M.dtype)
     inv_M = _inv_gram(x.M, damping).to(g.N.dtype)
-    return FactorTangent(g.M @ inv_N, g.N @ inv_M)
+    return FactorTangent(mm_t(g.M, inv_N), mm_t(g.N, inv_M))
 
 
 class _DampedPairs(LoRAOptimizer):
@@ -121,6 +121,8 @@ class ScaledGD(_DampedPairs):
         if group["nesterov"] and group["momentum"] == 0:
             raise ValueError("nesterov=True requires momentum > 0 (got momentum=0)")
 
+    functional_state = True  # _update_pairs only assigns new tensors to state keys
+
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
         if group["momentum"] == 0:
             return {}
@@ -141,17 +143,21 @@ class ScaledGD(_DampedPairs):
                     torch.zeros_like(d.M),
                     torch.zeros_like(d.N),
                 )
-            bM = mu * state["momentum_M"] + d.M
-            bN = mu * state["momentum_N"] + d.N
+            bM = torch.add(d.M, state["momentum_M"], alpha=mu)
+            bN = torch.add(d.N, state["momentum_N"], alpha=mu)
             state["momentum_M"], state["momentum_N"] = bM, bN
             d = (
-                FactorTangent(d.M + mu * bM, d.N + mu * bN)
+                FactorTangent(torch.add(d.M, bM, alpha=mu), torch.add(d.N, bN, alpha=mu))
                 if group["nesterov"]
                 else FactorTangent(bM, bN)
             )
         lr, lam = group["lr"], group["weight_decay"]
         shrink = 1.0 - lr * lam
-        return FactorPoint(shrink * x.M - lr * d.M, shrink * x.N - lr * d.N)
+        if shrink == 1.0:
+            return FactorPoint(torch.add(x.M, d.M, alpha=-lr), torch.add(x.N, d.N, alpha=-lr))
+        return FactorPoint(
+            torch.add(x.M * shrink, d.M, alpha=-lr), torch.add(x.N * shrink, d.N, alpha=-lr)
+        )
 
 
 class RiemannianPreconditionedAdamW(_DampedPairs):

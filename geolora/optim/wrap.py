@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import transpose
-from geolora.manifolds.frame import project_factor_grads, tangent_to_dense
+from geolora.linalg import mm_t, transpose
+from geolora.manifolds.frame import project_dense, project_factor_grads, tangent_to_dense
 from geolora.manifolds.metrics import QuotientMetric, get_metric
 from geolora.manifolds.types import FactorPoint, FixedRankTangent
 from geolora.optim.base import LoRAOptimizer
-from geolora.optim.lifted import LiftedOptimizer
+from geolora.optim.lifted import LiftedOptimizer, _to_tangent
 from geolora.optim.preconditioners import StepContext
 
 #: Constructor arguments of the wrapped optimizer that are not forwarded: implementation
@@ -87,7 +87,7 @@ def _hyperparameters(optimizer_class: type[torch.optim.Optimizer]) -> dict[str, 
 class TorchOptimizerPreconditioner:
     """Runs a torch optimizer on dense shadows ``X̃ = X`` with ``.grad = ξ`` (module docstring).
 
-    Returns the dense descent ``(X̃_before − X̃_after) / lr`` (zero for ``lr = 0``). The wrapped
+    Returns ``P_T`` of the descent ``(X̃_before − X̃_after) / lr`` (zero for ``lr = 0``). The wrapped
     optimizer's state starts empty and is stored under ``shadow_<key>`` after the first step;
     its hyperparameters ``hp_names`` are read from the param group.
     """
@@ -103,18 +103,25 @@ class TorchOptimizerPreconditioner:
 
     def update(
         self, state: dict[str, Tensor], xi: FixedRankTangent, ctx: StepContext, hp: dict, step: int
-    ) -> Tensor:
+    ) -> FixedRankTangent:
         frame = ctx.frame
-        X = frame.U @ frame.W @ transpose(frame.V)
+        # The shadows are views of one stacked X = U W Vᵀ, which after the step *is* the
+        # stacked X̃_after; their gradients are views of the stacked ξ.
+        UW = mm_t(frame.U, frame.W)
+        after = UW @ transpose(frame.V)
         grad = tangent_to_dense(frame, xi)
-        shadows = [x.clone() for x in X.unbind(0)]
+        shadows = list(after.unbind(0))
         for sh, g in zip(shadows, grad.unbind(0)):
-            sh.grad = g.contiguous()
+            sh.grad = g
         opt = self.optimizer_class(shadows, **{k: hp[k] for k in self.hp_names})
         keys = [k[len(STATE_PREFIX) :] for k in state if k.startswith(STATE_PREFIX)]
+        given: dict[str, list[Tensor]] = {}
         if keys:
+            # Per-shadow state = views of the stacked state buffers (updated in place by most
+            # torch optimizers, which then need no re-stacking).
+            given = {k: list(state[STATE_PREFIX + k].unbind(0)) for k in keys}
             for i, sh in enumerate(shadows):
-                opt.state[sh] = {k: state[STATE_PREFIX + k][i] for k in keys}
+                opt.state[sh] = {k: given[k][i] for k in keys}
         opt.step()
         for k, v in opt.state[shadows[0]].items():
             if v is None:
@@ -125,12 +132,26 @@ class TorchOptimizerPreconditioner:
                     f"({type(v).__name__}); Lifted() supports optimizers whose state is tensors"
                 )
             vals = [opt.state[sh][k] for sh in shadows]
+            if k in given and all(a is b for a, b in zip(vals, given[k])):
+                if not v.is_floating_point() or v.dtype == after.dtype:
+                    continue  # updated in place in the stacked buffer
             if v.is_floating_point():
-                vals = [t.to(X.dtype) for t in vals]
+                vals = [t.to(after.dtype) for t in vals]
             state[STATE_PREFIX + k] = torch.stack(vals)
+        for sh in shadows:
+            sh.grad = None
         lr = hp["lr"]
-        after = torch.stack(shadows)
-        return (X - after) / lr if lr > 0 else torch.zeros_like(X)
+        if not lr > 0:
+            z = torch.zeros_like(xi.M)
+            return FixedRankTangent(z, torch.zeros_like(xi.Up), torch.zeros_like(xi.Vp))
+        # X − X̃_after in X̃_after's buffer, with X = (U W) Vᵀ recomputed by the same product
+        # (no dense copy of X is kept; the difference of the nearby X and X̃_after is exact).
+        if after.dim() == 3:
+            diff = after.baddbmm_(UW, transpose(frame.V), beta=-1.0)
+        else:
+            diff = torch.sub(UW @ transpose(frame.V), after, out=after)
+        t = project_dense(frame, diff)
+        return FixedRankTangent(t.M / lr, t.Up / lr, t.Vp / lr)
 
 
 class LiftedTorchOptimizer(LiftedOptimizer):
@@ -202,13 +223,17 @@ class LiftedTorchOptimizer(LiftedOptimizer):
 
     def _update_pairs(self, group, x: FactorPoint, g, state, step: int) -> FactorPoint:
         frame = self._frame(x)
+        core = self._core(frame)
         xi = project_factor_grads(frame, g.M, g.N)
         m, r = x.M.shape[-2:]
-        ctx = StepContext(frame, m, x.N.shape[-2], r, lambda t: self._metric_norm(x, frame, t))
+        ctx = StepContext(
+            frame, m, x.N.shape[-2], r, lambda t: self._metric_norm(x, frame, t, core)
+        )
         d = self.preconditioner.update(state, xi, ctx, group, step)
-        _, u = self._lift(frame, d)
-        lr = group["lr"]
-        return FactorPoint(x.M - lr * u.M, x.N - lr * u.N)
+        t = _to_tangent(frame, d)
+        # (M, N) ← (M − lr Ṁ, N − lr Ṅ): no decay of the template (it is the wrapped optimizer's).
+        coeffs = self.metric.coefficients(frame, t.M, core)
+        return self._lift_move(group, x, frame, t, coeffs, shrink=1.0)
 
 
 def Lifted(  # noqa: N802 - a class factory, named like the classes it returns
