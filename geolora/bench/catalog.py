@@ -160,6 +160,26 @@ _SPECS = [
         "LoRA-S (A.18)",
     ),
 ]
+
+
+def _lifted_adam(param_groups, lr: float, **kw: Any) -> torch.optim.Optimizer:
+    """``Lifted(torch.optim.Adam)``: torch's own Adam on a dense shadow of X, lifted."""
+    from geolora.optim.wrap import Lifted
+
+    return Lifted(torch.optim.Adam)(param_groups, lr=lr, **kw)
+
+
+_SPECS.append(
+    OptimizerSpec(
+        "lifted_adam",
+        _lifted_adam,
+        1e-3,
+        True,
+        "torch.optim.Adam acting on P_T(∇X), lifted (= AdamS)",
+        "LoRA-S (Theorem 1)",
+    )
+)
+
 for _spec in _SPECS:
     if _spec.name not in REGISTRY:
         REGISTRY.register(_spec)
