@@ -105,12 +105,18 @@ def build(results_dir: Path, docs: Path, machine: str) -> str:
     img = docs / "img" / "bench"
     img.mkdir(parents=True, exist_ok=True)
     figures = [
-        ("loss_curves.png", "Training loss (EMA-smoothed) at the default learning rates."),
+        (
+            "loss_curves.png",
+            "Training loss (EMA-smoothed); with a sweep, each optimizer at its "
+            "lowest-final-loss learning rate.",
+        ),
         ("accuracy.png", "Test accuracy per optimizer at the default learning rates."),
         ("metric.png", f"{primary} per optimizer."),
         ("lr_sensitivity.png", f"{primary} against the learning rate."),
-        ("invariance.png", "Sensing task started from (10^k B, 10^-k A): invariant optimizers "
-         "give flat lines."),
+        (
+            "invariance.png",
+            "Sensing task started from (10^k B, 10^-k A): invariant optimizers give flat lines.",
+        ),
     ]
     shown = False
     for fname, caption in figures:
@@ -134,7 +140,9 @@ def build(results_dir: Path, docs: Path, machine: str) -> str:
         for name, row in inv.items():
             vals = [row["rel_error_by_k"].get(str(k), row["rel_error_by_k"].get(k)) for k in ks]
             lines.append(
-                f"| {name} | " + " | ".join(_fmt(v, 3) for v in vals) + f" | {_fmt(row['spread'], 3)} |"
+                f"| {name} | "
+                + " | ".join(_fmt(v, 3) for v in vals)
+                + f" | {_fmt(row['spread'], 3)} |"
             )
     return "\n".join(lines) + "\n"
 

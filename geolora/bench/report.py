@@ -167,15 +167,23 @@ def _smooth(xs: Sequence[float], k: int) -> list[float]:
 
 
 def plot_losses(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Training loss per optimizer (EMA-smoothed, seed 0, log scale)."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    seen = set()
+    """Training loss per optimizer (EMA-smoothed, seed 0, log scale); with several learning
+    rates per optimizer, the run with the lowest final training loss is drawn."""
+    import math as _m
+
+    best: dict[str, dict[str, Any]] = {}
     for r in results:
-        if r["optimizer"] in seen or r["factor_scale"] != 0:
+        if r["factor_scale"] != 0 or r["seed"] != 0:
             continue
-        seen.add(r["optimizer"])
+        loss = r["metrics"].get("final_train_loss", _m.inf)
+        loss = loss if (loss is not None and _m.isfinite(loss) and not r["diverged"]) else _m.inf
+        cur = best.get(r["optimizer"])
+        if cur is None or loss < cur[0]:
+            best[r["optimizer"]] = (loss, r)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, (_, r) in best.items():
         ys = _smooth(r["losses"], max(1, len(r["losses"]) // 20))
-        ax.plot(range(1, len(ys) + 1), ys, label=f"{r['optimizer']} (lr {r['lr']:.0e})")
+        ax.plot(range(1, len(ys) + 1), ys, label=f"{name} (lr {r['lr']:.0e})")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss (EMA-smoothed)")
