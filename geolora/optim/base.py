@@ -163,6 +163,14 @@ class LoRAOptimizer(torch.optim.Optimizer):
         validate_betas("other_betas", group["other_betas"])
         _check_range("other_eps", group["other_eps"], 0.0)
         _check_range("other_weight_decay", group["other_weight_decay"], 0.0)
+        # Hyperparameters many optimizers share, checked once here when present.
+        if "betas" in group:
+            validate_betas("betas", group["betas"])
+        for key in ("eps", "weight_decay", "damping"):
+            if key in group:
+                _check_range(key, group[key], 0.0)
+        if "momentum" in group:
+            _check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):

@@ -35,7 +35,7 @@ from geolora.manifolds.frame import (
 from geolora.manifolds.metrics import FrameCore, LiftCoefficients, QuotientMetric, get_metric
 from geolora.manifolds.quotient import assemble_lift
 from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
-from geolora.optim.base import LoRAOptimizer, _check_range, validate_betas
+from geolora.optim.base import LoRAOptimizer, validate_betas
 from geolora.optim.preconditioners import (
     AdamPreconditioner,
     Descent,
@@ -89,13 +89,8 @@ class LiftedOptimizer(LoRAOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
         if group["decay"] not in DECAY_MODES:
             raise ValueError(f"decay must be one of {DECAY_MODES}, got {group['decay']!r}")
-        if "betas" in group:
-            validate_betas("betas", group["betas"])
-        if "eps" in group:
-            _check_range("eps", group["eps"], 0.0)
 
     @property
     def functional_state(self) -> bool:  # type: ignore[override]

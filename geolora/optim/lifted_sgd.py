@@ -69,7 +69,6 @@ class LiftedSGD(LiftedOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
-        _check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
         if (group["momentum"] > 0) != self._has_momentum:
             raise ValueError(
                 f"momentum={group['momentum']!r} in param group {group.get('name', '')!r}: a "

@@ -18,7 +18,7 @@ from geolora.linalg import addmm_t, compute_dtype, mm_t, sym, transpose, tri_sol
 from geolora.manifolds.frame import make_frame
 from geolora.manifolds.metrics import damped_inv_t
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import LoRAOptimizer, _check_range, validate_betas
+from geolora.optim.base import LoRAOptimizer
 
 SECOND_MOMENT_MODES = ("ema", "sum")
 
@@ -116,9 +116,6 @@ class LoRARite(LoRAOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
-        validate_betas("betas", group["betas"])
-        _check_range("eps", group["eps"], 0.0)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
         if group["second_moment"] not in SECOND_MOMENT_MODES:
             raise ValueError(
                 f"second_moment must be one of {SECOND_MOMENT_MODES}, got {group['second_moment']!r}"

@@ -124,7 +124,7 @@ from geolora.manifolds.types import (
     FixedRankPoint,
     FixedRankTangent,
 )
-from geolora.optim.base import LoRAOptimizer, _check_range, validate_betas
+from geolora.optim.base import LoRAOptimizer, _check_range
 from geolora.optim.riemannian import adam_direction
 from geolora.retractions.bounded_rank import NUCLEAR_MODES
 from geolora.retractions.fixed_rank import thin_qr
@@ -365,9 +365,7 @@ class ManifoldPairOptimizer(LoRAOptimizer):
         return d, m, v
 
     def _validate_adam(self, group: dict[str, Any]) -> None:
-        validate_betas("betas", group["betas"])
-        group["betas"] = tuple(group["betas"])
-        _check_range("eps", group["eps"], 0.0)
+        group["betas"] = tuple(group["betas"])  # validated by the base class
         for key in ("bias_correction", "coordinate_wise", "momentum_bound"):
             if key in group and not isinstance(group[key], bool):
                 raise ValueError(f"invalid {key}: {group[key]!r} (expected a bool)")

@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import LoRAOptimizer, _check_range, validate_betas
+from geolora.optim.base import LoRAOptimizer
 from geolora.optim.scaled import adamw_pair_state, adamw_pair_step
 
 __all__ = ["LoRAPlus"]
@@ -64,9 +64,6 @@ class LoRAPlus(LoRAOptimizer):
         ratio = group["ratio"]
         if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
             raise ValueError(f"invalid ratio: {ratio!r} (expected a finite number > 0)")
-        validate_betas("betas", group["betas"])
-        _check_range("eps", group["eps"], 0.0)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
 
     def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
         # Plain AdamW needs no full-rank factors: never divert B = 0 to the robust start.

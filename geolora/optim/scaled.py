@@ -18,7 +18,7 @@ from torch import Tensor
 
 from geolora.linalg import compute_dtype, mm_t, sym, transpose
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import LoRAOptimizer, _check_range, adamw_update_, validate_betas
+from geolora.optim.base import LoRAOptimizer, adamw_update_
 
 __all__ = [
     "RiemannianPreconditionedAdamW",
@@ -113,9 +113,6 @@ class ScaledGD(_DampedPairs):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
-        _check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
-        _check_range("damping", group["damping"], 0.0)
         if not isinstance(group["nesterov"], bool):
             raise TypeError(f"nesterov must be a bool, got {type(group['nesterov']).__name__}")
         if group["nesterov"] and group["momentum"] == 0:
@@ -207,10 +204,6 @@ class RiemannianPreconditionedAdamW(_DampedPairs):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
-        validate_betas("betas", group["betas"])
-        _check_range("eps", group["eps"], 0.0)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
-        _check_range("damping", group["damping"], 0.0)
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
         return adamw_pair_state(B, A)

@@ -28,7 +28,7 @@ from torch import Tensor
 from geolora.linalg import compute_dtype, qf, qr_pos, transpose
 from geolora.manifolds.stiefel import Stiefel
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import _check_range, adamw_update_
+from geolora.optim.base import adamw_update_
 from geolora.optim.loram import ManifoldPairOptimizer, rank_deficient, right_solve
 from geolora.optim.riemannian import riemannian_adam_update
 from geolora.retractions.stiefel import STIEFEL_RETRACTIONS
@@ -93,7 +93,6 @@ class StiefelLoRA(ManifoldPairOptimizer):
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
         self._validate_adam(group)
-        _check_range("weight_decay", group["weight_decay"], 0.0)
         if group["retraction"] not in STIEFEL_RETRACTIONS:
             raise ValueError(
                 f"invalid retraction: {group['retraction']!r} (expected one of "
