@@ -229,7 +229,7 @@ def invariance_sweep(args: argparse.Namespace, progress_factory) -> dict[str, An
                     # the geometric optimizer itself
                     optimizer_kwargs={} if name == "adamw" else {"robust_steps": 0},
                 )
-                runs.append(res.to_dict())
+                runs.append({**res.to_dict(), "sweep": "invariance"})
     table = {}
     for name in INVARIANCE_OPTIMIZERS:
         vals = [r["metrics"].get("rel_error") for r in runs if r["optimizer"] == name]

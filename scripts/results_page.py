@@ -32,7 +32,14 @@ def build(results_dir: Path, docs: Path, machine: str) -> str:
     task = summary["task"]
     primary = summary["primary_metric"]
     higher = summary["higher_is_better"]
-    main = [r for r in runs if r["task"] == task and r["factor_scale"] == 0]
+    main = [
+        r
+        for r in runs
+        if r["task"] == task
+        and r["factor_scale"] == 0
+        and r.get("sweep") != "invariance"
+        and r["requested_steps"] == summary["steps"]  # the main comparison's runs only
+    ]
     by_opt: dict[str, list[dict]] = defaultdict(list)
     for r in main:
         by_opt[r["optimizer"]].append(r)
@@ -61,13 +68,30 @@ def build(results_dir: Path, docs: Path, machine: str) -> str:
         "| × AdamW | state MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def spread(name: str, key: str) -> str:
+        # mean ± sample standard deviation over seeds (runs at the row's lr)
+        vals = [
+            x["metrics"].get(key)
+            for x in by_opt[name]
+            if x["lr"] == rows[name]["lr"] and not x["diverged"]
+        ]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        if len(vals) < 2:
+            return _fmt(rows[name].get(key))
+        mean = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        return f"{mean:.4g} ± {sd:.2g}"
+
     for name, r in rows.items():
         lines.append(
             f"| {name} | {_fmt(r['lr'], 2)} | {_fmt(r.get('final_train_loss'))} | "
-            f"{_fmt(r.get(primary))} | {_fmt(r.get('macro_f1'))} | {_fmt(r.get('ms_per_step'), 3)} | "
+            f"{spread(name, primary)} | {spread(name, 'macro_f1')} | {_fmt(r.get('ms_per_step'), 3)} | "
             f"{_fmt(r.get('ms_optimizer_step'), 3)} | {_fmt(r.get('step_ratio_vs_adamw'), 3)} | "
             f"{_fmt(r.get('state_mib'), 3)} |"
         )
+    if summary["seeds"] > 1:
+        lines += ["", f"`a ± b`: mean ± standard deviation over the {summary['seeds']} seeds."]
     swept = any(len({r["lr"] for r in rs}) > 1 for rs in by_opt.values())
     if swept:
         lines += [
