@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from geolora.linalg import transpose
 from geolora.manifolds.frame import (
     Frame,
     addmm,
@@ -32,7 +33,13 @@ from geolora.manifolds.frame import (
     project_factor_grads,
     project_lowrank,
 )
-from geolora.manifolds.metrics import FrameCore, LiftCoefficients, QuotientMetric, get_metric
+from geolora.manifolds.metrics import (
+    FrameCore,
+    LiftCoefficients,
+    QuotientMetric,
+    get_metric,
+    tangent_grams,
+)
 from geolora.manifolds.quotient import assemble_lift
 from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
 from geolora.optim.base import LoRAOptimizer, validate_betas
@@ -117,7 +124,9 @@ class LiftedOptimizer(LoRAOptimizer):
         """The frame's shared ``r x r`` part (``None`` for a metric without ``core_coefficients``)."""
         return FrameCore.of(frame) if self.metric.has_core else None
 
-    def _update_pairs(self, group, x: FactorPoint, g: FactorTangent, state, step: int) -> FactorPoint:
+    def _update_pairs(
+        self, group, x: FactorPoint, g: FactorTangent, state, step: int
+    ) -> FactorPoint:
         frame = self._frame(x)
         core = self._core(frame)
         xi = project_factor_grads(frame, g.M, g.N)
@@ -170,10 +179,58 @@ class LiftedOptimizer(LoRAOptimizer):
     ) -> Tensor:
         """``‖lift(t)‖_g``: ``r x r`` work (:meth:`QuotientMetric.lift_sqnorm`) for the built-in
         metrics, else the assembled lift's :meth:`QuotientMetric.inner`."""
+        if self.metric.invariant:
+            # gauge-free: evaluated at the balanced representative of X
+            return balanced_representative_norm(self.metric, frame, t, core)
         if self.metric.has_core:
             return self.metric.lift_sqnorm(frame, t, core).clamp_min(0).sqrt().to(x.M.dtype)
         u = assemble_lift(frame, t, self.metric.lift_coefficients(frame, t.M))
         return self.metric.inner(x, u, u).clamp_min(0).sqrt()
+
+
+def balanced_representative_norm(
+    metric: QuotientMetric, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
+) -> Tensor:
+    """``‖lift(Ẋ)‖_g`` for a gauge-invariant metric, evaluated at the balanced representative
+    ``(U Φ Σ^{1/2}, V Ψ Σ^{1/2})`` of ``X = U W Vᵀ`` (``W = Φ Σ Ψᵀ``).
+
+    Every representative ``(M R, N R⁻ᵀ)`` gives the same value, but ``metric.inner`` at the
+    current factors solves with their Gram matrices, whose condition grows with the factor
+    imbalance (in float32 it fails for ``‖N‖ / ‖M‖ ~ 1e5``); at the balanced representative
+    ``G_M = G_N = Σ`` and only X's own conditioning enters. Its frame needs no QR:
+    ``(U Φ, Σ^{1/2}, V Ψ, Σ^{1/2})``, and ``Ẋ``'s coordinates there are
+    ``(Φᵀ S Ψ, Up Ψ, Vp Φ)``. Cost ``O((m + n) r²)``; shape = batch shape.
+
+    For the built-in metrics (``metric.has_core``) everything after the Grams ``UpᵀUp``,
+    ``VpᵀVp`` is ``r x r`` work (:meth:`QuotientMetric.sqnorm_from_grams` at the balanced core
+    ``R_M = R_N = Σ^{1/2}``, whose SVD is known: ``W = Σ``), sharing the SVD of ``W`` with the
+    lift through ``core``; no ``m x r`` product is formed. Returned in the factors' dtype.
+    """
+    dt = frame.U.dtype
+    if metric.has_core:
+        core = FrameCore.of(frame) if core is None else core
+        phi, sig, psi = core.svd()
+        f64 = torch.float64
+        Pu, Pv = tangent_grams(t)
+        root = torch.diag_embed(sig.sqrt())
+        eye = torch.eye(sig.shape[-1], dtype=f64, device=sig.device).expand_as(root)
+        bal_core = FrameCore(root, root, svd=(eye, sig, eye))
+        Sb = transpose(phi) @ t.M.to(f64) @ psi
+        Pub = transpose(psi) @ Pu @ psi
+        Pvb = transpose(phi) @ Pv @ phi
+        sq = metric.sqnorm_from_grams(bal_core, Sb, Pub, Pvb)
+        return sq.clamp_min(0).sqrt().to(dt)
+    phi, sig, psi_h = torch.linalg.svd(frame.W.to(torch.float64))
+    psi = transpose(psi_h)
+    root = torch.diag_embed(sig.sqrt())
+    Ub, Vb = frame.U @ phi.to(dt), frame.V @ psi.to(dt)
+    bal = Frame(Ub, root.to(dt), Vb, root.to(dt))
+    tb = FixedRankTangent(
+        (transpose(phi) @ t.M.to(torch.float64) @ psi).to(dt), t.Up @ psi.to(dt), t.Vp @ phi.to(dt)
+    )
+    u = assemble_lift(bal, tb, metric.lift_coefficients(bal, tb.M))
+    xb = FactorPoint(Ub @ bal.RM, Vb @ bal.RN)
+    return metric.inner(xb, u, u).clamp_min(0).sqrt()
 
 
 def _to_tangent(frame: Frame, d: Descent) -> FixedRankTangent:
@@ -183,7 +240,9 @@ def _to_tangent(frame: Frame, d: Descent) -> FixedRankTangent:
         return project_lowrank(frame, d.A, d.B)
     if isinstance(d, Tensor):
         return project_dense(frame, d)
-    raise TypeError(f"preconditioner returned {type(d).__name__}; expected a tangent, tensor or LowRank")
+    raise TypeError(
+        f"preconditioner returned {type(d).__name__}; expected a tangent, tensor or LowRank"
+    )
 
 
 class AdamS(LiftedOptimizer):

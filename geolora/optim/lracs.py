@@ -5,16 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from geolora.linalg import transpose
-from geolora.manifolds.frame import Frame
-from geolora.manifolds.metrics import FrameCore, QuotientMetric, tangent_grams
-from geolora.manifolds.quotient import assemble_lift
-from geolora.manifolds.types import FactorPoint, FixedRankTangent
+from geolora.manifolds.metrics import QuotientMetric
 from geolora.optim.base import _check_range
-from geolora.optim.lifted import LiftedOptimizer
+from geolora.optim.lifted import LiftedOptimizer, balanced_representative_norm
 from geolora.optim.preconditioners_racs import RACSPreconditioner
 
 
@@ -84,58 +77,6 @@ class LRACS(LiftedOptimizer):
         super()._validate_hyperparameters(group)
         _check_range("beta", group["beta"], 0.0, 1.0, hi_open=True)
         _check_range("gamma", group["gamma"], 1.0, math.inf, hi_open=True)
-
-    def _metric_norm(
-        self, x: FactorPoint, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
-    ) -> Tensor:
-        if not self.metric.invariant:
-            return super()._metric_norm(x, frame, t, core)
-        return balanced_representative_norm(self.metric, frame, t, core)
-
-
-def balanced_representative_norm(
-    metric: QuotientMetric, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
-) -> Tensor:
-    """``‖lift(Ẋ)‖_g`` for a gauge-invariant metric, evaluated at the balanced representative
-    ``(U Φ Σ^{1/2}, V Ψ Σ^{1/2})`` of ``X = U W Vᵀ`` (``W = Φ Σ Ψᵀ``).
-
-    Every representative ``(M R, N R⁻ᵀ)`` gives the same value, but ``metric.inner`` at the
-    current factors solves with their Gram matrices, whose condition grows with the factor
-    imbalance (in float32 it fails for ``‖N‖ / ‖M‖ ~ 1e5``); at the balanced representative
-    ``G_M = G_N = Σ`` and only X's own conditioning enters. Its frame needs no QR:
-    ``(U Φ, Σ^{1/2}, V Ψ, Σ^{1/2})``, and ``Ẋ``'s coordinates there are
-    ``(Φᵀ S Ψ, Up Ψ, Vp Φ)``. Cost ``O((m + n) r²)``; shape = batch shape.
-
-    For the built-in metrics (``metric.has_core``) everything after the Grams ``UpᵀUp``,
-    ``VpᵀVp`` is ``r x r`` work (:meth:`QuotientMetric.sqnorm_from_grams` at the balanced core
-    ``R_M = R_N = Σ^{1/2}``, whose SVD is known: ``W = Σ``), sharing the SVD of ``W`` with the
-    lift through ``core``; no ``m x r`` product is formed. Returned in the factors' dtype.
-    """
-    dt = frame.U.dtype
-    if metric.has_core:
-        core = FrameCore.of(frame) if core is None else core
-        phi, sig, psi = core.svd()
-        f64 = torch.float64
-        Pu, Pv = tangent_grams(t)
-        root = torch.diag_embed(sig.sqrt())
-        eye = torch.eye(sig.shape[-1], dtype=f64, device=sig.device).expand_as(root)
-        bal_core = FrameCore(root, root, svd=(eye, sig, eye))
-        Sb = transpose(phi) @ t.M.to(f64) @ psi
-        Pub = transpose(psi) @ Pu @ psi
-        Pvb = transpose(phi) @ Pv @ phi
-        sq = metric.sqnorm_from_grams(bal_core, Sb, Pub, Pvb)
-        return sq.clamp_min(0).sqrt().to(dt)
-    phi, sig, psi_h = torch.linalg.svd(frame.W.to(torch.float64))
-    psi = transpose(psi_h)
-    root = torch.diag_embed(sig.sqrt())
-    Ub, Vb = frame.U @ phi.to(dt), frame.V @ psi.to(dt)
-    bal = Frame(Ub, root.to(dt), Vb, root.to(dt))
-    tb = FixedRankTangent(
-        (transpose(phi) @ t.M.to(torch.float64) @ psi).to(dt), t.Up @ psi.to(dt), t.Vp @ phi.to(dt)
-    )
-    u = assemble_lift(bal, tb, metric.lift_coefficients(bal, tb.M))
-    xb = FactorPoint(Ub @ bal.RM, Vb @ bal.RN)
-    return metric.inner(xb, u, u).clamp_min(0).sqrt()
 
 
 __all__ = ["LRACS", "balanced_representative_norm"]
