@@ -1,22 +1,37 @@
 """Optimizer-step cost on a GPU: 224 LoRA pairs shaped like LLaMA-7B's linears vs fused AdamW.
 
-Used by ``benchmarks/gpu_check.sh``. Shapes: :data:`geolora.bench.perf.LLAMA7B_SHAPES` (q, k, v, o
-4096×4096 ×128; gate/up 11008×4096 ×64; down 4096×11008 ×32). The factored optimizers run on all
-224 pairs; the dense ones (AdamS, AdamS-low-memory, Lifted(Adam): ``m x n`` state, 26 GB per
-dense tensor at these shapes) on every 8th pair only (28 pairs), reported separately.
-Writes ``gpu_perf.json`` and ``gpu_perf.md`` to ``--out``.
+Used by ``benchmarks/gpu_check.sh``. Three parts, each written as soon as it is done:
+
+1. ``solvers``: the batched ``r x r`` float64 work of one step for 224 pairs — SVD and
+   ``eigh`` (cuSOLVER), an SVD round trip through the CPU, and the SVD-free sign iterations of
+   :func:`geolora.linalg.lyapunov_sequence` (``newton``, ``schulz``) for the balanced lift's
+   Lyapunov equation — at r = 8 … 64 (cores with cond(W) = 1e2). This is the measurement behind
+   :data:`geolora.manifolds.metrics.ACCELERATOR_SOLVER`.
+2. ``steps``: the optimizer step, ratio to fused ``torch.optim.AdamW`` timed in the same
+   process (:func:`geolora.bench.perf.bench_optimizer_step`). Shapes
+   :data:`geolora.bench.perf.LLAMA7B_SHAPES` (q, k, v, o 4096×4096 ×128; gate/up 11008×4096
+   ×64; down 4096×11008 ×32). Factored optimizers on all 224 pairs; the dense ones (AdamS,
+   AdamS-low-memory, Lifted(Adam): ``m x n`` state) on every 8th pair (28 pairs), reported
+   separately. At r > 32 the lifted optimizers are timed with each core solver
+   (``lracs[svd]``, ``lracs[newton]``, ...); the plain name is the default (``auto``).
+3. ``gpu_perf.md``: both tables.
+
+``--device cpu --shapes minilm`` runs the same code on the CPU (a dry run of the script).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from geolora.bench.perf import LLAMA7B_SHAPES, bench_optimizer_step
+from geolora.bench.perf import LLAMA7B_SHAPES, MINILM_SHAPES, bench_optimizer_step
+from geolora.linalg import apply_lyapunov_sequence, lyapunov_sequence
+from geolora.manifolds.metrics import use_core_solver
 
 FACTORED = (
     "lora_rite",
@@ -30,62 +45,166 @@ FACTORED = (
     "stiefel_lora",
 )
 DENSE = ("adams_lm", "adams", "lifted_adam")
+#: Optimizers built on :class:`~geolora.manifolds.metrics.FrameCore` (the core solver matters).
+LIFTED = ("lracs", "lifted_sgd", "adams_lm", "adams", "lifted_adam")
+SHAPES = {"llama7b": LLAMA7B_SHAPES, "minilm": MINILM_SHAPES}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ranks", type=int, nargs="*", default=[8, 16, 64])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new runs after")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu"))
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_perf.py needs a CUDA device")
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    dense_shapes = tuple((m, n, c // 8) for m, n, c in LLAMA7B_SHAPES)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, reps: int = 5) -> float:
+    fn()
+    _sync(device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def _routes(W: torch.Tensor, S: torch.Tensor, device: torch.device) -> dict:
+    """The ``r x r`` routes timed by :func:`bench_solvers` for cores ``W``, right-hand sides ``S``."""
+    A, C = W @ W.mT, S @ W.mT
+    seq = lyapunov_sequence(A, "newton")
+
+    def solve(method: str) -> torch.Tensor:
+        return apply_lyapunov_sequence(lyapunov_sequence(A, method), C, method)
+
+    return {
+        "svd": lambda: torch.linalg.svd(W),
+        "eigh": lambda: torch.linalg.eigh(A),
+        "svd_via_cpu": lambda: [t.to(device) for t in torch.linalg.svd(W.cpu())],
+        "newton": lambda: solve("newton"),
+        "newton_2nd_rhs": lambda: apply_lyapunov_sequence(seq, C, "newton"),
+        "schulz": lambda: solve("schulz"),
+    }
+
+
+def bench_solvers(device: torch.device, ranks: list[int], batch: int) -> list[dict]:
+    """Median ms of each ``r x r`` route for ``batch`` cores ``W`` (float64, cond 1e2)."""
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for r in ranks:
+        kw = {"dtype": torch.float64, "device": device, "generator": g}
+        p = torch.linalg.qr(torch.randn(batch, r, r, **kw))[0]
+        q = torch.linalg.qr(torch.randn(batch, r, r, **kw))[0]
+        s = torch.logspace(0, -2, r, dtype=torch.float64, device=device)
+        W = (p * s) @ q.mT
+        row: dict = {"rank": r, "batch": batch}
+        for name, fn in _routes(W, torch.randn(batch, r, r, **kw), device).items():
+            row[name] = _time(fn, device)
+        A = W @ W.mT
+        row["newton_iters"] = len(lyapunov_sequence(A, "newton"))
+        row["schulz_iters"] = len(lyapunov_sequence(A, "schulz")) - 1
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
+    shapes = SHAPES[args.shapes]
+    dense_shapes = tuple((m, n, max(1, c // 8)) for m, n, c in shapes)
     rows: list[dict] = []
     for r in args.ranks:
-        for names, shapes, label in ((FACTORED, LLAMA7B_SHAPES, "224 pairs"), (DENSE, dense_shapes, "28 pairs")):
-            for name in names:
-                if time.time() - t0 > args.budget_s:
-                    print(f"budget reached, skipping {name} r={r}", flush=True)
-                    continue
-                try:
+        plan = [(n, shapes, "all pairs", "auto") for n in FACTORED]
+        plan += [(n, dense_shapes, "1/8 of pairs", "auto") for n in DENSE]
+        if r > 32 and device.type != "cpu":
+            for solver in ("svd", "newton", "schulz"):
+                for n in LIFTED:
+                    plan.append((n, dense_shapes if n in DENSE else shapes, "", solver))
+        for name, sh, label, solver in plan:
+            label = label or ("1/8 of pairs" if name in DENSE else "all pairs")
+            tag = name if solver == "auto" else f"{name}[{solver}]"
+            if time.time() - t0 > args.budget_s:
+                print(f"budget reached, skipping {tag} r={r}", flush=True)
+                continue
+            try:
+                with use_core_solver(solver):
                     res = bench_optimizer_step(
-                        [name], [r], shapes, steps=args.steps, warmup=args.warmup, device="cuda"
+                        [name], [r], sh, steps=args.steps, warmup=args.warmup, device=device
                     )[0].to_dict()
-                    res["set"] = label
-                except torch.cuda.OutOfMemoryError as exc:
-                    res = {"optimizer": name, "rank": r, "set": label, "error": f"OOM: {exc}"[:200]}
+                res.update(optimizer=tag, set=label)
+            except torch.cuda.OutOfMemoryError as exc:
+                res = {"optimizer": tag, "rank": r, "set": label, "error": f"OOM: {exc}"[:200]}
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
-                rows.append(res)
-                print(json.dumps(res), flush=True)
-    env = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "rows": rows,
-    }
-    (args.out / "gpu_perf.json").write_text(json.dumps(env, indent=1))
-    lines = [
-        f"# Optimizer step on {env['device']} (torch {env['torch']}, CUDA {env['cuda']})",
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+    return rows
+
+
+def write_report(out: Path, env: dict, solvers: list[dict], steps: list[dict]) -> None:
+    (out / "gpu_perf.json").write_text(
+        json.dumps({**env, "solvers": solvers, "rows": steps}, indent=1)
+    )
+    lines = [f"# Optimizer step on {env['device']} (torch {env['torch']}, CUDA {env['cuda']})", ""]
+    if solvers:
+        keys = ["svd", "eigh", "svd_via_cpu", "newton", "newton_2nd_rhs", "schulz"]
+        lines += [
+            f"## Batched r x r float64 work ({solvers[0]['batch']} cores, cond(W) = 1e2), ms",
+            "",
+            "| r | " + " | ".join(keys) + " | newton iters | schulz iters |",
+            "|---:|" + "---:|" * (len(keys) + 2),
+        ]
+        for row in solvers:
+            vals = " | ".join(f"{row[k]:.2f}" for k in keys)
+            lines.append(
+                f"| {row['rank']} | {vals} | {row['newton_iters']} | {row['schulz_iters']} |"
+            )
+        lines.append("")
+    lines += [
+        "## Optimizer step vs fused AdamW (same process)",
         "",
         "| optimizer | set | r | step ms | fused AdamW ms | ratio | state MiB | AdamW state MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in rows:
+    for row in steps:
         if "error" in row:
-            lines.append(f"| {row['optimizer']} | {row['set']} | {row['rank']} | {row['error']} |||||")
+            lines.append(
+                f"| {row['optimizer']} | {row['set']} | {row['rank']} | {row['error']} |||||"
+            )
             continue
         lines.append(
             f"| {row['optimizer']} | {row['set']} | {row['rank']} | {row['step_ms']:.2f} | "
             f"{row['adamw_ms']:.2f} | {row['ratio']:.2f} | {row['state_mib']:.0f} | "
             f"{row['adamw_state_mib']:.0f} |"
         )
-    (args.out / "gpu_perf.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "gpu_perf.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, nargs="*", default=[8, 16, 64])
+    p.add_argument("--solver-ranks", type=int, nargs="*", default=[8, 16, 32, 64])
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=360.0, help="stop starting new runs after")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="llama7b")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_perf.py --device cuda needs a CUDA device")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "shapes": args.shapes,
+    }
+    npairs = sum(c for _, _, c in SHAPES[args.shapes])
+    solvers = bench_solvers(device, args.solver_ranks, npairs)
+    write_report(args.out, env, solvers, [])
+    steps = bench_steps(args, device, t0)
+    write_report(args.out, env, solvers, steps)
+    print((args.out / "gpu_perf.md").read_text())
     return 0
 
 

@@ -232,7 +232,7 @@ def x_trajectory(
 @pytest.mark.parametrize("entry", INVARIANT, ids=zoo_ids(INVARIANT))
 @fuzz_settings(20)
 @given(case=invariance_cases())
-def test_optimizer_is_transformation_invariant(entry: ZooEntry, case) -> None:
+def test_optimizer_is_transformation_invariant(entry: ZooEntry, case, device) -> None:
     """The ``X = B A`` trajectory from ``(B R, R⁻¹ A)`` equals the one from ``(B, A)`` for
     ``INV_STEPS`` steps (``robust_steps=0``), to ``C_INV · eps · max_t (κ(B_t) + κ(A_t))`` over both
     runs (a trajectory may pass near a rank-deficient ``X``, where the factors' conditioning and
@@ -248,8 +248,9 @@ def test_optimizer_is_transformation_invariant(entry: ZooEntry, case) -> None:
     R = gauge(r, log_cond, g)
     target = torch.randn(m, n, generator=g, dtype=F64)
     B1, A1 = B @ R, torch.linalg.solve(R, A)
-    ref, k0 = x_trajectory(entry, B.to(dtype), A.to(dtype), target.to(dtype))
-    got, k1 = x_trajectory(entry, B1.to(dtype), A1.to(dtype), target.to(dtype))
+    B, A, B1, A1, target = (t.to(device=device, dtype=dtype) for t in (B, A, B1, A1, target))
+    ref, k0 = x_trajectory(entry, B, A, target)
+    got, k1 = x_trajectory(entry, B1, A1, target)
     tol = C_INV * torch.finfo(dtype).eps * max(k0, k1)
     errs = [rel(a, b) for a, b in zip(got, ref)]
     assert max(errs) <= tol, (

@@ -23,6 +23,7 @@ from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from devices import DEVICES  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from torch import nn  # noqa: E402
@@ -291,9 +292,6 @@ def test_bf16_parameters_fp32_optimizer_state() -> None:
     assert all(math.isfinite(v) for v in losses)
     assert eval_loss(model) < 0.5 * losses[0]
     assert_pairs_left_robust_start(opt)
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)

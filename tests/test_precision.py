@@ -23,6 +23,7 @@ import math
 
 import pytest
 import torch
+from devices import DEVICES
 from optim_zoo import ZOO, ZooEntry, zoo_ids
 
 from geolora.linalg import addmm_t, mm_t, transpose
@@ -32,11 +33,17 @@ from geolora.manifolds.frame import (
     project_factor_grads,
     tangent_to_dense,
 )
-from geolora.manifolds.metrics import FrameCore, get_metric
+from geolora.manifolds.metrics import (
+    ACCELERATOR_SOLVER,
+    FrameCore,
+    core_solver,
+    get_metric,
+    use_core_solver,
+)
 from geolora.manifolds.quotient import assemble_lift
 from geolora.manifolds.types import FactorPoint, FixedRankTangent
 from geolora.optim import preconditioners as pre_mod
-from geolora.optim.lifted import AdamS
+from geolora.optim.lifted import AdamS, LiftedOptimizer
 from geolora.optim.lora_rite import LoRARite
 from geolora.optim.lracs import LRACS, balanced_representative_norm
 from geolora.optim.preconditioners import AdamPreconditioner, StepContext, transport_factored
@@ -44,8 +51,6 @@ from geolora.optim.scaled import ScaledGD
 from geolora.optim.wrap import Lifted
 
 F64 = torch.float64
-#: CPU always; CUDA too where available (``benchmarks/gpu_check.sh`` runs this file there).
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -160,12 +165,14 @@ def test_lift_sqnorm_equals_inner_of_assembled_lift(metric_name, damping, gauge)
         assert _rel(a, b) < 1e-13
 
 
+@pytest.mark.parametrize("solver", ["svd", "newton", "schulz"])
 @pytest.mark.parametrize("gauge", ["identity", "diag1e3"])
 @pytest.mark.parametrize("damping", [0.0, 1e-2])
 @pytest.mark.parametrize("metric_name", ["balanced", "preconditioned"])
-def test_balanced_representative_norm_r_by_r_route(metric_name, damping, gauge) -> None:
-    """The ``r x r`` route equals the metric's inner product of the lift assembled at the
-    balanced representative ``(U Φ Σ^{1/2}, V Ψ Σ^{1/2})`` (the reference formula)."""
+def test_balanced_representative_norm_r_by_r_route(metric_name, damping, gauge, solver) -> None:
+    """The ``r x r`` route (with each :class:`FrameCore` solver) equals the metric's inner
+    product of the lift assembled at the balanced representative ``(U Φ Σ^{1/2}, V Ψ Σ^{1/2})``
+    (the reference formula)."""
     metric = get_metric(metric_name, damping)
     _, frame, t = _point(gauge)
     phi, sig, psi_h = torch.linalg.svd(frame.RM @ frame.RN.mT)
@@ -176,7 +183,8 @@ def test_balanced_representative_norm_r_by_r_route(metric_name, damping, gauge) 
     tb = FixedRankTangent(phi.mT @ t.M @ psi, t.Up @ psi, t.Vp @ phi)
     u = assemble_lift(bal, tb, metric.lift_coefficients(bal, tb.M))
     ref = metric.inner(FactorPoint(Ub @ root, Vb @ root), u, u).sqrt()
-    assert _rel(balanced_representative_norm(metric, frame, t), ref) < 1e-11
+    with use_core_solver(solver):
+        assert _rel(balanced_representative_norm(metric, frame, t), ref) < 1e-11
 
 
 def test_transport_and_transposed_products_match_dense() -> None:
@@ -310,6 +318,34 @@ def test_cuda_follows_cpu(entry: ZooEntry) -> None:
     cuda = _run_with_invalidations(entry, True, "cuda", invalidate=False)
     for a, b in zip(cuda, cpu):
         assert (a - b).abs().max().item() < 1e-8 * max(1.0, b.abs().max().item())
+
+
+LIFTED = [e for e in ZOO if issubclass(e.cls, LiftedOptimizer)]
+
+
+@pytest.mark.parametrize("solver", ["newton", "schulz"])
+@pytest.mark.parametrize("entry", LIFTED, ids=zoo_ids(LIFTED))
+def test_svd_free_core_solver_follows_svd_route(entry: ZooEntry, solver: str, device: str) -> None:
+    """The SVD-free Lyapunov solvers of :class:`FrameCore` (the accelerator route for r > 32)
+    give the SVD route's float64 trajectory (8 steps, lift and metric norms) to 1e-9."""
+    with use_core_solver("svd"):
+        ref = _run_with_invalidations(entry, True, device, invalidate=False)
+    with use_core_solver(solver):
+        got = _run_with_invalidations(entry, True, device, invalidate=False)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max().item() < 1e-9 * max(1.0, b.abs().max().item())
+
+
+def test_core_solver_choice() -> None:
+    """SVD on CPU and for r <= 32; the sign iteration on accelerators above r = 32; overridable."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert core_solver(cpu, 64) == "svd" and core_solver(cuda, 32) == "svd"
+    assert core_solver(cuda, 64) == ACCELERATOR_SOLVER
+    with use_core_solver("schulz"):
+        assert core_solver(cpu, 4) == "schulz"
+    assert core_solver(cpu, 4) == "svd"
+    with pytest.raises(ValueError, match="core solver"), use_core_solver("eig"):
+        pass
 
 
 def test_pair_states_are_views_of_one_buffer_per_bucket() -> None:

@@ -96,7 +96,7 @@ MAX_STEP = 1.0  # ‖X*‖_F ≈ 2.7: no single step of a sane optimizer moves X
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
-def test_degenerate_starts_train(entry: ZooEntry) -> None:
+def test_degenerate_starts_train(entry: ZooEntry, device) -> None:
     """1000 steps from each rank-deficient start (one pair per start, ``robust_steps=0`` so the
     switch from the AdamW start to the optimizer's own update is exercised): factors, state and
     losses stay finite, no step moves ``X`` by more than ``MAX_STEP``, every loss halves, and at
@@ -104,8 +104,9 @@ def test_degenerate_starts_train(entry: ZooEntry) -> None:
     m, n, r = 12, 10, 3
     pairs, targets = [], []
     for i, kind in enumerate(DEGENERATE):
-        pairs.append(degenerate_init(kind, m, n, r, seed=10 + i))
-        targets.append(target(m, n, r, seed=i))
+        B, A = degenerate_init(kind, m, n, r, seed=10 + i)
+        pairs.append((nn.Parameter(B.detach().to(device)), nn.Parameter(A.detach().to(device))))
+        targets.append(target(m, n, r, seed=i).to(device))
     opt = entry.factory(
         [pair_group(B, A, k) for (B, A), k in zip(pairs, DEGENERATE)], robust_steps=0
     )
@@ -158,30 +159,35 @@ def test_degenerate_starts_train(entry: ZooEntry) -> None:
 
 # --- non-finite gradients --------------------------------------------------------------------
 def small_model(
-    seed: int = 0,
+    seed: int = 0, device: torch.device | str = "cpu"
 ) -> tuple[list[dict[str, Any]], list[nn.Parameter], list[torch.Tensor]]:
     """Two full-rank pairs ``l0`` (12x10, r 3), ``l1`` (8x12, r 2) and an ordinary group
-    ``head`` (a bias of length 12) with their regression targets."""
+    ``head`` (a bias of length 12) with their regression targets, on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    B0 = nn.Parameter(torch.randn(12, 3, generator=g) / 2)
-    A0 = nn.Parameter(torch.randn(3, 10, generator=g) / 3)
-    B1 = nn.Parameter(torch.randn(8, 2, generator=g) / 2)
-    A1 = nn.Parameter(torch.randn(2, 12, generator=g) / 3)
-    bias = nn.Parameter(torch.zeros(12))
+
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(device))
+
+    B0 = param(torch.randn(12, 3, generator=g) / 2)
+    A0 = param(torch.randn(3, 10, generator=g) / 3)
+    B1 = param(torch.randn(8, 2, generator=g) / 2)
+    A1 = param(torch.randn(2, 12, generator=g) / 3)
+    bias = param(torch.zeros(12))
     groups = [
         pair_group(B0, A0, "l0"),
         pair_group(B1, A1, "l1"),
         {"params": [bias], "name": "head"},
     ]
-    return groups, [B0, A0, B1, A1, bias], [target(12, 10, 3, 1), target(8, 12, 2, 2)]
+    targets = [target(12, 10, 3, 1).to(device), target(8, 12, 2, 2).to(device)]
+    return groups, [B0, A0, B1, A1, bias], targets
 
 
 def small_loss(params: list[nn.Parameter], targets: list[torch.Tensor], step: int) -> torch.Tensor:
     """Regression with a step-dependent perturbation of the targets (a deterministic minibatch)."""
     B0, A0, B1, A1, bias = params
     g = torch.Generator().manual_seed(1000 + step)
-    X0 = targets[0] + 0.1 * torch.randn(targets[0].shape, generator=g)
-    X1 = targets[1] + 0.1 * torch.randn(targets[1].shape, generator=g)
+    X0 = targets[0] + 0.1 * torch.randn(targets[0].shape, generator=g).to(targets[0].device)
+    X1 = targets[1] + 0.1 * torch.randn(targets[1].shape, generator=g).to(targets[1].device)
     return 0.5 * ((B0 @ A0 + bias[:, None] - X0) ** 2).sum() + 0.5 * ((B1 @ A1 - X1) ** 2).sum()
 
 
@@ -224,9 +230,9 @@ BAD_GRADS = {
 @pytest.mark.parametrize("where", list(BAD_GRADS))
 @pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
 def test_nonfinite_gradient_raises_and_leaves_everything_untouched(
-    entry: ZooEntry, where: str
+    entry: ZooEntry, where: str, device
 ) -> None:
-    groups, params, targets = small_model()
+    groups, params, targets = small_model(device=device)
     # robust_steps=1: the state holds the optimizer's own (post-robust-start) tensors.
     opt = entry.factory(groups, robust_steps=1)
     train(opt, params, targets, range(3))
@@ -244,8 +250,8 @@ def test_nonfinite_gradient_raises_and_leaves_everything_untouched(
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
-def test_nonfinite_skip_mode_skips_the_group_and_counts(entry: ZooEntry) -> None:
-    groups, params, targets = small_model()
+def test_nonfinite_skip_mode_skips_the_group_and_counts(entry: ZooEntry, device) -> None:
+    groups, params, targets = small_model(device=device)
     opt = entry.factory(groups, robust_steps=1, nonfinite="skip")
     train(opt, params, targets, range(3))
     B1, A1 = params[2], params[3]

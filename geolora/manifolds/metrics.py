@@ -15,13 +15,23 @@ with ``r x r`` coefficients ``(A_M, D_N, A_N, D_M)`` that each metric computes i
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from geolora.linalg import solve_lyapunov_core, solve_sylvester, solve_sylvester_gram, transpose
+from geolora.linalg import (
+    apply_lyapunov_sequence,
+    lyapunov_sequence,
+    solve_lyapunov_core,
+    solve_sylvester,
+    solve_sylvester_gram,
+    transpose,
+)
 from geolora.manifolds.frame import Frame
 from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
 
@@ -57,6 +67,39 @@ def _trace(A: Tensor) -> Tensor:
     return torch.diagonal(A, dim1=-2, dim2=-1).sum(-1)
 
 
+#: How :class:`FrameCore` solves the gauge-free Lyapunov equation of the balanced lift:
+#: ``"svd"`` (closed form from the SVD of the core, most accurate), ``"newton"`` / ``"schulz"``
+#: (sign-function iterations on ``A = W Wᵀ``, :func:`geolora.linalg.lyapunov_sequence`).
+CORE_SOLVERS = ("auto", "svd", "newton", "schulz")
+#: The iteration used on accelerators for ``r > 32``, where cuSOLVER's batched SVD / ``eigh``
+#: leave their fast batched kernels (DESIGN.md: 177 ms for 224 ``eigh`` of 64×64 on an H100).
+ACCELERATOR_SOLVER = "newton"
+_solver_override: str | None = os.environ.get("GEOLORA_CORE_SOLVER") or None
+
+
+def core_solver(device: torch.device, r: int) -> str:
+    """The Lyapunov solver :class:`FrameCore` uses for rank ``r`` on ``device``: ``"svd"`` on
+    CPU and for ``r <= 32``, :data:`ACCELERATOR_SOLVER` otherwise, unless overridden by
+    :func:`use_core_solver` or the environment variable ``GEOLORA_CORE_SOLVER``."""
+    if _solver_override not in (None, "auto"):
+        return _solver_override
+    return "svd" if device.type == "cpu" or r <= 32 else ACCELERATOR_SOLVER
+
+
+@contextmanager
+def use_core_solver(name: str) -> Iterator[None]:
+    """Force the :class:`FrameCore` Lyapunov solver (one of :data:`CORE_SOLVERS`) within the
+    block, e.g. to compare them (``benchmarks/gpu_perf.py``, tests)."""
+    global _solver_override
+    if name not in CORE_SOLVERS:
+        raise ValueError(f"core solver must be one of {CORE_SOLVERS}, got {name!r}")
+    old, _solver_override = _solver_override, name
+    try:
+        yield
+    finally:
+        _solver_override = old
+
+
 class FrameCore:
     """The float64 ``r x r`` part of a frame, each piece computed once and then reused.
 
@@ -75,7 +118,10 @@ class FrameCore:
         self.RN = RN.to(torch.float64)
         self._svd = svd
         self._W: Tensor | None = None
+        self._W_inv: Tensor | None = None
         self._inv: dict[tuple[str, float], Tensor] = {}
+        self.solver = "svd" if svd is not None else core_solver(self.RM.device, RM.shape[-1])
+        self._seq: list[tuple[Tensor, ...]] | None = None
 
     @classmethod
     def of(cls, frame: Frame) -> FrameCore:
@@ -95,6 +141,23 @@ class FrameCore:
             phi, sig, psi_h = torch.linalg.svd(self.W)
             self._svd = (phi, sig, transpose(psi_h))
         return self._svd
+
+    def W_inv(self) -> Tensor:
+        """``W⁻¹`` (LU; depends on X's conditioning only, not on the gauge)."""
+        if self._W_inv is None:
+            self._W_inv = torch.linalg.inv(self.W)
+        return self._W_inv
+
+    def lyapunov(self, S: Tensor) -> Tensor:
+        """``K'`` with ``W Wᵀ K' + K' W Wᵀ = S Wᵀ`` (float64; :func:`solve_lyapunov_core`
+        with the shared SVD, or the cached sign iteration on ``A = W Wᵀ``)."""
+        S = S.to(torch.float64)
+        if self.solver == "svd":
+            return solve_lyapunov_core(self.W, S, svd=self.svd())
+        W = self.W
+        if self._seq is None:
+            self._seq = lyapunov_sequence(W @ transpose(W), self.solver)
+        return apply_lyapunov_sequence(self._seq, S @ transpose(W), self.solver)
 
     def inv_t(self, side: str, damping: float = 0.0) -> Tensor:
         """``R (RᵀR + δI)⁻¹`` of ``R_M`` (``side="M"``) or ``R_N`` (``"N"``); ``R⁻ᵀ`` for δ = 0."""
@@ -144,6 +207,13 @@ class QuotientMetric(ABC):
         """``ḡ(u, u)`` from ``r x r`` Grams: ``G_M = MᵀM``, ``G_N = NᵀN``, ``ṀᵀṀ``, ``ṄᵀṄ``
         (every metric here depends on ``u`` only through them). Default: ``NotImplementedError``."""
         raise NotImplementedError
+
+    @property
+    def gauge_free_sqnorm(self) -> bool:
+        """``True`` if :meth:`sqnorm_from_grams` is a closed form in gauge-free quantities
+        (``S``, ``W``, ``Pu``, ``Pv``), so evaluating it at any representative is as accurate as
+        at the balanced one. Default ``False``."""
+        return False
 
     @property
     def has_core(self) -> bool:
@@ -225,10 +295,9 @@ class BalancedMetric(QuotientMetric):
         S = S.to(torch.float64)
         RM, RN = core.RM, core.RN
         if self.damping == 0.0:
-            W = core.W
-            Kp = solve_lyapunov_core(W, S, svd=core.svd())
+            Kp = core.lyapunov(S)
             DM, DN = core.inv_t("M"), core.inv_t("N")
-            return LiftCoefficients(Kp @ RM, DN, transpose(S - Kp @ W) @ DM, DM)
+            return LiftCoefficients(Kp @ RM, DN, transpose(S - Kp @ core.W) @ DM, DM)
         GM, GN = core.grams()
         K = solve_sylvester_gram(GM, GN, transpose(RM) @ S @ RN, damping=self.damping)
         eye = _eye(S.shape[-1], S)
@@ -241,16 +310,31 @@ class BalancedMetric(QuotientMetric):
     def gram_inner(self, GM: Tensor, GN: Tensor, MtM: Tensor, NtN: Tensor) -> Tensor:
         return _trace(torch.linalg.solve(GM, MtM)) + _trace(torch.linalg.solve(GN, NtN))
 
+    @property
+    def gauge_free_sqnorm(self) -> bool:
+        return self.damping == 0.0
+
     def sqnorm_from_grams(self, core: FrameCore, S: Tensor, Pu: Tensor, Pv: Tensor) -> Tensor:
         """Gauge-free closed form for δ = 0 (``W = Φ Σ Ψᵀ``, ``K'`` the Lyapunov solution,
         ``Z = S − K'W``): ``‖u‖²_g = ‖K'‖² + tr(Σ⁻² ΨᵀPuΨ) + ‖Σ⁻¹ΦᵀZ‖² + tr(Σ⁻² ΦᵀPvΦ)`` —
         the ``R_M``, ``R_N`` of the gauge cancel (``tr(G_M⁻¹ A_MᵀA_M) = ‖K'‖²``,
-        ``D_N G_M⁻¹ D_Nᵀ = (WᵀW)⁻¹``, ...), so only X's singular values enter."""
+        ``D_N G_M⁻¹ D_Nᵀ = (WᵀW)⁻¹``, ...), so only X's singular values enter. Without the SVD
+        (``core.solver != "svd"``) the same terms are ``tr(Pu W⁻¹W⁻ᵀ) + ‖W⁻¹Z‖² + tr(Pv W⁻ᵀW⁻¹)``."""
         if self.damping != 0.0:
             return super().sqnorm_from_grams(core, S, Pu, Pv)
-        phi, sig, psi = core.svd()
+        S = S.to(torch.float64)
         W = core.W
-        Kp = solve_lyapunov_core(W, S, svd=(phi, sig, psi))
+        Kp = core.lyapunov(S)
+        if core.solver != "svd":
+            Wi = core.W_inv()
+            Z = Wi @ (S - Kp @ W)
+            return (
+                (Kp * Kp).sum(dim=(-2, -1))
+                + ((Pu @ Wi) * Wi).sum(dim=(-2, -1))
+                + (Z * Z).sum(dim=(-2, -1))
+                + ((Wi @ Pv) * Wi).sum(dim=(-2, -1))
+            )
+        phi, sig, psi = core.svd()
         inv2 = 1.0 / (sig * sig)
         Z = transpose(phi) @ (S - Kp @ W)
         pu = torch.diagonal(transpose(psi) @ Pu @ psi, dim1=-2, dim2=-1)
@@ -298,6 +382,10 @@ class PreconditionedMetric(QuotientMetric):
 
     def gram_inner(self, GM: Tensor, GN: Tensor, MtM: Tensor, NtN: Tensor) -> Tensor:
         return (GN * MtM).sum(dim=(-2, -1)) + (GM * NtN).sum(dim=(-2, -1))
+
+    @property
+    def gauge_free_sqnorm(self) -> bool:
+        return self.damping == 0.0
 
     def sqnorm_from_grams(self, core: FrameCore, S: Tensor, Pu: Tensor, Pv: Tensor) -> Tensor:
         """Closed form for δ = 0: ``‖u‖²_g = ½‖S‖² + tr(Pu) + tr(Pv)`` (gauge-free)."""

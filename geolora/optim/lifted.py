@@ -207,6 +207,10 @@ def balanced_representative_norm(
     lift through ``core``; no ``m x r`` product is formed. Returned in the factors' dtype.
     """
     dt = frame.U.dtype
+    if metric.has_core and metric.gauge_free_sqnorm:
+        # closed form in gauge-free quantities: no change of representative needed (and no SVD
+        # with an SVD-free core solver, see FrameCore)
+        return metric.lift_sqnorm(frame, t, core).clamp_min(0).sqrt().to(dt)
     if metric.has_core:
         core = FrameCore.of(frame) if core is None else core
         phi, sig, psi = core.svd()
