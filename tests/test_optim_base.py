@@ -173,3 +173,27 @@ def test_ordinary_group_own_adamw_settings_are_honoured():
         tref.step()
     for p, q in zip(others, ref):
         assert (p - q).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_changed_group_hyperparameters_take_effect_between_steps(foreach):
+    """The per-group hyperparameter key is cached: assigning ``group["lr"]`` (a schedule) must
+    still reach the next step — here lr = 0 freezes one of two batched same-shape pairs while
+    the other keeps moving, and ``foreach`` (batched) equals the per-pair path."""
+    runs = []
+    for fe in (foreach, False):
+        pairs, others, targets = make_model()
+        opt = AdamS(groups(pairs, others), lr=1e-2, robust_steps=0, foreach=fe)
+        train(opt, pairs, others, targets, 3)
+        opt.param_groups[1]["lr"] = 0.0
+        frozen = [p.detach().clone() for p in pairs[1][1:]]
+        moving = [p.detach().clone() for p in pairs[0][1:]]
+        train(opt, pairs, others, targets, 3)
+        assert all(torch.equal(a, b) for a, b in zip(frozen, pairs[1][1:]))
+        assert not any(torch.equal(a, b) for a, b in zip(moving, pairs[0][1:]))
+        opt.param_groups[1]["lr"] = 1e-2
+        train(opt, pairs, others, targets, 2)
+        assert not torch.equal(frozen[0], pairs[1][1])
+        runs.append([p.detach() for _, B, A in pairs for p in (B, A)])
+    for a, b in zip(*runs):
+        assert (a - b).abs().max().item() < 1e-12
