@@ -3,10 +3,11 @@
 Used by ``benchmarks/gpu_check.sh``. Three parts, each written as soon as it is done:
 
 1. ``solvers``: the batched ``r x r`` float64 work of one step for 224 pairs — SVD and
-   ``eigh`` (cuSOLVER), an SVD round trip through the CPU, and the SVD-free sign iterations of
+   ``eigh`` (cuSOLVER), both as a round trip through the CPU, and the SVD-free sign iterations of
    :func:`geolora.linalg.lyapunov_sequence` (``newton``, ``schulz``) for the balanced lift's
    Lyapunov equation — at r = 8 … 64 (cores with cond(W) = 1e2). This is the measurement behind
-   :data:`geolora.manifolds.metrics.ACCELERATOR_SOLVER`.
+   :data:`geolora.manifolds.metrics.ACCELERATOR_SOLVER` and
+   :data:`geolora.linalg.HOST_DECOMPOSITION_ABOVE`.
 2. ``steps``: the optimizer step, ratio to fused ``torch.optim.AdamW`` timed in the same
    process (:func:`geolora.bench.perf.bench_optimizer_step`). Shapes
    :data:`geolora.bench.perf.LLAMA7B_SHAPES` (q, k, v, o 4096×4096 ×128; gate/up 11008×4096
@@ -79,6 +80,7 @@ def _routes(W: torch.Tensor, S: torch.Tensor, device: torch.device) -> dict:
         "svd": lambda: torch.linalg.svd(W),
         "eigh": lambda: torch.linalg.eigh(A),
         "svd_via_cpu": lambda: [t.to(device) for t in torch.linalg.svd(W.cpu())],
+        "eigh_via_cpu": lambda: [t.to(device) for t in torch.linalg.eigh(A.cpu())],
         "newton": lambda: solve("newton"),
         "newton_2nd_rhs": lambda: apply_lyapunov_sequence(seq, C, "newton"),
         "schulz": lambda: solve("schulz"),
@@ -112,7 +114,7 @@ def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
     rows: list[dict] = []
     for r in args.ranks:
         plan = []
-        if r > 32 and device.type != "cpu":  # the solver comparison first (budget)
+        if r > 32 and device.type != "cpu" and args.compare_solvers:  # first (budget)
             for solver in ("svd", "schulz"):  # "newton" is the default (auto) below
                 for n in LIFTED_COMPARED:
                     plan.append((n, dense_shapes if n in DENSE else shapes, "", solver))
@@ -145,7 +147,7 @@ def write_report(out: Path, env: dict, solvers: list[dict], steps: list[dict]) -
     )
     lines = [f"# Optimizer step on {env['device']} (torch {env['torch']}, CUDA {env['cuda']})", ""]
     if solvers:
-        keys = ["svd", "eigh", "svd_via_cpu", "newton", "newton_2nd_rhs", "schulz"]
+        keys = ["svd", "eigh", "svd_via_cpu", "eigh_via_cpu", "newton", "newton_2nd_rhs", "schulz"]
         lines += [
             f"## Batched r x r float64 work ({solvers[0]['batch']} cores, cond(W) = 1e2), ms",
             "",
@@ -186,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=360.0, help="stop starting new runs after")
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--no-compare-solvers",
+        dest="compare_solvers",
+        action="store_false",
+        help="skip timing the lifted optimizers with the non-default core solvers at r > 32",
+    )
     p.add_argument("--shapes", choices=sorted(SHAPES), default="llama7b")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu"))
     args = p.parse_args(argv)

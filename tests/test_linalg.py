@@ -8,6 +8,8 @@ import torch
 from geolora.linalg import (
     apply_lyapunov_sequence,
     cholesky_qr2,
+    eigh_small,
+    eigvalsh_small,
     lyapunov_sequence,
     polar,
     qf,
@@ -17,6 +19,7 @@ from geolora.linalg import (
     solve_lyapunov_spd,
     solve_sylvester,
     solve_sylvester_gram,
+    svd_small,
     sym,
 )
 
@@ -194,3 +197,20 @@ def test_sign_iteration_converges_fast_and_rejects_unknown_methods():
         lyapunov_sequence(w, "eig")
     with pytest.raises(ValueError, match="method"):
         apply_lyapunov_sequence([], w, "eig")
+
+
+def test_small_decompositions_match_torch(device):
+    """``eigh_small`` / ``eigvalsh_small`` / ``svd_small`` (routed through the CPU for n > 32 on
+    accelerators) equal ``torch.linalg`` on the device, and return tensors on the device."""
+    gen = torch.Generator().manual_seed(5)
+    for n in (8, 40):
+        a = torch.randn(3, n, n, dtype=f64, generator=gen).to(device)
+        s = a + a.mT
+        lam, q = eigh_small(s)
+        assert lam.device == s.device and q.device == s.device
+        assert torch.allclose(q @ torch.diag_embed(lam) @ q.mT, s, atol=1e-12)
+        assert torch.allclose(eigvalsh_small(s), torch.linalg.eigvalsh(s), atol=1e-12)
+        u, sig, vh = svd_small(a)
+        assert sig.device == a.device
+        assert torch.allclose(u @ torch.diag_embed(sig) @ vh, a, atol=1e-12)
+        assert torch.allclose(sig, torch.linalg.svdvals(a), atol=1e-12)

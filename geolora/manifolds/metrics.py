@@ -30,6 +30,7 @@ from geolora.linalg import (
     solve_lyapunov_core,
     solve_sylvester,
     solve_sylvester_gram,
+    svd_small,
     transpose,
 )
 from geolora.manifolds.frame import Frame
@@ -138,7 +139,7 @@ class FrameCore:
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(Φ, σ, Ψ)`` with ``W = Φ diag(σ) Ψᵀ`` (σ descending)."""
         if self._svd is None:
-            phi, sig, psi_h = torch.linalg.svd(self.W)
+            phi, sig, psi_h = svd_small(self.W)
             self._svd = (phi, sig, transpose(psi_h))
         return self._svd
 
