@@ -15,7 +15,8 @@ Used by ``benchmarks/gpu_check.sh``. Three parts, each written as soon as it is 
    AdamS-low-memory, Lifted(Adam): ``m x n`` state) on every 8th pair (28 pairs), reported
    separately. At r > 32 three lifted optimizers are also timed with the other core solvers
    (``lracs[svd]``, ``lracs[schulz]``, ...); the plain name is the default (``auto``).
-3. ``gpu_perf.md``: both tables.
+3. ``gpu_perf.md``: both tables; with ``--profile NAME ...`` also ``gpu_profile.md``
+   (``torch.profiler`` top operators of a step at r = 8, wall vs CPU time per step).
 
 ``--device cpu --shapes minilm`` runs the same code on the CPU (a dry run of the script).
 """
@@ -141,6 +142,38 @@ def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
     return rows
 
 
+def profile_steps(names: list[str], rank: int, shapes, device: torch.device, top: int) -> str:
+    """``torch.profiler`` table of 3 steps of each optimizer (after 3 warm-up steps): the
+    operators with the largest device (or, on CPU, self CPU) time, plus the step's wall time
+    and CPU time — on a GPU their gap shows how much of the step is host-side overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from geolora.bench.perf import make_pairs, optimizer_factories
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = []
+    for name in names:
+        opt = optimizer_factories([name])[name](make_pairs(shapes, rank, device=device), 1e-4)
+        for _ in range(3):
+            opt.step()
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(3):
+            opt.step()
+        _sync(device)
+        wall, cpu = (time.perf_counter() - t0) / 3e-3, (time.process_time() - c0) / 3e-3
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                opt.step()
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
+        out.append(f"### {name}, r = {rank}: {wall:.2f} ms wall, {cpu:.2f} ms CPU per step\n")
+        out.append("```\n" + table + "\n```\n")
+        del opt
+    return "\n".join(out)
+
+
 def write_report(out: Path, env: dict, solvers: list[dict], steps: list[dict]) -> None:
     (out / "gpu_perf.json").write_text(
         json.dumps({**env, "solvers": solvers, "rows": steps}, indent=1)
@@ -196,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--shapes", choices=sorted(SHAPES), default="llama7b")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu"))
+    p.add_argument("--profile", nargs="*", default=[], help="optimizers to profile (r = 8)")
+    p.add_argument("--profile-top", type=int, default=12)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -209,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": args.shapes,
     }
     npairs = sum(c for _, _, c in SHAPES[args.shapes])
+    if args.profile:
+        text = profile_steps(args.profile, 8, SHAPES[args.shapes], device, args.profile_top)
+        (args.out / "gpu_profile.md").write_text(text)
+        print(text, flush=True)
     solvers = bench_solvers(device, args.solver_ranks, npairs)
     write_report(args.out, env, solvers, [])
     steps = bench_steps(args, device, t0)

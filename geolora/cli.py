@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("results/bench"))
     b.add_argument("--quick", action="store_true", help="short runs (~2 minutes in all)")
     b.add_argument("--perf", action="store_true", help="time the optimizer step vs AdamW")
+    b.add_argument(
+        "--full-step",
+        action="store_true",
+        help="with --perf: also time full MiniLM training steps (forward + backward + step)",
+    )
     b.add_argument("--grid", action="store_true", help="preconditioner x metric/manifold grid")
     b.add_argument(
         "--no-invariance",
@@ -301,6 +306,22 @@ def cmd_perf(args: argparse.Namespace, console) -> int:
         f"wrote {out / 'perf.json'} (on a shared machine, OMP_WAIT_POLICY=PASSIVE gives stable "
         "multi-thread timings; ratios always compare with AdamW timed in the same process)"
     )
+    if args.full_step:
+        with console.status("timing training steps") as status:
+            full = perf.bench_training_step(
+                names,
+                ranks[0],
+                steps=3 if args.quick else 6,
+                progress=lambda s: status.update(f"timing {s}"),
+            )
+        t = Table(title=f"full MiniLM training step (32 x 64 tokens), r = {ranks[0]}, median")
+        for c in ("optimizer", "step ms", "AdamW ms", "ratio"):
+            t.add_column(c, justify="right")
+        for r in full:
+            t.add_row(r.optimizer, f"{r.step_ms:.0f}", f"{r.adamw_ms:.0f}", f"{r.ratio:.3f}")
+        console.print(t)
+        (out / "perf_train.json").write_text(json.dumps([r.to_dict() for r in full], indent=1))
+        console.print(f"wrote {out / 'perf_train.json'}")
     return 0
 
 

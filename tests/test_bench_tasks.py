@@ -211,3 +211,13 @@ def test_minilm_task_validates_arguments() -> None:
         MiniLMGenreTask(n_train=4, batch_size=8)
     with pytest.raises(TypeError, match="target"):
         MiniLMGenreTask(target="query")
+
+
+def test_full_training_step_benchmark_times_both_optimizers():
+    """``geolora bench --perf --full-step``: a real MiniLM LoRA step per optimizer and AdamW."""
+    from geolora.bench.perf import bench_training_step
+
+    (res,) = bench_training_step(["scaledgd"], 2, batch_size=2, seq_len=8, steps=1, warmup=1)
+    assert res.optimizer == "scaledgd" and res.rank == 2
+    assert res.step_ms > 0 and res.adamw_ms > 0
+    assert abs(res.ratio - res.step_ms / res.adamw_ms) < 1e-12

