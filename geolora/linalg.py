@@ -123,17 +123,19 @@ def cholesky_qr2(a: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(a.dtype), r.to(a.dtype)
 
 
-def qr_pos(a: Tensor, method: str = "auto") -> tuple[Tensor, Tensor]:
+def qr_pos(a: Tensor, method: str = "auto", *, sign_fix: bool = True) -> tuple[Tensor, Tensor]:
     """Thin QR ``A = Q R`` with ``diag(R) ≥ 0`` (unique for full column rank, continuous).
 
     ``method``: ``"householder"`` (``torch.linalg.qr``), ``"cholesky"`` (CholeskyQR2) or
     ``"auto"`` (Householder on CPU, CholeskyQR2 on accelerators). Shapes ``(..., m, r) -> (Q, R)``.
+    ``sign_fix=False`` skips the sign normalisation of the Householder route (``diag(R)`` of
+    either sign) for callers that are exactly covariant under ``Q → Q D``, ``R → D R``.
     """
     if method == "auto":
         method = "householder" if a.device.type == "cpu" else "cholesky"
     if method == "householder":
         q, r = torch.linalg.qr(a)
-        return _sign_fix(q, r)
+        return _sign_fix(q, r) if sign_fix else (q, r)
     if method == "cholesky":
         return cholesky_qr2(a)
     raise ValueError(f"unknown QR method {method!r}; use 'auto', 'householder' or 'cholesky'")
@@ -149,7 +151,7 @@ def polar(a: Tensor) -> Tensor:
 
     The closest matrix with orthonormal columns to ``A`` in Frobenius norm.
     """
-    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    u, _, vh = svd_small(a, full_matrices=False)
     return u @ vh
 
 
@@ -351,16 +353,24 @@ def solve_lyapunov_spd(a: Tensor, c: Tensor, method: str = "newton", **kw) -> Te
     return x.to(c.dtype)
 
 
-#: Above this size, batched ``r x r`` eigendecompositions / SVDs of accelerator tensors are
-#: computed on the CPU: cuSOLVER's batched kernels stop at 32, and the per-matrix fallback is
+#: Above this size, batched ``r x r`` eigendecompositions / SVDs of accelerator tensors (both
+#: dimensions in ``(n, 4n]``) are computed on the CPU: cuSOLVER's batched kernels stop at 32, and the per-matrix fallback is
 #: slower than the round trip (H100, 224 fp64 matrices of 64×64: SVD 363 ms on the GPU vs
 #: 155 ms through the CPU; ``benchmarks/gpu_perf.py``). ``None`` disables the routing.
 HOST_DECOMPOSITION_ABOVE: int | None = 32
 
 
 def _on_host(a: Tensor) -> bool:
+    # only batches of small matrices (r x r cores, 2r x 2r): a tall m x r matrix stays on the
+    # device, where its decomposition is dominated by the m-long products, not by r
     n = HOST_DECOMPOSITION_ABOVE
-    return n is not None and a.device.type != "cpu" and a.shape[-1] > n and a.dim() > 2
+    return (
+        n is not None
+        and a.device.type != "cpu"
+        and a.dim() > 2
+        and min(a.shape[-2:]) > n
+        and max(a.shape[-2:]) <= 4 * n
+    )
 
 
 def eigh_small(a: Tensor) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import transpose
+from geolora.linalg import svd_small, transpose
 from geolora.manifolds.frame import (
     Frame,
     addmm,
@@ -224,7 +224,7 @@ def balanced_representative_norm(
         Pvb = transpose(phi) @ Pv @ phi
         sq = metric.sqnorm_from_grams(bal_core, Sb, Pub, Pvb)
         return sq.clamp_min(0).sqrt().to(dt)
-    phi, sig, psi_h = torch.linalg.svd(frame.W.to(torch.float64))
+    phi, sig, psi_h = svd_small(frame.W.to(torch.float64))
     psi = transpose(psi_h)
     root = torch.diag_embed(sig.sqrt())
     Ub, Vb = frame.U @ phi.to(dt), frame.V @ psi.to(dt)

@@ -14,9 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import addmm_t, compute_dtype, mm_t, sym, transpose, tri_solve_right
-from geolora.manifolds.frame import make_frame
-from geolora.manifolds.metrics import damped_inv_t
+from geolora.linalg import (
+    addmm_t,
+    compute_dtype,
+    eigh_small,
+    eigvalsh_small,
+    mm_t,
+    qr_pos,
+    sym,
+    transpose,
+)
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.base import LoRAOptimizer
 
@@ -30,9 +37,11 @@ class LoRARite(LoRAOptimizer):
 
     For the factor ``M`` (``N`` symmetrically, with the roles of the bases swapped), at step t:
 
-    * frames ``M = U R_M``, ``N = V R_N`` (sign-fixed thin QR, :func:`make_frame`);
-    * unmagnified gradient ``ḡ = ∇_M R_N⁻¹ = ∇_X V`` (eq. 11) and basis transport
-      ``P = Vᵀ V_{t−1}`` (line 5);
+    * frames ``M = U R_M``, ``N = V R_N`` (thin QR; the signs of ``diag R`` are immaterial,
+      see below);
+    * unmagnified gradient ``ḡ = ∇_M R_N⁻¹ = ∇_X V`` (eq. 11; ``R_N⁻¹`` from one float64
+      triangular solve per step, then one product) and basis transport ``P = Vᵀ V_{t−1}``
+      (line 5);
     * second moment ``V̄ = β₂ P V̄ Pᵀ + (1 − β₂) ḡᵀḡ`` (eq. 14 in EMA form, §3.2; ``"sum"`` mode:
       ``V̄ = P V̄ Pᵀ + ḡᵀḡ``, line 6 verbatim);
     * escaped mass ``ρ = β₂ (ρ + d_λ(V̄_{t−1}, P V̄_{t−1} Pᵀ))`` (eq. 15, line 7; ``"sum"``: no
@@ -50,7 +59,8 @@ class LoRARite(LoRAOptimizer):
     ``O, O'`` orthogonal, so ``ḡ``, ``P``, ``V̄``, ``M̄`` change by the same orthogonal matrices,
     the spectra (``ρ``, ``ε``) do not change, and ``M̂ R_N⁻ᵀ`` becomes ``(M̂ R_N⁻ᵀ) R``: the ``X``
     trajectory is the same (to rounding). Weight decay scales both factors by the same number,
-    which commutes with the gauge.
+    which commutes with the gauge. The special case ``O = diag(±1)`` (the QR's sign convention)
+    is exact in floating point, so the bases are used without a sign fix.
 
     Zero-initialised ``B`` (``M = 0``, ``R_M`` singular): by default the base class's robust
     start takes AdamW steps until both factors have full rank (``robust_steps`` more steps if
@@ -155,22 +165,29 @@ class LoRARite(LoRAOptimizer):
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
-        frame = make_frame(x.M, x.N, self.qr_method)
+        # Orthonormal bases of the factors, M = U R_M, N = V R_N (thin QR). The diagonal signs
+        # of R are not fixed: with U D, D R_M (D = diag(±1)) every quantity below changes by the
+        # exact sign flips D (ḡ → ḡ D, P → D P D', V̄ → D V̄ D, M̄ → M̄ D) and the update
+        # M̄ R_N⁻ᵀ does not change (Theorem 2's invariance for O = D): the same iterates, also
+        # from bases stored with the other convention (P always maps the stored basis).
+        U, RM = qr_pos(x.M, self.qr_method, sign_fix=False)
+        V, RN = qr_pos(x.N, self.qr_method, sign_fix=False)
         if group["pinv"]:
-            inv_RN = torch.linalg.pinv(frame.RN)
-            inv_RM = torch.linalg.pinv(frame.RM)
-            gM_bar = mm_t(g.M, inv_RN)
-            gN_bar = mm_t(g.N, inv_RM)
+            inv_RN = torch.linalg.pinv(RN)
+            inv_RM = torch.linalg.pinv(RM)
             out_M, out_N = transpose(inv_RN), transpose(inv_RM)
         else:
-            gM_bar = tri_solve_right(g.M, frame.RN)  # ∇_M R_N⁻¹ = ∇_X V
-            gN_bar = tri_solve_right(g.N, frame.RM)  # ∇_N R_M⁻¹ = ∇_Xᵀ U
-            # R⁻ᵀ (r×r, float64), so that the last step M̂ R_N⁻ᵀ fuses with the update.
-            out_M, out_N = damped_inv_t(frame.RN, 0.0), damped_inv_t(frame.RM, 0.0)
+            # R⁻¹ of both factors in one triangular solve (r×r, float64): ∇_M R_N⁻¹ = ∇_X V is
+            # then one product, and R⁻ᵀ fuses the last step M̂ R_N⁻ᵀ with the update.
+            R64 = torch.stack([RN, RM]).to(torch.float64)
+            eye = torch.eye(R64.shape[-1], dtype=R64.dtype, device=R64.device)
+            inv_RN, inv_RM = torch.linalg.solve_triangular(R64, eye, upper=True).unbind(0)
+            out_M, out_N = transpose(inv_RN), transpose(inv_RM)
+        dt = x.M.dtype
+        gM_bar = mm_t(g.M, inv_RN.to(dt))  # ∇_M R_N⁻¹ = ∇_X V
+        gN_bar = mm_t(g.N, inv_RM.to(dt))  # ∇_N R_M⁻¹ = ∇_Xᵀ U
         # The M-moments live in the basis of N (P_M = Vᵀ V_old) and vice versa.
-        P = torch.stack(
-            [transpose(frame.V) @ state["basis_V"], transpose(frame.U) @ state["basis_U"]]
-        )
+        P = torch.stack([transpose(V) @ state["basis_V"], transpose(U) @ state["basis_U"]])
         precond = self._preconditioners(group, state, (gM_bar, gN_bar), P, step)
         beta1 = group["betas"][0]
         # M̄ = β₁ M̄_old Pᵀ + (1 − β₁) ḡ (V̂ + ρ̂ I)^{-1/2}: two fused products per factor.
@@ -181,11 +198,10 @@ class LoRARite(LoRAOptimizer):
             )
             state[f"exp_avg_{side}"] = mom
             moms.append(mom)
-        state["basis_U"], state["basis_V"] = frame.U, frame.V
+        state["basis_U"], state["basis_V"] = U, V
         # M ← (1 − ηλ) M − (η / (1 − β₁ᵗ)) M̄ R_N⁻ᵀ  (and N likewise), one product each.
         lr, lam = group["lr"], group["weight_decay"]
         bc1 = 1.0 - beta1**step if group["bias_correction"] else 1.0
-        dt = x.M.dtype
         shrink = 1.0 - lr * lam
         M = addmm_t(x.M, moms[0], out_M.to(dt), beta=shrink, alpha=-lr / bc1)
         N = addmm_t(x.N, moms[1], out_N.to(dt), beta=shrink, alpha=-lr / bc1)
@@ -215,7 +231,7 @@ class LoRARite(LoRAOptimizer):
             gram = gram / rows.to(gram.device).reshape((2,) + (1,) * (gram.dim() - 1))
         rho = torch.stack([state["escaped_M"], state["escaped_N"]]).to(wd)
         if group["escaped_mass"]:
-            lam_both = torch.linalg.eigvalsh(torch.stack([V_old, V_tr]))
+            lam_both = eigvalsh_small(torch.stack([V_old, V_tr]))
             rho = rho + (lam_both[0] - lam_both[1]).abs().amax(dim=-1)
         if ema:
             V_new = beta2 * V_tr + (1.0 - beta2) * gram
@@ -226,7 +242,7 @@ class LoRARite(LoRAOptimizer):
         state["escaped_M"], state["escaped_N"] = rho.unbind(0)
         bc2 = 1.0 - beta2**step if (group["bias_correction"] and ema) else 1.0
         eye = torch.eye(V_new.shape[-1], dtype=wd, device=V_new.device)
-        lam, Q = torch.linalg.eigh((V_new + rho[..., None, None] * eye) / bc2)
+        lam, Q = eigh_small((V_new + rho[..., None, None] * eye) / bc2)
         f = (1.0 - beta1) / (lam.clamp_min(0.0).sqrt() + group["eps"])
         return ((Q * f.unsqueeze(-2)) @ transpose(Q)).to(gbars[0].dtype)
 

@@ -96,7 +96,7 @@ step and the Q-factor retraction inflates ``‖X‖`` by ``≈ sqrt(1 + ‖V̇p�
 141 → 893; lr 3e-3: → 1.7e10). Use a small lr there (the paper: 1e-4) or ``coordinate_wise=False``
 (one norm-based step size per pair, Bécigneul & Ganea 2019, compared in loram.txt Sec. 2), which
 never raised the loss in any of these cases (lr up to 3e-2, both optimizers). A diverged ``K``
-stops with ``FloatingPointError`` (from the metric's Cholesky factorization).
+stops with ``FloatingPointError`` (its metric ``(KᵀK + 2αI)⁻¹`` is no longer finite).
 
 State per pair (all tensors): the point (``U``, ``S``, ``V`` or ``K``, ``V``), the first moment
 ``exp_avg_<field>`` and the coordinate-wise second moment ``exp_avg_sq_<field>`` for each field of
@@ -107,13 +107,12 @@ the tangent representation (one ``exp_avg_sq`` of shape ``(1, 1)`` with
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype, polar, transpose
-from geolora.manifolds.base import tree_map
+from geolora.linalg import addmm_t, compute_dtype, mm_t, polar, svd_small, transpose
 from geolora.manifolds.bounded_rank import BoundedRank
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.types import (
@@ -126,7 +125,7 @@ from geolora.manifolds.types import (
 )
 from geolora.optim.base import LoRAOptimizer, _check_range
 from geolora.optim.riemannian import adam_direction
-from geolora.retractions.bounded_rank import NUCLEAR_MODES
+from geolora.retractions.bounded_rank import NUCLEAR_MODES, singular_value_threshold
 from geolora.retractions.fixed_rank import thin_qr
 
 __all__ = [
@@ -247,16 +246,77 @@ def bound_momentum(m: Any, v: Any, step: int, betas: tuple[float, float], averag
     ``average`` (the cluster average) makes the scale one number per block of equal singular
     values, so the bound is rotation invariant within a cluster.
     """
-    c2 = adam_ratio_bound(step, betas)
+    avg = None if average is None else (lambda ls: _leaves(average(_like(m, ls))))
+    return _like(m, _bound_leaves(_leaves(m), _leaves(v), adam_ratio_bound(step, betas), avg))
 
-    def one(mt: Tensor, m2: Tensor, vt: Tensor) -> Tensor:
-        over = m2 > c2 * vt
-        return torch.where(over, mt * (c2 * vt / torch.where(over, m2, 1.0)).sqrt(), mt)
 
-    m2 = tree_map(lambda t: t * t, m)
+def _bound_leaves(ms: list[Tensor], vs: list[Tensor], c2: float, average=None) -> list[Tensor]:
+    """:func:`bound_momentum` on lists of tensors (``average`` maps a list to a list).
+
+    The scale ``sqrt(min(c₂ v / avg(m ⊙ m), 1))`` is exactly 1 where the bound holds
+    (``c₂ v ≥ m²`` gives ``c₂ v / m² ≥ 1`` in floating point; ``m² = 0`` gives inf or NaN,
+    which ``fmin`` maps to 1) and ``sqrt(c₂ v / m²)`` where it does not: the values of
+    ``where(m² > c₂ v, m · sqrt(c₂ v / m²), m)`` with fewer passes over the tensors.
+    """
+    m2 = torch._foreach_mul(ms, ms)
     if average is not None:
         m2 = average(m2)
-    return tree_map(one, m, m2, v)
+    ratio = torch._foreach_mul(vs, c2)
+    torch._foreach_div_(ratio, m2)
+    one = ms[0].new_ones(())
+    ratio = [torch.fmin(t, one) for t in ratio]
+    torch._foreach_sqrt_(ratio)
+    return torch._foreach_mul(ms, ratio)
+
+
+def _adam_leaves(
+    group: dict[str, Any],
+    g: list[Tensor],
+    w: list[Tensor],
+    v: list[Tensor],
+    step: int,
+    average=None,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Coordinate-wise moments and direction (:meth:`ManifoldPairOptimizer._adam`) on lists of
+    tensors: gradient ``g``, stored moments ``w``, ``v`` (not modified); ``average`` maps a list
+    of second-moment-like tensors to their cluster averages. Fields of equal width may be
+    concatenated along the rows by the caller (one pass per operation instead of one per
+    field). Returns new lists ``(d, m, v)``."""
+    b1, b2 = group["betas"]
+    m = torch._foreach_lerp(g, w, b1)  # β₁ w + (1 − β₁) g
+    v = torch._foreach_mul(v, b2)
+    torch._foreach_addcmul_(v, g, g, value=1 - b2)
+    if average is not None:
+        v = average(v)
+    bc1 = 1.0 - b1**step if group["bias_correction"] else 1.0
+    bc2 = 1.0 - b2**step if group["bias_correction"] else 1.0
+    c2 = adam_ratio_bound(step, (b1, b2))
+    sqrt_v = None
+    if group.get("momentum_bound", False) and c2 != float("inf"):  # absent: the box
+        if average is None:
+            # Without clusters the bound is a clamp: m · sqrt(c₂v / m²) = sign(m) sqrt(c₂v)
+            # where m² > c₂v, m elsewhere (c₂ = inf: no bound, bound_momentum's no-op).
+            sqrt_v = torch._foreach_sqrt(v)
+            hi = torch._foreach_mul(sqrt_v, c2**0.5)
+            m = [torch.clamp(a, min=-h, max=h) for a, h in zip(m, hi)]
+        else:
+            m = _bound_leaves(m, v, c2, average)
+    if bc2 == 1.0 and sqrt_v is not None:
+        den = sqrt_v
+    else:
+        den = torch._foreach_sqrt(torch._foreach_div(v, bc2) if bc2 != 1.0 else v)
+    torch._foreach_add_(den, group["eps"])
+    d = torch._foreach_div(torch._foreach_div(m, bc1) if bc1 != 1.0 else m, den)
+    return d, m, v
+
+
+def _leaves(t: Any) -> list[Tensor]:
+    return [t] if isinstance(t, Tensor) else list(t)
+
+
+def _like(ref: Any, leaves: list[Tensor]) -> Any:
+    """``leaves`` in the structure of ``ref`` (a tensor or a NamedTuple of tensors)."""
+    return leaves[0] if isinstance(ref, Tensor) else type(ref)(*leaves)
 
 
 def frame_alignment(old: Tensor, new: Tensor) -> Tensor:
@@ -269,6 +329,241 @@ def frame_alignment(old: Tensor, new: Tensor) -> Tensor:
     c = (transpose(old) @ new).to(torch.float64)
     q = polar(c)
     return (q * q).to(old.dtype)
+
+
+def _squared_polar(c: Tensor) -> Tensor:
+    """``Q ∘ Q`` for ``Q = polar(c)`` (float64), in ``c``'s dtype: :func:`frame_alignment` from
+    ``c = oldᵀ new`` when it is already known. ``c: (..., r, r)``."""
+    q = polar(c.to(torch.float64))
+    return (q * q).to(c.dtype)
+
+
+def _cluster_weights(s: Tensor) -> Tensor | None:
+    """:func:`cluster_average` of ``s: (..., r)`` (rtol :func:`_cluster_rtol`), or ``None`` when
+    it is the identity: every consecutive gap is a new cluster (distinct singular values, the
+    generic case). ``t W = t`` holds bitwise for finite ``t`` then, so the averaging products
+    are skipped. One host sync on the ``(..., r - 1)`` gaps.
+    """
+    rtol = _cluster_rtol(s)
+    if bool(((s[..., :-1] - s[..., 1:]).abs() > rtol * s[..., :1]).all()):
+        return None
+    return cluster_average(s, rtol)
+
+
+def _hcat(a: Tensor, b: Tensor) -> Tensor:
+    """``[a b]`` along the last dimension, stored column-major (LAPACK's layout, so the QR that
+    follows needs no transposed copy). ``(..., p, k₁), (..., p, k₂) -> (..., p, k₁ + k₂)``."""
+    return transpose(torch.cat([transpose(a), transpose(b)], dim=-2))
+
+
+#: Widths above which the Householder ``Q`` of a CPU QR is applied implicitly
+#: (``geqrf`` + ``ormqr``) instead of formed (``orgqr``): LAPACK's blocked ``orgqr`` (more than
+#: 32 columns) is 2–5x slower than applying the reflectors to the ``r`` columns needed
+#: (measured, MKL, ``(24, 384, 64)``: 19.9 vs 4.0 ms with ``OMP_WAIT_POLICY=PASSIVE``).
+_IMPLICIT_Q_MIN_COLS = 33
+
+
+class _ImplicitQ(NamedTuple):
+    """Householder reflectors and scalars of ``torch.geqrf`` (``Q`` never formed)."""
+
+    h: Tensor
+    tau: Tensor
+
+
+def _qr_signed(a: Tensor, implicit: bool = False) -> tuple[Tensor | _ImplicitQ, Tensor, Tensor]:
+    """The sign-fixed thin QR of :func:`thin_qr` as ``(Q₀, R, d)``: ``Q = Q₀ diag(d)`` and
+    ``R = diag(d) R₀`` (``diag R ≥ 0``), ``d: (..., k)`` of ±1.
+
+    The sign flips of ``Q`` are exact, so callers fold ``d`` into the small matrix that ``Q`` is
+    multiplied with instead of making a pass over the tall ``Q₀``. Same method as
+    :func:`thin_qr`: Householder on CPU and for wide ``a``, else its own route (``d = 1``).
+    ``implicit``: a tall CPU ``a`` with at least ``_IMPLICIT_Q_MIN_COLS`` columns returns ``Q₀``
+    as :class:`_ImplicitQ` (use :func:`_q_times`).
+    """
+    p, k = a.shape[-2:]
+    if a.device.type == "cpu" or p < k:
+        if implicit and p >= k >= _IMPLICIT_Q_MIN_COLS and a.device.type == "cpu":
+            h, tau = torch.geqrf(a)
+            q, r = _ImplicitQ(h, tau), torch.triu(h[..., :k, :])
+        else:
+            q, r = torch.linalg.qr(a)
+        dg = torch.diagonal(r, dim1=-2, dim2=-1)
+        d = torch.where(dg < 0, -1.0, 1.0).to(dg.dtype)
+        return q, r * d.unsqueeze(-1), d
+    q, r = thin_qr(a)
+    return q, r, torch.ones(r.shape[:-1], dtype=r.dtype, device=r.device)
+
+
+def _q_times(q: Tensor | _ImplicitQ, c: Tensor) -> Tensor:
+    """``Q₀ c`` for ``Q₀`` from :func:`_qr_signed` (``(..., p, k)``) and ``c: (..., k, j)``."""
+    if isinstance(q, _ImplicitQ):
+        p, k = q.h.shape[-2], c.shape[-2]
+        return torch.ormqr(q.h, q.tau, torch.nn.functional.pad(c, (0, 0, 0, p - k)))
+    return mm_t(q, c)
+
+
+def _qr_r(a: Tensor) -> Tensor:
+    """``R`` of the sign-fixed thin QR of a tall ``a: (..., p, k)`` (:func:`thin_qr`), without
+    forming ``Q`` where the method allows (Householder on CPU)."""
+    if a.device.type != "cpu":
+        return thin_qr(a)[1]
+    r = torch.linalg.qr(a, mode="r")[1]
+    dg = torch.diagonal(r, dim1=-2, dim2=-1)
+    return r * torch.where(dg < 0, -1.0, 1.0).to(dg.dtype).unsqueeze(-1)
+
+
+def _fr_retraction(
+    x: FixedRankPoint, m: Tensor, up: Tensor, vp: Tensor, c: float
+) -> tuple[FixedRankPoint, Tensor, Tensor]:
+    """:func:`~geolora.retractions.fixed_rank.fixed_rank_retraction` (loram.txt Alg. 3) along
+    ``Ẋ = c (U M Vᵀ + Up Vᵀ + U Vpᵀ)`` for stacked ``(L, ·, ·)`` operands, with fewer passes
+    over the tall factors.
+
+    ``X + Ẋ = [U Up] C [V Vp]ᵀ``, ``C = [[diag(S) + cM, cI], [cI, 0]]`` (the scalar ``c`` goes
+    into the core instead of a pass over ``Up``, ``Vp``); with the sign-fixed QRs
+    ``[U Up] = Q_U R_U``, ``[V Vp] = Q_V R_V`` the core ``R_U C R_Vᵀ`` is formed blockwise as
+    ``(R_U1 (diag(S) + cM) + c R_U2) R_V1ᵀ + c R_U1 R_V2ᵀ`` (float64), and its SVD ``Ũ S̃ Ṽᵀ``
+    gives ``U⁺ = Q_U Ũ[:, :r]``, ``S⁺ = S̃[:r]``, ``V⁺ = Q_V Ṽ[:, :r]`` (the QR signs folded
+    into ``Ũ``, ``Ṽ``). Cost: two QRs of ``(m or n) × 2r``, two ``(m or n) × 2r × r`` products.
+    Also returns ``C_U = UᵀU⁺ = R_U1ᵀŨ``, ``C_V = VᵀV⁺ = R_V1ᵀṼ`` (float64, from ``U = Q_U R_U1``:
+    no product of the tall factors).
+    """
+    u, s, v = x
+    r = s.shape[-1]
+    qu, ru, du = _qr_signed(_hcat(u, up), implicit=True)
+    qv, rv, dv = _qr_signed(_hcat(v, vp), implicit=True)
+    wd = torch.float64
+    ru, rv = ru.to(wd), rv.to(wd)
+    top = torch.diag_embed(s.to(wd)) + c * m.to(wd)
+    ru1, rv1 = ru[..., :r], rv[..., :r]
+    core = torch.baddbmm(
+        ru1 @ transpose(rv[..., r:]),
+        torch.baddbmm(ru[..., r:], ru1, top, beta=c),
+        transpose(rv1),
+        beta=c,
+    )
+    a, sig, bh = svd_small(core, full_matrices=False)
+    a, b = a[..., :r], transpose(bh[..., :r, :])
+    u_new = _q_times(qu, (du.unsqueeze(-1) * a).to(u.dtype))
+    v_new = _q_times(qv, (dv.unsqueeze(-1) * b).to(v.dtype))
+    # UᵀU⁺ = R_U1ᵀ Ũ and VᵀV⁺ = R_V1ᵀ Ṽ (U = Q_U R_U1, Q_UᵀQ_U = I): r × r, float64.
+    cu = transpose(ru1) @ a
+    cv = transpose(rv1) @ b
+    return FixedRankPoint(u_new, sig[..., :r].to(s.dtype), v_new), cu, cv
+
+
+def _fr_transport(
+    x: FixedRankPoint, y: FixedRankPoint, cu: Tensor, cv: Tensor, t: FixedRankTangent
+) -> FixedRankTangent:
+    """Projection transport ``P_{T_Y}(Ẋ)`` (loram.txt Alg. 4) of ``t = (M, Up, Vp)`` at ``x``,
+    given ``C_U = UᵀU_Y``, ``C_V = VᵀV_Y`` (stacked ``(L, ·, ·)``).
+
+    With ``D_U = UpᵀU_Y``, ``D_V = VpᵀV_Y``: ``ẊV_Y = U E + Up C_V`` (``E = M C_V + D_V``),
+    ``ẊᵀU_Y = V F + Vp C_U`` (``F = Mᵀ C_U + D_U``), ``M_Y = U_YᵀẊV_Y = C_Uᵀ E + D_Uᵀ C_V``,
+    ``Up_Y = ẊV_Y − U_Y M_Y``, ``Vp_Y = ẊᵀU_Y − V_Y M_Yᵀ``: the same vector as
+    :func:`~geolora.retractions.fixed_rank.fixed_rank_transport` with ``M_Y`` from ``r × r``
+    products (no orthogonality of ``Up``, ``Vp`` to ``U``, ``V`` assumed).
+    """
+    mt, upt, vpt = t
+    du = transpose(upt) @ y.U
+    dv = transpose(vpt) @ y.V
+    e = torch.baddbmm(dv, mt, cv)
+    f = torch.baddbmm(du, transpose(mt), cu)
+    m_y = torch.baddbmm(transpose(du) @ cv, transpose(cu), e)
+    up_y = addmm_t(addmm_t(mm_t(x.U, e), upt, cv), y.U, m_y, alpha=-1.0)
+    vp_y = addmm_t(addmm_t(mm_t(x.V, f), vpt, cu), y.V, transpose(m_y), alpha=-1.0)
+    return FixedRankTangent(m_y, up_y, vp_y)
+
+
+def _metric_inverse_diag(s64: Tensor, alpha: float, like: Tensor) -> Tensor:
+    """``1 / (s² + 2α)``: the diagonal of ``(KᵀK + 2αI)⁻¹`` for a canonical ``K = U diag(s)``
+    (``s: (..., r)`` float64), in ``like``'s dtype.
+
+    ``FloatingPointError`` where :func:`~geolora.retractions.bounded_rank.metric_gram_inverse`'s
+    Cholesky factorization fails for such a ``K``: ``s² + 2α`` not finite (a diverged ``K``).
+    """
+    den = s64 * s64 + 2.0 * alpha
+    if not bool(torch.isfinite(den).all()):
+        raise FloatingPointError(
+            "BoundedRank: the metric Gram matrix KᵀK + 2αI is not positive definite, so K has "
+            f"diverged (max |K| = {float(like.abs().amax()):.3g}; non-finite, or too large for "
+            f"2α = {2 * alpha:g} to survive rounding). Lower the learning rate (LoRAM-BR: "
+            "coordinate_wise=False is the stable variant)."
+        )
+    return (1.0 / den).to(like.dtype)
+
+
+def _br_retraction(
+    x: BoundedRankPoint,
+    s: Tensor,
+    d: BoundedRankTangent,
+    c: float,
+    lam: float,
+    group: dict[str, Any],
+) -> tuple[BoundedRankPoint, Tensor, Tensor]:
+    """Q-factor retraction with the nuclear-norm term (loram.txt Alg. 7) along ``c·d``, then the
+    canonical representative (:func:`canonical_bounded_rank`), for stacked ``(L, ·, ·)`` operands.
+
+    ``V⁺ = qf(V + c V̇p)``; with ``Q = qf(V + c V̇p)`` (signs folded into the small matrices) and
+    ``U₊ = K diag(s)⁺`` (:func:`nuclear_subgradient`, ``s`` the column norms of the canonical
+    ``K``): ``K⁺ = (K + c K̇ − λU₊)(VᵀV⁺) + c K (V̇pᵀV⁺)
+    = K (VᵀV⁺ + c V̇pᵀV⁺ − λ diag(s)⁺ VᵀV⁺) + K̇ (c VᵀV⁺)`` (``"subgradient"``, λ = 0 without
+    the term; ``"prox"`` soft-thresholds the singular values of ``K⁺`` instead). ``VᵀQ =
+    R_Qᵀ − c V̇pᵀQ`` from ``V + cV̇p = Q R_Q``: one ``n × r × r`` product for both. Then
+    ``K⁺ = Ū S̄ Hᵀ`` (QR of ``K⁺``, SVD of its ``R`` in float64) gives ``(K⁺H, V⁺H)``.
+    Returns ``((K⁺H, V⁺H), σ, VᵀV⁺H)`` with ``σ`` (float64) the singular values of ``K⁺``.
+    """
+    k, v = x
+    dk, dvp = d
+    q, rq, dq = _qr_signed(torch.add(v, dvp, alpha=c))  # V⁺ = q diag(dq)
+    e = transpose(dvp) @ q  # V̇pᵀ q
+    vq = transpose(rq) * dq.unsqueeze(-2) - c * e  # Vᵀ q = R₀ᵀ − c V̇pᵀ q  (R₀ = diag(dq) R)
+    cq = vq * dq.unsqueeze(-2)  # VᵀV⁺
+    a1 = cq + (c * e) * dq.unsqueeze(-2)  # VᵀV⁺ + c V̇pᵀV⁺
+    if lam and group["nuclear_mode"] == "subgradient":
+        inv_s = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+        a1 = a1 - lam * inv_s.unsqueeze(-1) * cq
+    k_new = addmm_t(mm_t(k, a1), dk, cq, alpha=c)
+    if lam and group["nuclear_mode"] != "subgradient":
+        k_new = singular_value_threshold(k_new, lam)
+    rk = _qr_r(k_new)
+    _, sig, psi_h = svd_small(rk.to(torch.float64))
+    psi64 = transpose(psi_h)
+    psi = psi64.to(k.dtype)
+    k1 = mm_t(k_new, psi)
+    v1 = mm_t(q, (dq.unsqueeze(-1) * psi64).to(v.dtype))
+    return BoundedRankPoint(k1, v1), sig, cq @ psi
+
+
+def _br_transport(
+    x: BoundedRankPoint,
+    y: BoundedRankPoint,
+    sig: Tensor,
+    a: Tensor,
+    t: BoundedRankTangent,
+    alpha: float,
+) -> BoundedRankTangent:
+    """Projection transport (loram.txt Alg. 8,
+    :func:`~geolora.retractions.bounded_rank.projection_transport`) of ``t = (K̇, V̇p)`` at ``x``
+    to the canonical ``y = (K⁺, V⁺)`` with singular values ``sig`` (float64), given
+    ``A = VᵀV⁺``; stacked ``(L, ·, ·)`` operands.
+
+    With ``B = V̇pᵀV⁺``: ``K̇⁺ = K̇A + KB`` and ``Y = ẊᵀK⁺ + 2α(V̇pVᵀ + VV̇pᵀ)V⁺ = V T₁ + V̇p T₂``
+    (``T₁ = K̇ᵀK⁺ + 2αB``, ``T₂ = KᵀK⁺ + 2αA``), ``V⁺ᵀY = AᵀT₁ + BᵀT₂``, so
+    ``V̇p⁺ = (V T₁ + V̇p T₂ − V⁺(AᵀT₁ + BᵀT₂)) diag(1/(σ² + 2α))``: three ``n × r × r``
+    products, the metric inverse (diagonal at the canonical ``K⁺``) folded into the ``r × r``
+    factors.
+    """
+    k, v = x
+    kd, vp = t
+    b = transpose(vp) @ y.V
+    zv = addmm_t(mm_t(kd, a), k, b)
+    t1 = torch.add(transpose(kd) @ y.K, b, alpha=2.0 * alpha)
+    t2 = torch.add(transpose(k) @ y.K, a, alpha=2.0 * alpha)
+    t3 = torch.baddbmm(transpose(b) @ t2, transpose(a), t1)
+    g1 = _metric_inverse_diag(sig, alpha, y.K).unsqueeze(-2)
+    vp1 = addmm_t(addmm_t(mm_t(v, t1 * g1), vp, t2 * g1), y.V, t3 * g1, alpha=-1.0)
+    return BoundedRankTangent(zv, vp1)
 
 
 def _transports_v(group: dict[str, Any]) -> bool:
@@ -351,18 +646,18 @@ class ManifoldPairOptimizer(LoRAOptimizer):
                 bias_correction=group["bias_correction"],
             )
             return d, m, v
-        m = tree_map(lambda a, g: b1 * a + (1 - b1) * g, _tangent(state, "exp_avg", cls), grad)
-        v = tree_map(
-            lambda s, g: b2 * s + (1 - b2) * (g * g), _tangent(state, "exp_avg_sq", cls), grad
+        # One foreach call per operation over the fields (new tensors: the state is not
+        # modified in place, see ``functional_state``).
+        avg = None if average is None else (lambda ls: list(average(cls(*ls))))
+        d, m, v = _adam_leaves(
+            group,
+            list(grad),
+            list(_tangent(state, "exp_avg", cls)),
+            list(_tangent(state, "exp_avg_sq", cls)),
+            step,
+            avg,
         )
-        if average is not None:
-            v = average(v)
-        if group.get("momentum_bound", False):  # groups saved before the option: the box
-            m = bound_momentum(m, v, step, (b1, b2), average)
-        bc1 = 1.0 - b1**step if group["bias_correction"] else 1.0
-        bc2 = 1.0 - b2**step if group["bias_correction"] else 1.0
-        d = tree_map(lambda a, s: (a / bc1) / ((s / bc2).sqrt() + eps), m, v)
-        return d, m, v
+        return cls(*d), cls(*m), cls(*v)
 
     def _validate_adam(self, group: dict[str, Any]) -> None:
         group["betas"] = tuple(group["betas"])  # validated by the base class
@@ -403,6 +698,8 @@ class LoRAMFixedRank(ManifoldPairOptimizer):
     r, then the truncated SVD enters the manifold (module docstring). Memory per pair:
     ``2(m + n) r + r`` for the point plus ``2((m + n) r + r²)`` for the moments.
     """
+
+    functional_state = True  # _update_pairs only assigns new tensors to state keys
 
     def __init__(
         self,
@@ -454,33 +751,62 @@ class LoRAMFixedRank(ManifoldPairOptimizer):
         if step == 1:  # (M, N) are the factors the manifold was entered from
             return right_solve(g.M, transpose(pt.V) @ x.N), right_solve(g.N, transpose(pt.U) @ x.M)
         s = pt.S.unsqueeze(-2)
-        nz = s != 0
-        return g.M, torch.where(nz, g.N / torch.where(nz, s, torch.ones_like(s)), 0.0)
+        # ∇_Xᵀ u_i = ∇_N[:, i] / S_i, and 0 where S_i = 0 (finite ∇_N / inf = 0: one pass).
+        return g.M, g.N / torch.where(s != 0, s, torch.inf)
 
     @staticmethod
     def _mix(v: FixedRankTangent, pu: Tensor, pv: Tensor) -> FixedRankTangent:
         """Second moment under a change of frame with column weights ``pu``, ``pv: (..., r, r)``:
         ``(puᵀ v_M pv, v_Up pv, v_Vp pu)`` (``Up`` pairs with ``V``'s columns, ``Vp`` with
         ``U``'s)."""
-        return FixedRankTangent(transpose(pu) @ v.M @ pv, v.Up @ pv, v.Vp @ pu)
+        return FixedRankTangent(transpose(pu) @ v.M @ pv, mm_t(v.Up, pv), mm_t(v.Vp, pu))
 
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
         pt = FixedRankPoint(state["U"], state["S"], state["V"])
-        m, r = pt.U.shape[-2:]
-        n = pt.V.shape[-2]
+        u, s, v_ = pt
+        m, r = u.shape[-2:]
+        n = v_.shape[-2]
         man = FixedRank(m, n, r)
         zv, ztu = self._products(pt, x, g, step)
-        grad = self._mask(man.project_factored(pt, zv, ztu), m, n, r)
-        w_avg = cluster_average(pt.S, _cluster_rtol(pt.S))
-        d, m_new, v = self._adam(
-            group, man, pt, grad, state, step, average=lambda t: self._mix(t, w_avg, w_avg)
+        # P_T(Z) from ZV, ZᵀU (Alg. 2): M = UᵀZV, Up = ZV − U M, Vp = ZᵀU − V Mᵀ.
+        mg = transpose(u) @ zv
+        grad = FixedRankTangent(
+            mg, addmm_t(zv, u, mg, alpha=-1.0), addmm_t(ztu, v_, transpose(mg), alpha=-1.0)
         )
-        lr = group["lr"]
-        new, w = man.retr_transp(pt, FixedRankTangent(*(-lr * t for t in d)), m_new)
+        grad = self._mask(grad, m, n, r)
+        w_avg = _cluster_weights(s)
+        if group["coordinate_wise"]:
+            # Up and Vp (both r wide) concatenated along the rows: one pass per operation.
+            def cat(prefix: str) -> list[Tensor]:
+                up, vp = (state[f"{prefix}_{f}"] for f in ("Up", "Vp"))
+                return [state[f"{prefix}_M"], torch.cat([up, vp], dim=-2)]
+
+            def average(ls: list[Tensor]) -> list[Tensor]:
+                return [transpose(w_avg) @ ls[0] @ w_avg, mm_t(ls[1], w_avg)]
+
+            gl = [grad.M, torch.cat([grad.Up, grad.Vp], dim=-2)]
+            dl, ml, vl = _adam_leaves(
+                group,
+                gl,
+                cat("exp_avg"),
+                cat("exp_avg_sq"),
+                step,
+                None if w_avg is None else average,
+            )
+            d, m_new, v = (
+                FixedRankTangent(t[0], t[1][..., :m, :], t[1][..., m:, :]) for t in (dl, ml, vl)
+            )
+        else:
+            d, m_new, v = self._adam(group, man, pt, grad, state, step)
+        new, cu64, cv64 = _fr_retraction(pt, d.M, d.Up, d.Vp, -group["lr"])
+        cu, cv = cu64.to(u.dtype), cv64.to(u.dtype)  # UᵀU⁺, VᵀV⁺
+        w = _fr_transport(pt, new, cu, cv, m_new)
         if group["coordinate_wise"] and _transports_v(group):
-            v = self._mix(v, frame_alignment(pt.U, new.U), frame_alignment(pt.V, new.V))
+            # frame_alignment(U, U⁺), frame_alignment(V, V⁺) from UᵀU⁺, VᵀV⁺
+            pu, pv = _squared_polar(torch.stack([cu64, cv64])).unbind(0)
+            v = self._mix(v, pu.to(u.dtype), pv.to(u.dtype))
         state["U"], state["S"], state["V"] = new
         _store(state, "exp_avg", self._mask(w, m, n, r))
         _store(state, "exp_avg_sq", v)
@@ -503,7 +829,7 @@ def canonical_bounded_rank(x: BoundedRankPoint) -> BoundedRankPoint:
     this basis. Shapes ``(..., m, r)``, ``(..., n, r)``.
     """
     _, rk = thin_qr(x.K)
-    _, _, psi_h = torch.linalg.svd(rk.to(torch.float64))
+    _, _, psi_h = svd_small(rk.to(torch.float64))
     psi = transpose(psi_h).to(x.K.dtype)
     return BoundedRankPoint(x.K @ psi, x.V @ psi)
 
@@ -550,6 +876,8 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
     (Table 1 note b: worse with 0), Adam's ``betas``/``eps``. A zero-initialised ``B`` needs no
     robust start (``K = 0`` is a point); ``robust_steps`` still works if asked for.
     """
+
+    functional_state = True  # _update_pairs only assigns new tensors to state keys
 
     def __init__(
         self,
@@ -611,39 +939,53 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
     @staticmethod
     def _mix(v: BoundedRankTangent, p: Tensor) -> BoundedRankTangent:
         """Second moment under a change of frame with column weights ``p: (..., r, r)``."""
-        return BoundedRankTangent(v.K @ p, v.Vp @ p)
+        return BoundedRankTangent(mm_t(v.K, p), mm_t(v.Vp, p))
 
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
         pt = BoundedRankPoint(state["K"], state["V"])
-        m, r = pt.K.shape[-2:]
-        n = pt.V.shape[-2]
-        man = BoundedRank(m, n, r, alpha=group["alpha"])
+        k, v_ = pt
+        m, r = k.shape[-2:]
+        n = v_.shape[-2]
+        alpha = group["alpha"]
         if step == 1:  # (M, N) are the factors the manifold was entered from
-            gv, gtk = right_solve(g.M, transpose(pt.V) @ x.N), g.N @ (transpose(x.N) @ pt.V)
+            gv, gtk = right_solve(g.M, transpose(v_) @ x.N), g.N @ (transpose(x.N) @ v_)
         else:
             gv, gtk = g.M, g.N
-        grad = self._mask(man.rgrad_factored(pt, gv, gtk), n, r)
-        s = pt.K.norm(dim=-2)  # canonical K = U diag(S): column norms are the singular values
-        w_avg = cluster_average(s, _cluster_rtol(s))
-        d, m_new, v = self._adam(
-            group, man, pt, grad, state, step, average=lambda t: self._mix(t, w_avg)
-        )
-        lr, lam = group["lr"], group["nuclear_norm"]
-        u = BoundedRankTangent(-lr * d.K, -lr * d.Vp)
-        if lam and group["nuclear_mode"] == "subgradient":
-            u = BoundedRankTangent(u.K - lam * nuclear_subgradient(pt.K), u.Vp)
-            new = man.retr(pt, u)
-        elif lam:
-            new = man.retr(pt, u, nuclear_lambda=lam, nuclear_mode="prox")
+        # The stored K is canonical, K = U diag(S) (canonical_bounded_rank): its column norms
+        # are the singular values and KᵀK = diag(s²), so the metric's (KᵀK + 2αI)⁻¹ is the
+        # diagonal 1/(s² + 2α) (metric_gram_inverse without the r×r Cholesky).
+        s = k.norm(dim=-2)
+        ginv = _metric_inverse_diag(s.to(torch.float64), alpha, k)
+        # Alg. 6: (∇V, (I − VVᵀ) ∇ᵀK (KᵀK + 2αI)⁻¹)
+        vpg = addmm_t(gtk, v_, transpose(v_) @ gtk, alpha=-1.0) * ginv.unsqueeze(-2)
+        grad = self._mask(BoundedRankTangent(gv, vpg), n, r)
+        w_avg = _cluster_weights(s)
+        if group["coordinate_wise"]:
+            # K̇ and V̇p (both r wide) concatenated along the rows: one pass per operation.
+            def cat(prefix: str) -> list[Tensor]:
+                return [torch.cat([state[f"{prefix}_K"], state[f"{prefix}_Vp"]], dim=-2)]
+
+            dl, ml, vl = _adam_leaves(
+                group,
+                [torch.cat(list(grad), dim=-2)],
+                cat("exp_avg"),
+                cat("exp_avg_sq"),
+                step,
+                None if w_avg is None else (lambda ls: [mm_t(ls[0], w_avg)]),
+            )
+            d, m_new, v = (
+                BoundedRankTangent(t[0][..., :m, :], t[0][..., m:, :]) for t in (dl, ml, vl)
+            )
         else:
-            new = man.retr(pt, u)
-        new = canonical_bounded_rank(new)
-        w = self._mask(man.transp(pt, new, m_new), n, r)
+            man = BoundedRank(m, n, r, alpha=alpha)
+            d, m_new, v = self._adam(group, man, pt, grad, state, step)
+        new, sig, a = _br_retraction(pt, s, d, -group["lr"], group["nuclear_norm"], group)
+        w = self._mask(_br_transport(pt, new, sig, a, m_new, alpha), n, r)
         if group["coordinate_wise"] and _transports_v(group):
-            v = self._mix(v, frame_alignment(pt.V, new.V))
-        state["K"], state["V"] = new
+            v = self._mix(v, _squared_polar(a))  # frame_alignment(V, V⁺) from a = VᵀV⁺
+        state["K"], state["V"] = new.K, new.V
         _store(state, "exp_avg", w)
         _store(state, "exp_avg_sq", v)
         return self._point_factors(state)

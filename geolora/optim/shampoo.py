@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import sym, transpose
+from geolora.linalg import eigh_small, sym, transpose
 from geolora.manifolds.frame import tangent_to_factors
 from geolora.manifolds.metrics import QuotientMetric
 from geolora.manifolds.types import FixedRankTangent
@@ -40,7 +40,7 @@ from geolora.optim.preconditioners import LowRank, StepContext
 def psd_factor(C: Tensor) -> Tensor:
     """``E`` with ``E Eᵀ = C`` for a symmetric PSD ``C: (..., k, k)`` (eigh in float64; negative
     rounding eigenvalues clipped). Returned in ``C``'s dtype."""
-    lam, Q = torch.linalg.eigh(sym(C.to(torch.float64)))
+    lam, Q = eigh_small(sym(C.to(torch.float64)))
     return (Q * lam.clamp_min(0).sqrt().unsqueeze(-2)).to(C.dtype)
 
 
@@ -53,7 +53,7 @@ def fd_update(Z: Tensor, rho: Tensor, Y: Tensor, beta: float) -> tuple[Tensor, T
     """
     k = Z.shape[-1]
     Zc = torch.cat([math.sqrt(beta) * Z, Y], dim=-1)
-    lam, W = torch.linalg.eigh(sym(transpose(Zc).to(torch.float64) @ Zc.to(torch.float64)))
+    lam, W = eigh_small(sym(transpose(Zc).to(torch.float64) @ Zc.to(torch.float64)))
     lam, W = lam.flip(-1).clamp_min(0), W.flip(-1)
     delta = lam[..., k]
     keep = lam[..., :k]

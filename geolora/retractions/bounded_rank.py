@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geolora.linalg import polar, qf, transpose
+from geolora.linalg import polar, qf, svd_small, transpose
 from geolora.manifolds.types import BoundedRankPoint, BoundedRankTangent
 
 __all__ = [
@@ -90,7 +90,7 @@ def singular_value_threshold(K: Tensor, lam: Tensor | float) -> Tensor:
     With orthonormal ``V``, ``‖K Vᵀ‖_* = ‖K‖_*`` and ``prox(K Vᵀ) = prox(K) Vᵀ``, so thresholding
     ``K`` applies the proximal map of ``λ‖X‖_*`` to ``X = K Vᵀ`` without forming ``X``.
     """
-    phi, sig, psi_h = torch.linalg.svd(K, full_matrices=False)
+    phi, sig, psi_h = svd_small(K, full_matrices=False)
     lam_t = torch.as_tensor(lam, dtype=sig.dtype, device=sig.device)
     if lam_t.dim() > 0:
         lam_t = lam_t.unsqueeze(-1)

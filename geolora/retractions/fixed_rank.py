@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geolora.linalg import qr_pos, transpose
+from geolora.linalg import qr_pos, svd_small, transpose
 from geolora.manifolds.types import FixedRankPoint, FixedRankTangent
 
 __all__ = [
@@ -86,7 +86,7 @@ def fixed_rank_retraction(x: FixedRankPoint, t: FixedRankTangent) -> FixedRankPo
     top = torch.cat([torch.diag_embed(s.to(wd)) + m.to(wd), eye], dim=-1)
     bottom = torch.cat([eye, torch.zeros_like(eye)], dim=-1)
     core = ru.to(wd) @ torch.cat([top, bottom], dim=-2) @ transpose(rv.to(wd))
-    a, sig, bh = torch.linalg.svd(core, full_matrices=False)
+    a, sig, bh = svd_small(core, full_matrices=False)
     u_new = qu @ a[..., :r].to(u.dtype)
     v_new = qv @ transpose(bh[..., :r, :]).to(v.dtype)
     return FixedRankPoint(u_new, sig[..., :r].to(s.dtype), v_new)
