@@ -14,7 +14,8 @@
 #
 # Usage (repo root, a CUDA build of torch):
 #   bash benchmarks/gpu_check.sh [pytest selection, default: tests]
-# Environment: GPU_PERF_ARGS (extra arguments of gpu_perf.py), GPU_CHECK_SCALING=0 (skip 4).
+# Environment: GPU_PERF_ARGS (extra arguments of gpu_perf.py), GPU_CHECK_SCALING=0 (skip 4),
+# GPU_CHECK_TEST_TIMEOUT (s, default 240), GPU_CHECK_BUDGET_S (whole script, default 500).
 # Results go to $OUT/gpu (the device runner's output folder) or docs/benchmarks/gpu.
 # Packages missing on the device (geoopt, pymanopt) are installed from ./.whl if present.
 set -uo pipefail
@@ -47,7 +48,7 @@ for name in ("transformers", "peft", "geoopt", "pymanopt", "numpy", "scipy", "hy
         print(name, "MISSING")
 EOF
   echo "== tests (device-parametrized tests on cuda): ${selection[*]} =="
-  timeout -k 10 240 "$PY" -m pytest -q -n 12 -p no:cacheprovider -p no:benchmark \
+  timeout -k 10 "${GPU_CHECK_TEST_TIMEOUT:-240}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -p no:benchmark \
     --timeout=90 -rfE --tb=short --durations=10 \
     --ignore=tests/test_bench_tasks.py \
     --deselect tests/test_data.py::test_rebuild_is_byte_identical \
@@ -61,10 +62,10 @@ timeout -k 10 270 "$PY" benchmarks/gpu_perf.py --out "$DEST" --budget-s 220 ${GP
   2>&1 | tee -a "$DEST/perf.txt"
 echo "perf: done after $(( $(date +%s) - start )) s" | tee -a "$DEST/perf.txt"
 
-left=$(( 500 - ($(date +%s) - start) ))
-if [[ "${GPU_CHECK_SCALING:-1}" != 0 ]] && (( left > 45 )); then
+left=$(( ${GPU_CHECK_BUDGET_S:-500} - ($(date +%s) - start) ))
+if [[ "${GPU_CHECK_SCALING:-1}" != 0 ]] && (( left > 30 )); then
   echo "== scaling (cuda, wall clock), ${left} s left ==" | tee -a "$DEST/perf.txt"
-  timeout -k 5 $(( left - 15 )) "$PY" benchmarks/scaling.py --device cuda --clock wall \
-    --out "$DEST" 2>&1 | tail -20 | tee -a "$DEST/perf.txt"
+  timeout -k 5 $(( left - 10 )) "$PY" benchmarks/scaling.py --device cuda --clock wall \
+    --out "$DEST" ${GPU_SCALING_ARGS:-} 2>&1 | tail -20 | tee -a "$DEST/perf.txt"
 fi
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$DEST/perf.txt"
