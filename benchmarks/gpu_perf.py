@@ -15,7 +15,7 @@ Used by ``benchmarks/gpu_check.sh``. Three parts, each written as soon as it is 
    AdamS-low-memory, Lifted(Adam): ``m x n`` state) on every 8th pair (28 pairs), reported
    separately. At r > 32 three lifted optimizers are also timed with the other core solvers
    (``lracs[svd]``, ``lracs[schulz]``, ...); the plain name is the default (``auto``).
-3. ``gpu_perf.md``: both tables; with ``--profile NAME ...`` also ``gpu_profile.md``
+3. ``gpu_perf.txt``: both tables; with ``--profile NAME ...`` also ``gpu_profile.txt``
    (``torch.profiler`` top operators of a step at r = 8, wall vs CPU time per step).
 
 ``--device cpu --shapes minilm`` runs the same code on the CPU (a dry run of the script).
@@ -210,7 +210,7 @@ def write_report(out: Path, env: dict, solvers: list[dict], steps: list[dict]) -
             f"{row['adamw_ms']:.2f} | {row['ratio']:.2f} | {row['state_mib']:.0f} | "
             f"{row['adamw_state_mib']:.0f} |"
         )
-    (out / "gpu_perf.md").write_text("\n".join(lines) + "\n")
+    (out / "gpu_perf.txt").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     npairs = sum(c for _, _, c in SHAPES[args.shapes])
     if args.profile:
         text = profile_steps(args.profile, 8, SHAPES[args.shapes], device, args.profile_top)
-        (args.out / "gpu_profile.md").write_text(text)
+        (args.out / "gpu_profile.txt").write_text(text)
         print(text, flush=True)
     solvers = bench_solvers(device, args.solver_ranks, npairs)
     write_report(args.out, env, solvers, [])
     steps = bench_steps(args, device, t0)
     write_report(args.out, env, solvers, steps)
-    print((args.out / "gpu_perf.md").read_text())
+    print((args.out / "gpu_perf.txt").read_text())
     return 0
 
 
