@@ -27,6 +27,7 @@ from devices import DEVICES
 from optim_zoo import ZOO, ZooEntry, zoo_ids
 
 from geolora.linalg import addmm_t, mm_t, transpose
+from geolora.manifolds import metrics as metrics_mod
 from geolora.manifolds.frame import (
     make_frame,
     project_dense,
@@ -346,7 +347,7 @@ def test_svd_free_core_solver_follows_svd_route(entry: ZooEntry, solver: str, de
         assert (a - b).abs().max().item() < 1e-9 * max(1.0, b.abs().max().item())
 
 
-def test_core_solver_choice() -> None:
+def test_core_solver_choice(monkeypatch) -> None:
     """SVD on CPU and for r <= 32; the sign iteration on accelerators above r = 32; overridable."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert core_solver(cpu, 64) == "svd" and core_solver(cuda, 32) == "svd"
@@ -356,6 +357,9 @@ def test_core_solver_choice() -> None:
     assert core_solver(cpu, 4) == "svd"
     with pytest.raises(ValueError, match="core solver"), use_core_solver("eig"):
         pass
+    monkeypatch.setattr(metrics_mod, "_solver_override", "qr")  # a bad GEOLORA_CORE_SOLVER
+    with pytest.raises(ValueError, match="GEOLORA_CORE_SOLVER='qr'"):
+        core_solver(cpu, 4)
 
 
 def test_pair_states_are_views_of_one_buffer_per_bucket() -> None:

@@ -83,6 +83,11 @@ def core_solver(device: torch.device, r: int) -> str:
     CPU and for ``r <= 32``, :data:`ACCELERATOR_SOLVER` otherwise, unless overridden by
     :func:`use_core_solver` or the environment variable ``GEOLORA_CORE_SOLVER``."""
     if _solver_override not in (None, "auto"):
+        if _solver_override not in CORE_SOLVERS:
+            raise ValueError(
+                f"GEOLORA_CORE_SOLVER={_solver_override!r} is not a core solver; "
+                f"choose from {CORE_SOLVERS}"
+            )
         return _solver_override
     return "svd" if device.type == "cpu" or r <= 32 else ACCELERATOR_SOLVER
 
