@@ -384,8 +384,6 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if "step" not in st:
             st["step"] = torch.tensor(0.0)
             st["robust_step"] = torch.tensor(0.0)
-        gB = B.grad if B.grad is not None else torch.zeros_like(B)
-        gA = A.grad if A.grad is not None else torch.zeros_like(A)
         robust = int(st["robust_step"].item()) < group["robust_steps"]
         if not robust and "full_rank" not in st:
             # Checked once, when the pair first leaves the robust phase (e.g. B = 0 init).
@@ -400,6 +398,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     st[f"robust_exp_avg_sq_{nm}"] = torch.zeros_like(t, dtype=cdt)
             st["robust_step"] += 1
             k = int(st["robust_step"].item())
+            gB = B.grad if B.grad is not None else torch.zeros_like(B)
+            gA = A.grad if A.grad is not None else torch.zeros_like(A)
             for nm, p, gp in (("B", B, gB), ("A", A, gA)):
                 p_c = p.to(cdt)  # p itself for fp32/fp64 parameters (bit-compatible path)
                 adamw_update_(
@@ -416,8 +416,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if p_c is not p:
                     p.copy_(p_c)
             return None
-        for nm in ("robust_exp_avg_B", "robust_exp_avg_sq_B", "robust_exp_avg_A", "robust_exp_avg_sq_A"):
-            st.pop(nm, None)
+        if "robust_exp_avg_B" in st:  # the pair just left the robust phase
+            for nm in _ROBUST_STATE_KEYS:
+                st.pop(nm, None)
         hp = self._hyperparameter_key(group)
         return (tuple(B.shape), tuple(A.shape), B.dtype, B.device, int(st["step"].item()), hp)
 
@@ -548,6 +549,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
 
 _SCALAR_KEYS = frozenset({"step", "robust_step", "full_rank", "pair"})
+_ROBUST_STATE_KEYS = (
+    "robust_exp_avg_B",
+    "robust_exp_avg_sq_B",
+    "robust_exp_avg_A",
+    "robust_exp_avg_sq_A",
+)
 # Group keys that label a pair and do not change its update (left out of the bucket key).
 _GROUP_LABEL_KEYS = frozenset({"params", "name", "adapter", "param_names"})
 

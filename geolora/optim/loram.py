@@ -123,7 +123,7 @@ from geolora.manifolds.types import (
     FixedRankPoint,
     FixedRankTangent,
 )
-from geolora.optim.base import LoRAOptimizer, _check_range
+from geolora.optim.base import _ROBUST_STATE_KEYS, LoRAOptimizer, _check_range
 from geolora.optim.riemannian import adam_direction
 from geolora.retractions.bounded_rank import NUCLEAR_MODES, singular_value_threshold
 from geolora.retractions.fixed_rank import thin_qr
@@ -138,14 +138,6 @@ __all__ = [
     "cluster_average",
     "frame_alignment",
 ]
-
-_ROBUST_KEYS = (
-    "robust_exp_avg_B",
-    "robust_exp_avg_sq_B",
-    "robust_exp_avg_A",
-    "robust_exp_avg_sq_A",
-)
-
 
 def rank_deficient(t: Tensor) -> bool:
     """``True`` if ``t: (p, k)`` (p ≥ k) is numerically rank deficient: ``σ_min ≤ tol σ_max`` or
@@ -604,7 +596,7 @@ class ManifoldPairOptimizer(LoRAOptimizer):
             if int(st["robust_step"].item()) >= group["robust_steps"]:
                 policy = self._entry_policy(B, A)
                 if policy == "refactor":
-                    for k in _ROBUST_KEYS:
+                    for k in _ROBUST_STATE_KEYS:
                         st.pop(k, None)
                     st["full_rank"] = True
                     st["pair"] = True
