@@ -75,7 +75,7 @@ def _routes(W: torch.Tensor, S: torch.Tensor, device: torch.device) -> dict:
     seq = lyapunov_sequence(A, "newton")
 
     def solve(method: str) -> torch.Tensor:
-        return apply_lyapunov_sequence(lyapunov_sequence(A, method), C, method)
+        return apply_lyapunov_sequence(lyapunov_sequence(A, method), C)
 
     return {
         "svd": lambda: torch.linalg.svd(W),
@@ -83,7 +83,7 @@ def _routes(W: torch.Tensor, S: torch.Tensor, device: torch.device) -> dict:
         "svd_via_cpu": lambda: [t.to(device) for t in torch.linalg.svd(W.cpu())],
         "eigh_via_cpu": lambda: [t.to(device) for t in torch.linalg.eigh(A.cpu())],
         "newton": lambda: solve("newton"),
-        "newton_2nd_rhs": lambda: apply_lyapunov_sequence(seq, C, "newton"),
+        "newton_2nd_rhs": lambda: apply_lyapunov_sequence(seq, C),
         "schulz": lambda: solve("schulz"),
     }
 
@@ -102,8 +102,8 @@ def bench_solvers(device: torch.device, ranks: list[int], batch: int) -> list[di
         for name, fn in _routes(W, torch.randn(batch, r, r, **kw), device).items():
             row[name] = _time(fn, device)
         A = W @ W.mT
-        row["newton_iters"] = len(lyapunov_sequence(A, "newton"))
-        row["schulz_iters"] = len(lyapunov_sequence(A, "schulz")) - 1
+        row["newton_iters"] = len(lyapunov_sequence(A, "newton").steps)
+        row["schulz_iters"] = len(lyapunov_sequence(A, "schulz").steps)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

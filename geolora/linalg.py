@@ -8,7 +8,8 @@ square of the factors' (DESIGN.md, "Numerics and speed").
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -260,11 +261,36 @@ def solve_lyapunov_core(
 
 #: Methods of :func:`solve_lyapunov_spd`.
 LYAPUNOV_METHODS = ("newton", "schulz")
+#: A batch element counts as converged when ``‖P − I‖_F`` ends below this (quadratic / linear
+#: convergence takes it to ~1e-14 within a few more steps); others get NaN solutions.
+_SIGN_CONVERGED = 1e-6
+#: Largest ``cond_F(A) = ‖A‖_F ‖A⁻¹‖_F`` accepted: the forward error of the iterations is
+#: ~``cond(A)·eps``, so beyond 1e14 (≥ 1 % error) an element gets NaN like a singular one.
+_SIGN_MAX_COND = 1e14
+
+
+@dataclass
+class SignIteration:
+    """The ``C``-independent part of a sign-function iteration for ``A X + X A = C``
+    (:func:`lyapunov_sequence`): ``steps`` — ``(μ, P⁻¹)`` per Newton step or ``(P, P²)`` per
+    Newton–Schulz step; ``scale`` — ``‖A‖_F`` by which Newton–Schulz scales ``Z₀`` (and ``C``);
+    ``failed`` — batch elements where ``A`` was not numerically positive definite, had
+    ``cond_F(A) > 1e14`` or did not converge (their solutions are NaN, so a caller's finiteness
+    check fails instead of using a wrong finite value)."""
+
+    method: str
+    steps: list[tuple[Tensor, ...]]
+    scale: Tensor | None
+    failed: Tensor
+
+
+def _sign_residual(p: Tensor, eye: Tensor) -> Tensor:
+    return (p - eye).flatten(-2).norm(dim=-1)
 
 
 def lyapunov_sequence(
     a: Tensor, method: str = "newton", *, tol: float = 1e-13, max_iter: int | None = None
-) -> list[tuple[Tensor, ...]]:
+) -> SignIteration:
     """The ``C``-independent part of the sign-function iteration for ``A X + X A = C``.
 
     ``sign([[A, −C], [0, −A]]) = [[I, −2X], [0, −I]]`` (DESIGN.md "Numerics and speed"; with
@@ -276,81 +302,88 @@ def lyapunov_sequence(
     * ``"newton"``: scaled Newton ``Z ← ½(μZ + (μZ)⁻¹)``, i.e. ``P ← ½(μP + P⁻¹/μ)`` with ``P⁻¹``
       from a Cholesky factorization and Frobenius scaling ``μ = (‖P⁻¹‖/‖P‖)^{1/2}`` until
       ``‖P − I‖ < 1e-2``; quadratic convergence, about 8–10 steps at ``cond(A) = 1e12``.
-      Entries ``(μ, P⁻¹)``.
     * ``"schulz"``: inverse-free Newton–Schulz ``Z ← ½ Z (3I − Z²)`` from ``Z₀ = Z / ‖A‖_F``;
-      only matrix products (fast batched on GPUs) but linear convergence for small
-      eigenvalues: about ``log_{1.5} cond(A) + 6`` steps. Entries ``(P, P²)``.
+      only matrix products but linear convergence for small eigenvalues: about
+      ``log_{1.5} cond(A) + 6`` steps.
 
-    ``A``: symmetric positive definite, float64, ``(..., r, r)``. Iterates until
-    ``max ‖P − I‖_F < tol`` over the batch (checked every step, one host sync each) or
-    ``max_iter`` (default 40 / 100). Raises ``ValueError`` for an unknown method.
+    ``A``: symmetric positive definite, ``(..., r, r)``, computed in float64. Iterates until
+    ``max ‖P − I‖_F < tol`` over the batch elements that have not failed (one host sync per
+    step) or ``max_iter`` (default 40 / 100). The forward error of ``X`` grows like
+    ``cond(A)·eps``. Raises ``ValueError`` for an unknown method.
     """
     if method not in LYAPUNOV_METHODS:
         raise ValueError(f"method must be one of {LYAPUNOV_METHODS}, got {method!r}")
     a = sym(a.to(torch.float64))
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    seq: list[tuple[Tensor, ...]] = []
+    steps: list[tuple[Tensor, ...]] = []
+    scale: Tensor | None = None
+    a_inv = _spd_inverse(a)  # NaN where A is not numerically positive definite
+    cond = a.flatten(-2).norm(dim=-1) * a_inv.flatten(-2).norm(dim=-1)
+    ill = ~(cond <= _SIGN_MAX_COND)  # also NaN
     if method == "newton":
         max_iter = 40 if max_iter is None else max_iter
-        p, scale = a, True
-        for _ in range(max_iter):
-            chol, _ = torch.linalg.cholesky_ex(p)
-            p_inv = torch.cholesky_inverse(chol)
-            if scale:
+        p, p_inv, scaled = a, a_inv, True
+        for i in range(max_iter):
+            if i:
+                p_inv = _spd_inverse(p)
+            if scaled:
                 mu = (p_inv.flatten(-2).norm(dim=-1) / p.flatten(-2).norm(dim=-1)).sqrt()
                 mu = mu[..., None, None]
             else:
                 mu = torch.ones_like(p[..., :1, :1])
-            seq.append((mu, p_inv))
+            steps.append((mu, p_inv))
             p = sym(0.5 * (mu * p + p_inv / mu))
-            err = float((p - eye).flatten(-2).norm(dim=-1).max())
-            if not math.isfinite(err) or err < tol:
+            err = float(torch.nan_to_num(_sign_residual(p, eye), nan=0.0).max())
+            if err < tol:
                 break
-            scale = scale and err > 1e-2
-        return seq
-    max_iter = 100 if max_iter is None else max_iter
-    norm = a.flatten(-2).norm(dim=-1)[..., None, None]
-    seq.append((norm,))  # the scaling of Z₀, applied to C too
-    p = a / norm
-    for _ in range(max_iter):
-        p2 = p @ p
-        seq.append((p, p2))
-        p = sym(0.5 * p @ (3.0 * eye - p2))
-        err = float((p - eye).flatten(-2).norm(dim=-1).max())
-        if not math.isfinite(err) or err < tol:
-            break
-    return seq
+            scaled = scaled and err > 1e-2
+    else:
+        max_iter = 100 if max_iter is None else max_iter
+        scale = a.flatten(-2).norm(dim=-1)[..., None, None]
+        p = a / scale
+        for _ in range(max_iter):
+            p2 = p @ p
+            steps.append((p, p2))
+            p = sym(0.5 * p @ (3.0 * eye - p2))
+            err = float(torch.nan_to_num(_sign_residual(p, eye), nan=0.0).max())
+            if err < tol:
+                break
+    failed = ill | ~(_sign_residual(p, eye) < _SIGN_CONVERGED)
+    return SignIteration(method, steps, scale, failed)
 
 
-def apply_lyapunov_sequence(
-    seq: list[tuple[Tensor, ...]], c: Tensor, method: str = "newton"
-) -> Tensor:
+def _spd_inverse(p: Tensor) -> Tensor:
+    """``P⁻¹`` by Cholesky; NaN where ``P`` is not numerically positive definite (never a wrong
+    finite inverse from a partial factorization)."""
+    chol, info = torch.linalg.cholesky_ex(p)
+    return torch.where((info != 0)[..., None, None], float("nan"), torch.cholesky_inverse(chol))
+
+
+def apply_lyapunov_sequence(seq: SignIteration, c: Tensor) -> Tensor:
     """``X`` with ``A X + X A = C`` from the :func:`lyapunov_sequence` of ``A`` (float64).
 
     Newton: ``Q ← ½(μQ + P⁻¹QP⁻¹/μ)``; Newton–Schulz: ``Q ← ½(3Q − P²Q + PQP − QP²)``; from
-    ``Q₀ = −C`` (scaled like ``P₀``), ``X = −Q/2``. Shapes ``(..., r, q)``.
+    ``Q₀ = −C`` (scaled like ``Z₀``), ``X = −Q/2``; NaN for the ``failed`` batch elements.
+    Shapes ``(..., r, q)``.
     """
     q = -c.to(torch.float64)
-    if method == "newton":
-        for mu, p_inv in seq:
+    if seq.method == "newton":
+        for mu, p_inv in seq.steps:
             q = 0.5 * (mu * q + (p_inv @ q @ p_inv) / mu)
-        return -0.5 * q
-    if method != "schulz":
-        raise ValueError(f"method must be one of {LYAPUNOV_METHODS}, got {method!r}")
-    (norm,), rest = seq[0], seq[1:]
-    q = q / norm
-    for p, p2 in rest:
-        pq = p @ q
-        q = 0.5 * (3.0 * q - p @ pq + pq @ p - q @ p2)
-    return -0.5 * q
+    else:
+        q = q / seq.scale
+        for p, p2 in seq.steps:
+            pq = p @ q
+            q = 0.5 * (3.0 * q - p @ pq + pq @ p - q @ p2)
+    return torch.where(seq.failed[..., None, None], float("nan"), -0.5 * q)
 
 
-def solve_lyapunov_spd(a: Tensor, c: Tensor, method: str = "newton", **kw) -> Tensor:
+def solve_lyapunov_spd(a: Tensor, c: Tensor, method: str = "newton", **kw: Any) -> Tensor:
     """Solve ``A X + X A = C`` for symmetric positive definite ``A`` by a matrix sign-function
     iteration (no eigendecomposition; see :func:`lyapunov_sequence`). Computed in float64,
-    returned in ``C``'s dtype. Shapes ``(..., r, r)``, ``(..., r, q)``."""
-    x = apply_lyapunov_sequence(lyapunov_sequence(a, method, **kw), c, method)
-    return x.to(c.dtype)
+    returned in ``C``'s dtype (NaN where ``A`` is not numerically positive definite). Shapes
+    ``(..., r, r)``, ``(..., r, q)``."""
+    return apply_lyapunov_sequence(lyapunov_sequence(a, method, **kw), c).to(c.dtype)
 
 
 #: Above this size, batched ``r x r`` eigendecompositions / SVDs of accelerator tensors (both

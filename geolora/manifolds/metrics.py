@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import (
+    SignIteration,
     apply_lyapunov_sequence,
     lyapunov_sequence,
     solve_lyapunov_core,
@@ -129,7 +130,7 @@ class FrameCore:
         self._W_inv: Tensor | None = None
         self._inv: dict[tuple[str, float], Tensor] = {}
         self.solver = "svd" if svd is not None else core_solver(self.RM.device, RM.shape[-1])
-        self._seq: list[tuple[Tensor, ...]] | None = None
+        self._seq: SignIteration | None = None
 
     @classmethod
     def of(cls, frame: Frame) -> FrameCore:
@@ -165,7 +166,7 @@ class FrameCore:
         W = self.W
         if self._seq is None:
             self._seq = lyapunov_sequence(W @ transpose(W), self.solver)
-        return apply_lyapunov_sequence(self._seq, S @ transpose(W), self.solver)
+        return apply_lyapunov_sequence(self._seq, S @ transpose(W))
 
     def inv_t(self, side: str, damping: float = 0.0) -> Tensor:
         """``R (RᵀR + δI)⁻¹`` of ``R_M`` (``side="M"``) or ``R_N`` (``"N"``); ``R⁻ᵀ`` for δ = 0."""
