@@ -505,8 +505,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             bool(torch.isfinite(new.M).all()) and bool(torch.isfinite(new.N).all())
         ):
             raise self._nonfinite_update_error(items)
-        torch._foreach_copy_(Bs, list(new.M.unbind(0)))
-        torch._foreach_copy_(As, list(new.N.transpose(-1, -2).unbind(0)))
+        torch._foreach_copy_(Bs, _write_back_views(new.M, Bs[0]))
+        torch._foreach_copy_(As, _write_back_views(new.N.transpose(-1, -2), As[0]))
         torch._foreach_add_([st["step"] for st in states], 1.0)
         self._commit_state(items, states, work, given, hits)
 
@@ -607,6 +607,16 @@ def _stack_like(ts: list[Tensor]) -> Tensor:
     if t0.dim() == 2 and not t0.is_contiguous() and t0.T.is_contiguous():
         return torch.stack([t.T for t in ts]).mT
     return torch.stack(ts)
+
+
+def _write_back_views(stack: Tensor, like: Tensor) -> list[Tensor]:
+    """``stack[i]`` as views with the parameters' dtype and (contiguous) layout: one conversion
+    kernel for the bucket, after which ``torch._foreach_copy_`` can take its fused multi-tensor
+    route on CUDA (same dtype, same strides) instead of one strided copy kernel per parameter
+    (448 launches per step for 224 pairs on an H100)."""
+    if like.is_contiguous():
+        stack = stack.to(dtype=like.dtype, memory_format=torch.contiguous_format)
+    return list(stack.unbind(0))
 
 
 def _grad(p: Tensor) -> Tensor:
