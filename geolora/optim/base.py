@@ -487,9 +487,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         Bs = [B for _, B, _ in items]
         As = [A for _, _, A in items]
         M = torch.stack(Bs).to(cdt)
-        N = torch.stack([A.T for A in As]).to(cdt)
+        # stack the (contiguous) A's as they are, then one transposing copy: stacking the
+        # transposed views would copy each of them with its own strided kernel on CUDA
+        N = _stack_transposed(As).to(cdt)
         gM = torch.stack([_grad(B) for B in Bs]).to(cdt)
-        gN = torch.stack([_grad(A).T for A in As]).to(cdt)
+        gN = _stack_transposed([_grad(A) for A in As]).to(cdt)
         stacked, hits = self._stacked_state(items, states, keys)
         given = dict(stacked)
         work = dict(stacked)
@@ -607,6 +609,13 @@ def _stack_like(ts: list[Tensor]) -> Tensor:
     if t0.dim() == 2 and not t0.is_contiguous() and t0.T.is_contiguous():
         return torch.stack([t.T for t in ts]).mT
     return torch.stack(ts)
+
+
+def _stack_transposed(ts: list[Tensor]) -> Tensor:
+    """``torch.stack([t.T for t in ts])`` as a contiguous ``(L, cols, rows)`` tensor (same
+    values and layout), built from one batched concatenation of the ``ts`` and one transposing
+    copy."""
+    return torch.stack(ts).transpose(-1, -2).contiguous()
 
 
 def _write_back_views(stack: Tensor, like: Tensor) -> list[Tensor]:
