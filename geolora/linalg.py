@@ -317,7 +317,7 @@ def lyapunov_sequence(
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     steps: list[tuple[Tensor, ...]] = []
     scale: Tensor | None = None
-    a_inv = _spd_inverse(a)  # NaN where A is not numerically positive definite
+    a_inv = spd_inverse(a)  # NaN where A is not numerically positive definite
     cond = a.flatten(-2).norm(dim=-1) * a_inv.flatten(-2).norm(dim=-1)
     ill = ~(cond <= _SIGN_MAX_COND)  # also NaN
     if method == "newton":
@@ -325,7 +325,7 @@ def lyapunov_sequence(
         p, p_inv, scaled = a, a_inv, True
         for i in range(max_iter):
             if i:
-                p_inv = _spd_inverse(p)
+                p_inv = spd_inverse(p)
             if scaled:
                 mu = (p_inv.flatten(-2).norm(dim=-1) / p.flatten(-2).norm(dim=-1)).sqrt()
                 mu = mu[..., None, None]
@@ -352,11 +352,15 @@ def lyapunov_sequence(
     return SignIteration(method, steps, scale, failed)
 
 
-def _spd_inverse(p: Tensor) -> Tensor:
-    """``P⁻¹`` by Cholesky; NaN where ``P`` is not numerically positive definite (never a wrong
-    finite inverse from a partial factorization)."""
+def spd_inverse(p: Tensor) -> Tensor:
+    """``P⁻¹`` of symmetric positive definite ``P`` by Cholesky, batched; NaN where ``P`` is not
+    numerically positive definite (never a wrong finite inverse from a partial factorization,
+    and no singular factor reaches LAPACK, which would raise). Shapes ``(..., r, r)``."""
     chol, info = torch.linalg.cholesky_ex(p)
-    return torch.where((info != 0)[..., None, None], float("nan"), torch.cholesky_inverse(chol))
+    bad = (info != 0)[..., None, None]
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+    inv = torch.cholesky_inverse(torch.where(bad, eye, chol))
+    return torch.where(bad, float("nan"), inv)
 
 
 def apply_lyapunov_sequence(seq: SignIteration, c: Tensor) -> Tensor:

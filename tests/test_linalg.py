@@ -209,6 +209,9 @@ def test_sign_iteration_singular_a_gives_nan_not_a_wrong_solution(method, device
     a, c = w @ w.mT, s @ w.mT
     x = solve_lyapunov_spd(a, c, method)
     assert bool(torch.isnan(x[1]).all())
+    # an exactly singular A (Cholesky fails outright) gives NaN too, not a LinAlgError
+    x0 = solve_lyapunov_spd(torch.zeros_like(a), c, method)
+    assert bool(torch.isnan(x0).all())
     ref = solve_lyapunov_core(w[[0, 2]], s[[0, 2]])
     assert ((x[[0, 2]] - ref).norm() / ref.norm()).item() < 1e-12
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype, mm_t, sym, transpose
+from geolora.linalg import compute_dtype, mm_t, spd_inverse, sym, transpose
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.base import LoRAOptimizer, adamw_update_
 
@@ -37,11 +37,7 @@ def _inv_gram(F: Tensor, damping: float) -> Tensor:
     G = sym(transpose(F64) @ F64)
     if damping:
         G = G + damping * torch.eye(G.shape[-1], dtype=wd, device=G.device)
-    L, info = torch.linalg.cholesky_ex(G)
-    bad = (info != 0).reshape(info.shape + (1, 1))
-    eye = torch.eye(G.shape[-1], dtype=wd, device=G.device)
-    inv = torch.cholesky_inverse(torch.where(bad, eye, L))  # no singular L reaches LAPACK
-    return torch.where(bad, torch.full_like(inv, float("nan")), inv)
+    return spd_inverse(G)
 
 
 def scaled_gradients(x: FactorPoint, g: FactorTangent, damping: float = 0.0) -> FactorTangent:
