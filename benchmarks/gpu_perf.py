@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from geolora.bench.perf import LLAMA7B_SHAPES, MINILM_SHAPES, bench_optimizer_step
+from geolora.bench.perf import LLAMA7B_SHAPES, MINILM_SHAPES, bench_optimizer_step, sync_device
 from geolora.linalg import apply_lyapunov_sequence, lyapunov_sequence
 from geolora.manifolds.metrics import use_core_solver
 
@@ -47,24 +47,20 @@ FACTORED = (
     "stiefel_lora",
 )
 DENSE = ("adams_lm", "adams", "lifted_adam")
+ALL, DENSE_SET = "all pairs", "1/8 of pairs"  # the pair sets of the table
 #: Optimizers built on :class:`~geolora.manifolds.metrics.FrameCore` timed with each solver.
 LIFTED_COMPARED = ("lracs", "lifted_sgd", "adams")
 SHAPES = {"llama7b": LLAMA7B_SHAPES, "minilm": MINILM_SHAPES}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device: torch.device, reps: int = 5) -> float:
     fn()
-    _sync(device)
+    sync_device(device)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         ts.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(ts)
 
@@ -118,11 +114,13 @@ def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
         if r > 32 and device.type != "cpu" and args.compare_solvers:  # first (budget)
             for solver in ("svd", "schulz"):  # "newton" is the default (auto) below
                 for n in LIFTED_COMPARED:
-                    plan.append((n, dense_shapes if n in DENSE else shapes, "", solver))
-        plan += [(n, shapes, "all pairs", "auto") for n in FACTORED]
-        plan += [(n, dense_shapes, "1/8 of pairs", "auto") for n in DENSE]
+                    dense = n in DENSE
+                    plan.append(
+                        (n, dense_shapes if dense else shapes, DENSE_SET if dense else ALL, solver)
+                    )
+        plan += [(n, shapes, ALL, "auto") for n in FACTORED]
+        plan += [(n, dense_shapes, DENSE_SET, "auto") for n in DENSE]
         for name, sh, label, solver in plan:
-            label = label or ("1/8 of pairs" if name in DENSE else "all pairs")
             tag = name if solver == "auto" else f"{name}[{solver}]"
             if time.time() - t0 > args.budget_s:
                 print(f"budget reached, skipping {tag} r={r}", flush=True)
@@ -156,16 +154,16 @@ def profile_steps(names: list[str], rank: int, shapes, device: torch.device, top
         opt = optimizer_factories([name])[name](make_pairs(shapes, rank, device=device), 1e-4)
         for _ in range(3):
             opt.step()
-        _sync(device)
+        sync_device(device)
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(3):
             opt.step()
-        _sync(device)
+        sync_device(device)
         wall, cpu = (time.perf_counter() - t0) / 3e-3, (time.process_time() - c0) / 3e-3
         with profile(activities=acts) as prof:
             for _ in range(3):
                 opt.step()
-            _sync(device)
+            sync_device(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
         out.append(f"### {name}, r = {rank}: {wall:.2f} ms wall, {cpu:.2f} ms CPU per step\n")

@@ -29,28 +29,23 @@ from typing import Any
 
 import torch
 
-from geolora.bench.perf import adamw_factory, make_pairs, optimizer_factories
+from geolora.bench.perf import adamw_factory, make_pairs, optimizer_factories, sync_device
 
 OPTIMIZERS = ("adamw", "adams_lm", "lracs", "lora_rite", "scaledgd")
 LAYERS = (1, 4, 16, 64, 256)
 RANKS = (4, 8, 16, 32, 64)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_step(opt: torch.optim.Optimizer, device, steps: int, warmup: int, clock) -> float:
     """Median time (ms) of ``opt.step()``."""
     for _ in range(warmup):
         opt.step()
-    _sync(device)
+    sync_device(device)
     ts = []
     for _ in range(steps):
         t0 = clock()
         opt.step()
-        _sync(device)
+        sync_device(device)
         ts.append(clock() - t0)
     return 1e3 * statistics.median(ts)
 

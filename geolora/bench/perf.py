@@ -76,7 +76,8 @@ def make_pairs(
     return groups
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op elsewhere. Timers call it around steps."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -95,12 +96,12 @@ def time_steps(
 def _step_times(opt, device: torch.device, steps: int, warmup: int, clock) -> list[float]:
     for _ in range(warmup):
         opt.step()
-    _sync(device)
+    sync_device(device)
     times = []
     for _ in range(steps):
         t0 = clock()
         opt.step()
-        _sync(device)
+        sync_device(device)
         times.append(clock() - t0)
     return times
 
@@ -290,7 +291,7 @@ def bench_training_step(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _sync(device)
+        sync_device(device)
         return time.perf_counter() - t0
 
     results = []
