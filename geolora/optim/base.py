@@ -15,10 +15,17 @@ hyperparameters and step count are stacked into ``(L, m, r)`` tensors and handed
 reference path the tests compare with). Subclasses implement ``_init_pair_state`` and
 ``_update_pairs``; the math lives in the preconditioners, metrics and manifolds.
 
-Between steps each pair's state tensors are views ``buffer[i]`` of one stacked buffer per
-bucket and key, reused by the bucket's next step without re-stacking (the views are ordinary
-tensors for ``state_dict()``; any replaced tensor, e.g. after ``load_state_dict``, is simply
-stacked again). Non-finite gradients are detected with one ``torch._foreach_norm`` call.
+Between steps each pair's state tensors (``step`` included) are views ``buffer[i]`` of one
+stacked buffer per bucket and key, reused by the bucket's next step without re-stacking (the
+views are ordinary tensors for ``state_dict()``; any replaced tensor, e.g. after
+``load_state_dict``, is simply stacked again). Non-finite gradients are detected with one
+``torch._foreach_norm`` call.
+
+A step in which every pair was batched leaves a *plan* (its buckets); the next steps reuse it —
+no per-pair phase decision, hyperparameter key or state look-up, one finiteness check of the
+stacked gradients — while the groups, their items, the pairs' state dicts and which pairs have
+gradients stay the same (anything else re-plans; ``tests/test_step_plan.py``). Every step
+computes all buckets and checks all results before it writes any pair or ordinary parameter.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +53,9 @@ NONFINITE_MODES = ("raise", "skip")
 
 
 def _check_range(name: str, value: float, lo: float, hi: float = math.inf, hi_open=False) -> None:
-    ok = isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
+    ok = (
+        isinstance(value, (int, float)) and lo <= value and (value < hi if hi_open else value <= hi)
+    )
     if not ok:
         rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {rng})")
@@ -232,7 +242,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 f"lora_A is {tuple(A.shape)} (r, in)"
             )
         if r == 0 or r > min(m, n):
-            raise ValueError(f"lora_pair {label!r}: rank r={r} must be in [1, min(out, in)={min(m, n)}]")
+            raise ValueError(
+                f"lora_pair {label!r}: rank r={r} must be in [1, min(out, in)={min(m, n)}]"
+            )
         if B.dtype != A.dtype:
             raise TypeError(f"lora_pair {label!r}: dtype mix, lora_B {B.dtype} vs lora_A {A.dtype}")
         if B.device != A.device:
@@ -296,7 +308,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"{_param_label(group, i)}: sparse gradients are not supported")
+                    raise RuntimeError(
+                        f"{_param_label(group, i)}: sparse gradients are not supported"
+                    )
                 if p.grad.shape != p.shape:
                     raise ValueError(
                         f"{_param_label(group, i)}: gradient shape {tuple(p.grad.shape)} != "
@@ -327,12 +341,25 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        skip = self._check_grads()
-        # Stacked state buffers of the buckets of the previous step (see ``_run_bucket``);
+        # Stacked state buffers of the buckets of the previous step (see ``_stacked_state``);
         # only the buckets of this step are kept.
         self._prev_stacks = getattr(self, "_stacks", {})
         self._stacks = {}
+        plan = self._valid_plan()
+        if plan is None or not self._planned_step(plan):
+            self._plan = self._planning_step()
+        return loss
+
+    def _planning_step(self) -> _StepPlan | None:
+        """The general step: check the gradients, sort every group into the robust start, the
+        AdamW path or a bucket, and run the buckets. Returns the buckets as the plan of the next
+        steps when nothing in this step needs the per-pair decisions again (no skipped group, no
+        pair in or entering the robust start, no pair with one gradient missing, batched mode)."""
+        skip = self._check_grads()
         buckets: dict[tuple, list[tuple[dict, Tensor, Tensor]]] = defaultdict(list)
+        reusable = self.foreach and not skip
+        idle: list[tuple[Tensor, Tensor]] = []
+        other: list[dict] = []
         for group in self.param_groups:
             if id(group) in skip:
                 st = self.state[group["params"][0]]
@@ -341,19 +368,151 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if group.get("lora_pair", False):
                 B, A = group["params"]
                 if B.grad is None and A.grad is None:
+                    idle.append((B, A))
                     continue
+                reusable = reusable and B.grad is not None and A.grad is not None
                 key = self._pair_phase(group, B, A)
                 if key is not None:
                     buckets[key].append((group, B, A))
+                else:
+                    reusable = False
             else:
-                self._adamw_group(group)
-        for items in buckets.values():
-            if self.foreach:
-                self._run_bucket(items)
-            else:
-                for item in items:
-                    self._run_bucket([item])
-        return loss
+                other.append(group)
+        runs = (
+            list(buckets.values()) if self.foreach else [[it] for b in buckets.values() for it in b]
+        )
+        inputs = []
+        for items in runs:
+            for group, B, A in items:
+                st = self.state[B]
+                if "pair" not in st:
+                    st["pair"] = True
+                    st.update(self._init_pair_state(group, B, A))
+            bucket = _PlannedBucket.of(items, self.state)
+            gB = [_grad(B) for B in bucket.Bs]
+            inputs.append((bucket, self._stack_grads(bucket, gB, [_grad(A) for A in bucket.As])))
+        self._run_buckets(inputs)
+        for group in other:  # after the pairs' results passed their check
+            self._adamw_group(group)
+        if not reusable:
+            return None
+        return _StepPlan(
+            groups=list(self.param_groups),
+            checks=[(g, tuple(g.items())) for items in runs for g, _, _ in items],
+            buckets=[_PlannedBucket.of(items, self.state) for items in runs],
+            idle=idle,
+            other=other,
+        )
+
+    def _valid_plan(self) -> _StepPlan | None:
+        """The previous step's plan if it still decides this step: same groups, same
+        hyperparameters (any assignment to a group item, e.g. by an lr schedule, discards it),
+        the same state dicts and step counters (``load_state_dict`` replaces them) and no
+        gradient on a pair that had none."""
+        plan: _StepPlan | None = getattr(self, "_plan", None)
+        if plan is None or not self.foreach:
+            return None
+        groups = self.param_groups
+        if len(groups) != len(plan.groups) or any(a is not b for a, b in zip(groups, plan.groups)):
+            return None
+        try:
+            if any(tuple(g.items()) != items for g, items in plan.checks):
+                return None
+        except RuntimeError:  # a multi-element tensor in a group: cannot tell, re-plan
+            return None
+        state = self.state
+        for b in plan.buckets:
+            if not all(
+                state.get(B) is st and st.get("step") is v
+                for B, st, v in zip(b.Bs, b.states, b.steps)
+            ):
+                return None
+        if any(B.grad is not None or A.grad is not None for B, A in plan.idle):
+            return None
+        return plan
+
+    def _planned_step(self, plan: _StepPlan) -> bool:
+        """Run the plan's buckets after one finiteness check of all gradients. ``False`` (nothing
+        was modified) hands the step to :meth:`_planning_step`, which treats the exceptional
+        cases — a missing, sparse or non-finite gradient — with its exact per-tensor checks."""
+        inputs = []
+        grads: list[Tensor] = []
+        for b in plan.buckets:
+            gB = [B.grad for B in b.Bs]
+            gA = [A.grad for A in b.As]
+            if any(g is None or g.is_sparse for g in gB) or any(
+                g is None or g.is_sparse for g in gA
+            ):
+                return False
+            g = self._stack_grads(b, gB, gA)
+            grads += g
+            inputs.append((b, g))
+        for group in plan.other:
+            for q in group["params"]:
+                if q.grad is not None:
+                    if q.grad.is_sparse:
+                        return False
+                    grads.append(q.grad)
+        if not _all_finite(grads):  # the stacked gradients: a few tensors per step
+            return False
+        self._run_buckets(inputs)
+        for group in plan.other:
+            self._adamw_group(group)
+        return True
+
+    def _stack_grads(self, b: _PlannedBucket, gB: list[Tensor], gA: list[Tensor]) -> FactorTangent:
+        """The bucket's gradients as stacked ``(∇_M, ∇_N)`` in the compute dtype (``∇_N`` stored
+        like ``N``: the (contiguous) A gradients stacked as they are, then one transposing copy —
+        stacking transposed views would copy each with its own strided kernel on CUDA)."""
+        cdt = compute_dtype(b.Bs[0].dtype)
+        return FactorTangent(torch.stack(gB).to(cdt), _stack_transposed(gA).to(cdt))
+
+    def _run_buckets(self, inputs: list[tuple[_PlannedBucket, FactorTangent]]) -> None:
+        """Compute every bucket's update, check all results with one finiteness test (one host
+        synchronisation per step), then write them back: a non-finite result raises before any
+        pair is written."""
+        pending = [self._compute_bucket(b, g) for b, g in inputs]
+        if not _all_finite([t for p in pending for t in (p.new.M, p.new.N)]):
+            for p in pending:  # exact test (a finite result may overflow its norm)
+                if not (
+                    bool(torch.isfinite(p.new.M).all()) and bool(torch.isfinite(p.new.N).all())
+                ):
+                    raise self._nonfinite_update_error(p.bucket.items)
+        for p in pending:
+            self._commit_bucket(p)
+
+    def _compute_bucket(self, b: _PlannedBucket, g: FactorTangent) -> _PendingBucket:
+        """Stack a bucket's factors and states and compute its update from the stacked
+        gradients ``g``; nothing is written (the state buffers handed to ``_update_pairs`` are
+        private copies unless the optimizer is ``functional_state``)."""
+        states = b.states
+        cdt = g.M.dtype
+        keys = [k for k, v in states[0].items() if isinstance(v, Tensor) and k not in _SCALAR_KEYS]
+        M = torch.stack(b.Bs).to(cdt)
+        N = _stack_transposed(b.As).to(cdt)
+        stacked, hits = self._stacked_state(b.items, states, [*keys, "step"])
+        steps = stacked.pop("step")
+        given = dict(stacked)
+        work = dict(stacked)
+        if not self.functional_state:
+            for k in hits & work.keys():  # fresh stacks are private copies already
+                work[k] = stacked[k].clone()
+        step = int(states[0]["step"].item()) + 1
+        try:
+            new = self._update_pairs(b.items[0][0], FactorPoint(M, N), g, work, step)
+        except torch.linalg.LinAlgError as exc:  # e.g. eigh of a NaN matrix
+            raise self._nonfinite_update_error(b.items) from exc
+        return _PendingBucket(b, new, work, given, hits, steps)
+
+    def _commit_bucket(self, p: _PendingBucket) -> None:
+        """Write a computed bucket back: factors, step counters (one stacked buffer whose views
+        are the pairs' ``state["step"]``) and states."""
+        b = p.bucket
+        torch._foreach_copy_(b.Bs, _write_back_views(p.new.M, b.Bs[0]))
+        torch._foreach_copy_(b.As, _write_back_views(p.new.N.transpose(-1, -2), b.As[0]))
+        p.given["step"] = p.steps
+        p.work["step"] = p.steps.add_(1) if "step" in p.hits else p.steps + 1
+        self._commit_state(b.items, b.states, p.work, p.given, p.hits)
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"] if group["other_lr"] is None else group["other_lr"]
@@ -473,46 +632,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 stacked[k] = _stack_like([st[k] for st in states])
         return stacked, hits
 
-    def _run_bucket(self, items: list[tuple[dict, Tensor, Tensor]]) -> None:
-        group0, B0, _ = items[0]
-        cdt = compute_dtype(B0.dtype)
-        states = []
-        for group, B, A in items:
-            st = self.state[B]
-            if "pair" not in st:
-                st["pair"] = True
-                st.update(self._init_pair_state(group, B, A))
-            states.append(st)
-        keys = [k for k, v in states[0].items() if isinstance(v, Tensor) and k not in _SCALAR_KEYS]
-        Bs = [B for _, B, _ in items]
-        As = [A for _, _, A in items]
-        M = torch.stack(Bs).to(cdt)
-        # stack the (contiguous) A's as they are, then one transposing copy: stacking the
-        # transposed views would copy each of them with its own strided kernel on CUDA
-        N = _stack_transposed(As).to(cdt)
-        gM = torch.stack([_grad(B) for B in Bs]).to(cdt)
-        gN = _stack_transposed([_grad(A) for A in As]).to(cdt)
-        stacked, hits = self._stacked_state(items, states, keys)
-        given = dict(stacked)
-        work = dict(stacked)
-        if not self.functional_state:
-            for k in hits:  # fresh stacks are private copies already
-                work[k] = stacked[k].clone()
-        step = int(states[0]["step"].item()) + 1
-        try:
-            new = self._update_pairs(group0, FactorPoint(M, N), FactorTangent(gM, gN), work, step)
-        except torch.linalg.LinAlgError as exc:  # e.g. eigh of a NaN matrix
-            raise self._nonfinite_update_error(items) from exc
-        if not _all_finite([new.M, new.N]) and not (
-            bool(torch.isfinite(new.M).all()) and bool(torch.isfinite(new.N).all())
-        ):
-            raise self._nonfinite_update_error(items)
-        torch._foreach_copy_(Bs, _write_back_views(new.M, Bs[0]))
-        torch._foreach_copy_(As, _write_back_views(new.N.transpose(-1, -2), As[0]))
-        torch._foreach_add_([st["step"] for st in states], 1.0)
-        self._commit_state(items, states, work, given, hits)
-
-    def _nonfinite_update_error(self, items: list[tuple[dict, Tensor, Tensor]]) -> FloatingPointError:
+    def _nonfinite_update_error(
+        self, items: list[tuple[dict, Tensor, Tensor]]
+    ) -> FloatingPointError:
         names = ", ".join(str(g.get("name", "<unnamed>")) for g, _, _ in items)
         return FloatingPointError(
             f"{type(self).__name__}: the update of LoRA pair(s) {names} is not finite "
@@ -548,6 +670,53 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "_stacks"):
             self._stacks = {}
         self._stacks[tuple(id(B) for _, B, _ in items)] = entry
+
+
+@dataclass
+class _PlannedBucket:
+    """One bucket of a :class:`_StepPlan`: its pairs, their state dicts and step counters."""
+
+    items: list[tuple[dict, Tensor, Tensor]]
+    states: list[dict]
+    Bs: list[Tensor]
+    As: list[Tensor]
+    steps: list[Tensor]  # each pair's state["step"] when the plan was made
+
+    @classmethod
+    def of(cls, items: list[tuple[dict, Tensor, Tensor]], state: Any) -> _PlannedBucket:
+        states = [state[B] for _, B, _ in items]
+        return cls(
+            items,
+            states,
+            [B for _, B, _ in items],
+            [A for _, _, A in items],
+            [st["step"] for st in states],
+        )
+
+
+@dataclass
+class _StepPlan:
+    """The buckets of the last step, reused while nothing that decided them has changed (see
+    ``LoRAOptimizer._valid_plan``): the per-pair phase decisions, hyperparameter keys and state
+    look-ups are then skipped, which with hundreds of pairs was most of the step's host time."""
+
+    groups: list[dict]
+    checks: list[tuple[dict, tuple]]  # (pair group, its items) of every bucketed pair
+    buckets: list[_PlannedBucket]
+    idle: list[tuple[Tensor, Tensor]]  # pairs without gradients
+    other: list[dict]  # ordinary (AdamW) groups
+
+
+@dataclass
+class _PendingBucket:
+    """A bucket's computed update, not yet written (see ``LoRAOptimizer._compute_bucket``)."""
+
+    bucket: _PlannedBucket
+    new: FactorPoint
+    work: dict[str, Tensor]
+    given: dict[str, Tensor]
+    hits: set[str]
+    steps: Tensor
 
 
 _SCALAR_KEYS = frozenset({"step", "robust_step", "full_rank", "pair"})
