@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from geolora import linalg
 from geolora.bench.perf import LLAMA7B_SHAPES, MINILM_SHAPES, bench_optimizer_step, sync_device
 from geolora.linalg import apply_lyapunov_sequence, lyapunov_sequence
 from geolora.manifolds.metrics import use_core_solver
@@ -50,6 +52,8 @@ DENSE = ("adams_lm", "adams", "lifted_adam")
 ALL, DENSE_SET = "all pairs", "1/8 of pairs"  # the pair sets of the table
 #: Optimizers built on :class:`~geolora.manifolds.metrics.FrameCore` timed with each solver.
 LIFTED_COMPARED = ("lracs", "lifted_sgd", "adams")
+#: Optimizers whose r > 32 step is dominated by the host route of small decompositions.
+HOST_ROUTED = ("lora_rite", "loram_fr", "loram_br")
 SHAPES = {"llama7b": LLAMA7B_SHAPES, "minilm": MINILM_SHAPES}
 
 
@@ -65,26 +69,37 @@ def _time(fn, device: torch.device, reps: int = 5) -> float:
     return 1e3 * statistics.median(ts)
 
 
-def _routes(W: torch.Tensor, S: torch.Tensor, device: torch.device) -> dict:
-    """The ``r x r`` routes timed by :func:`bench_solvers` for cores ``W``, right-hand sides ``S``."""
+def _routes(W: torch.Tensor, S: torch.Tensor, device: torch.device, threads: int) -> dict:
+    """The ``r x r`` routes timed by :func:`bench_solvers` for cores ``W``, right-hand sides ``S``
+    (``*_via_cpu_threads``: the host route split over ``threads`` workers, :func:`linalg.host_map`)."""
     A, C = W @ W.mT, S @ W.mT
     seq = lyapunov_sequence(A, "newton")
 
     def solve(method: str) -> torch.Tensor:
         return apply_lyapunov_sequence(lyapunov_sequence(A, method), C)
 
+    def threaded(fn, a: torch.Tensor) -> list[torch.Tensor]:
+        old = linalg.HOST_THREADS
+        linalg.set_host_threads(threads)
+        try:
+            return [t.to(device) for t in linalg.host_map(fn, a.cpu())]
+        finally:
+            linalg.set_host_threads(old)
+
     return {
         "svd": lambda: torch.linalg.svd(W),
         "eigh": lambda: torch.linalg.eigh(A),
         "svd_via_cpu": lambda: [t.to(device) for t in torch.linalg.svd(W.cpu())],
         "eigh_via_cpu": lambda: [t.to(device) for t in torch.linalg.eigh(A.cpu())],
+        "svd_via_cpu_threads": lambda: threaded(torch.linalg.svd, W),
+        "eigh_via_cpu_threads": lambda: threaded(torch.linalg.eigh, A),
         "newton": lambda: solve("newton"),
         "newton_2nd_rhs": lambda: apply_lyapunov_sequence(seq, C),
         "schulz": lambda: solve("schulz"),
     }
 
 
-def bench_solvers(device: torch.device, ranks: list[int], batch: int) -> list[dict]:
+def bench_solvers(device: torch.device, ranks: list[int], batch: int, threads: int) -> list[dict]:
     """Median ms of each ``r x r`` route for ``batch`` cores ``W`` (float64, cond 1e2)."""
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
@@ -94,8 +109,8 @@ def bench_solvers(device: torch.device, ranks: list[int], batch: int) -> list[di
         q = torch.linalg.qr(torch.randn(batch, r, r, **kw))[0]
         s = torch.logspace(0, -2, r, dtype=torch.float64, device=device)
         W = (p * s) @ q.mT
-        row: dict = {"rank": r, "batch": batch}
-        for name, fn in _routes(W, torch.randn(batch, r, r, **kw), device).items():
+        row: dict = {"rank": r, "batch": batch, "threads": threads}
+        for name, fn in _routes(W, torch.randn(batch, r, r, **kw), device, threads).items():
             row[name] = _time(fn, device)
         A = W @ W.mT
         row["newton_iters"] = len(lyapunov_sequence(A, "newton").steps)
@@ -118,14 +133,20 @@ def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
                     plan.append(
                         (n, dense_shapes if dense else shapes, DENSE_SET if dense else ALL, solver)
                     )
-        plan += [(n, shapes, ALL, "auto") for n in FACTORED]
-        plan += [(n, dense_shapes, DENSE_SET, "auto") for n in DENSE]
-        for name, sh, label, solver in plan:
+        plan = [(*row, 1) for row in plan]
+        plan += [(n, shapes, ALL, "auto", 1) for n in FACTORED]
+        plan += [(n, dense_shapes, DENSE_SET, "auto", 1) for n in DENSE]
+        if r > 32 and device.type != "cpu" and args.host_threads > 1:  # host route, threaded
+            plan += [(n, shapes, ALL, "auto", args.host_threads) for n in HOST_ROUTED]
+        for name, sh, label, solver, threads in plan:
             tag = name if solver == "auto" else f"{name}[{solver}]"
+            tag = tag if threads == 1 else f"{tag}[host x{threads}]"
             if time.time() - t0 > args.budget_s:
                 print(f"budget reached, skipping {tag} r={r}", flush=True)
                 continue
+            old = linalg.HOST_THREADS
             try:
+                linalg.set_host_threads(threads)
                 with use_core_solver(solver):
                     res = bench_optimizer_step(
                         [name], [r], sh, steps=args.steps, warmup=args.warmup, device=device
@@ -133,6 +154,8 @@ def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
                 res.update(optimizer=tag, set=label)
             except torch.cuda.OutOfMemoryError as exc:
                 res = {"optimizer": tag, "rank": r, "set": label, "error": f"OOM: {exc}"[:200]}
+            finally:
+                linalg.set_host_threads(old)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(res)
@@ -178,9 +201,11 @@ def write_report(out: Path, env: dict, solvers: list[dict], steps: list[dict]) -
     )
     lines = [f"# Optimizer step on {env['device']} (torch {env['torch']}, CUDA {env['cuda']})", ""]
     if solvers:
-        keys = ["svd", "eigh", "svd_via_cpu", "eigh_via_cpu", "newton", "newton_2nd_rhs", "schulz"]
+        keys = ["svd", "eigh", "svd_via_cpu", "eigh_via_cpu", "svd_via_cpu_threads"]
+        keys += ["eigh_via_cpu_threads", "newton", "newton_2nd_rhs", "schulz"]
         lines += [
-            f"## Batched r x r float64 work ({solvers[0]['batch']} cores, cond(W) = 1e2), ms",
+            f"## Batched r x r float64 work ({solvers[0]['batch']} cores, cond(W) = 1e2), ms "
+            f"(threads: {solvers[0]['threads']} host workers)",
             "",
             "| r | " + " | ".join(keys) + " | newton iters | schulz iters |",
             "|---:|" + "---:|" * (len(keys) + 2),
@@ -229,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu"))
     p.add_argument("--profile", nargs="*", default=[], help="optimizers to profile (r = 8)")
     p.add_argument("--profile-top", type=int, default=12)
+    p.add_argument(
+        "--host-threads",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="workers of the threaded host route (solver table; optimizers at r > 32)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -246,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         text = profile_steps(args.profile, 8, SHAPES[args.shapes], device, args.profile_top)
         (args.out / "gpu_profile.txt").write_text(text)
         print(text, flush=True)
-    solvers = bench_solvers(device, args.solver_ranks, npairs)
+    solvers = bench_solvers(device, args.solver_ranks, npairs, args.host_threads)
     write_report(args.out, env, solvers, [])
     steps = bench_steps(args, device, t0)
     write_report(args.out, env, solvers, steps)

@@ -8,7 +8,10 @@ square of the factors' (DESIGN.md, "Numerics and speed").
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -410,11 +413,63 @@ def _on_host(a: Tensor) -> bool:
     )
 
 
+def _env_threads() -> int:
+    raw = os.environ.get("GEOLORA_HOST_THREADS", "1")
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ValueError(f"GEOLORA_HOST_THREADS must be an integer >= 1, got {raw!r}") from None
+    if k < 1:
+        raise ValueError(f"GEOLORA_HOST_THREADS must be an integer >= 1, got {raw!r}")
+    return k
+
+
+#: Worker threads of the host route (:func:`eigh_small`, :func:`eigvalsh_small`,
+#: :func:`svd_small` on accelerators): the CPU batch is split into this many chunks decomposed
+#: concurrently (LAPACK releases the GIL; per-matrix results are identical). ``1`` (default):
+#: one call. Set with :func:`set_host_threads` or ``GEOLORA_HOST_THREADS``.
+HOST_THREADS: int = _env_threads()
+_pool: ThreadPoolExecutor | None = None
+
+
+def set_host_threads(k: int) -> None:
+    """Set :data:`HOST_THREADS` (``ValueError`` unless ``k`` is an integer >= 1)."""
+    global HOST_THREADS, _pool
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"host threads must be an integer >= 1, got {k!r}")
+    HOST_THREADS = k
+    if _pool is not None and _pool._max_workers != k:  # noqa: SLF001
+        _pool.shutdown(wait=True)
+        _pool = None
+
+
+def host_map(fn: Any, a: Tensor) -> Any:
+    """``fn(a)`` for a batch ``a`` of matrices on the CPU, computed as :data:`HOST_THREADS`
+    chunks of the batch in a thread pool when that is > 1 (``fn`` returns a tensor or a tuple
+    of tensors with the batch dimensions of ``a`` in front)."""
+    global _pool
+    k = HOST_THREADS
+    flat = a.reshape(-1, *a.shape[-2:])
+    if k <= 1 or flat.shape[0] < 2 * k:
+        return fn(a)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(k, thread_name_prefix="geolora-linalg")
+    outs = list(_pool.map(fn, flat.chunk(k)))
+
+    def join(parts: list[Tensor]) -> Tensor:
+        t = torch.cat(parts)
+        return t.reshape(*a.shape[:-2], *t.shape[1:])
+
+    if isinstance(outs[0], Tensor):
+        return join(outs)
+    return tuple(join(list(p)) for p in zip(*outs))
+
+
 def eigh_small(a: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` of a batch of small symmetric matrices, through the CPU on
     accelerators above :data:`HOST_DECOMPOSITION_ABOVE` (same results up to rounding)."""
     if _on_host(a):
-        lam, q = torch.linalg.eigh(a.cpu())
+        lam, q = host_map(torch.linalg.eigh, a.cpu())
         return lam.to(a.device), q.to(a.device)
     return torch.linalg.eigh(a)
 
@@ -422,13 +477,13 @@ def eigh_small(a: Tensor) -> tuple[Tensor, Tensor]:
 def eigvalsh_small(a: Tensor) -> Tensor:
     """``torch.linalg.eigvalsh`` with the routing of :func:`eigh_small`."""
     if _on_host(a):
-        return torch.linalg.eigvalsh(a.cpu()).to(a.device)
+        return host_map(torch.linalg.eigvalsh, a.cpu()).to(a.device)
     return torch.linalg.eigvalsh(a)
 
 
 def svd_small(a: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.linalg.svd`` of a batch of small matrices with the routing of :func:`eigh_small`."""
     if _on_host(a):
-        out = torch.linalg.svd(a.cpu(), full_matrices=full_matrices)
+        out = host_map(partial(torch.linalg.svd, full_matrices=full_matrices), a.cpu())
         return tuple(t.to(a.device) for t in out)  # type: ignore[return-value]
     return torch.linalg.svd(a, full_matrices=full_matrices)
