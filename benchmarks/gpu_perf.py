@@ -187,10 +187,11 @@ def profile_steps(names: list[str], rank: int, shapes, device: torch.device, top
             for _ in range(3):
                 opt.step()
             sync_device(device)
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
         out.append(f"### {name}, r = {rank}: {wall:.2f} ms wall, {cpu:.2f} ms CPU per step\n")
-        out.append("```\n" + table + "\n```\n")
+        keys = ["self_cuda_time_total"] if device.type == "cuda" else []
+        for key in [*keys, "self_cpu_time_total"]:  # device time, then host time per operator
+            table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
+            out.append(f"sorted by {key}:\n```\n" + table + "\n```\n")
         del opt
     return "\n".join(out)
 

@@ -792,8 +792,10 @@ def _write_back_views(stack: Tensor, like: Tensor) -> list[Tensor]:
     kernel for the bucket, after which ``torch._foreach_copy_`` can take its fused multi-tensor
     route on CUDA (same dtype, same strides) instead of one strided copy kernel per parameter
     (448 launches per step for 224 pairs on an H100)."""
-    if like.is_contiguous():
-        stack = stack.to(dtype=like.dtype, memory_format=torch.contiguous_format)
+    stack = stack.to(like.dtype)
+    if like.is_contiguous() and not stack.is_contiguous():
+        # (``.to(memory_format=...)`` returns a same-dtype tensor unchanged, whatever its layout)
+        stack = stack.contiguous()
     return list(stack.unbind(0))
 
 
