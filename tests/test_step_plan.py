@@ -43,9 +43,10 @@ def _loss(pairs, w, targets) -> torch.Tensor:
     return loss + (w.sum() - 1.0) ** 2
 
 
-def _build(entry: ZooEntry, groups, plan: bool):
+def _build(entry: ZooEntry, groups, plan: bool, in_place: bool | None = None):
     kw = {"robust_steps": 0} if entry.robust_start else {}
     opt = entry.factory(groups, **kw)
+    opt.commit_in_place = in_place
     used = [0]
     if plan:
         planned = opt._planned_step
@@ -70,9 +71,11 @@ def _snapshot(opt, params) -> list[torch.Tensor]:
     return out
 
 
-def _train(entry: ZooEntry, plan: bool, device: torch.device | str = "cpu"):
+def _train(
+    entry: ZooEntry, plan: bool, device: torch.device | str = "cpu", in_place: bool | None = None
+):
     pairs, w, targets, groups = _model(device=device)
-    opt, used = _build(entry, groups, plan)
+    opt, used = _build(entry, groups, plan, in_place)
     for k in range(10):
         if k == 3:  # one pair of the bucket of three gets its own learning rate
             opt.param_groups[1]["lr"] = 0.5 * opt.param_groups[1]["lr"]
@@ -173,3 +176,39 @@ def test_nonfinite_result_in_one_bucket_writes_no_bucket(planned: bool) -> None:
         opt.step()
     for a, b in zip(before, _snapshot(opt, params)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
+def test_in_place_commit_equals_new_views_bitwise(entry: ZooEntry) -> None:
+    """``commit_in_place`` (the accelerator default: results copied into persistent buffers and a
+    staging buffer for the factors, views made once) == new views of the new tensors."""
+    got, _, _ = _train(entry, plan=True, in_place=True)
+    want, _, _ = _train(entry, plan=True, in_place=False)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_in_place_commit_keeps_the_state_views(in_place: bool) -> None:
+    """In place, a planned step leaves each pair's state tensors the same objects (views of the
+    same buffers, updated); otherwise they are new views."""
+    entry = next(e for e in ZOO if e.name == "lora_rite")
+    pairs, w, targets, groups = _model()
+    opt, used = _build(entry, groups, plan=True, in_place=in_place)
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(pairs, w, targets).backward()
+        opt.step()
+    B = pairs[0][0]
+    before = dict(opt.state[B])
+    value = opt.state[B]["exp_avg_M"].clone()
+    opt.zero_grad()
+    _loss(pairs, w, targets).backward()
+    opt.step()
+    assert used[0] == 2
+    assert not torch.equal(opt.state[B]["exp_avg_M"], value)  # the state did change
+    keys = [k for k, v in before.items() if isinstance(v, torch.Tensor)]
+    keys = [k for k in keys if k not in ("step", "robust_step")]  # 0-d counters: never new
+    assert len(keys) == 8
+    same = [opt.state[B][k] is before[k] for k in keys]
+    assert all(same) if in_place else not any(same)
