@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -133,14 +132,15 @@ def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
                     plan.append(
                         (n, dense_shapes if dense else shapes, DENSE_SET if dense else ALL, solver)
                     )
-        plan = [(*row, 1) for row in plan]
-        plan += [(n, shapes, ALL, "auto", 1) for n in FACTORED]
-        plan += [(n, dense_shapes, DENSE_SET, "auto", 1) for n in DENSE]
-        if r > 32 and device.type != "cpu" and args.host_threads > 1:  # host route, threaded
-            plan += [(n, shapes, ALL, "auto", args.host_threads) for n in HOST_ROUTED]
+        k = args.host_threads
+        plan = [(*row, k) for row in plan]
+        plan += [(n, shapes, ALL, "auto", k) for n in FACTORED]
+        plan += [(n, dense_shapes, DENSE_SET, "auto", k) for n in DENSE]
+        if r > 32 and device.type != "cpu" and k > 1:  # the host route as one batched call
+            plan += [(n, shapes, ALL, "auto", 1) for n in HOST_ROUTED]
         for name, sh, label, solver, threads in plan:
             tag = name if solver == "auto" else f"{name}[{solver}]"
-            tag = tag if threads == 1 else f"{tag}[host x{threads}]"
+            tag = tag if threads == k else f"{tag}[host x{threads}]"
             if time.time() - t0 > args.budget_s:
                 print(f"budget reached, skipping {tag} r={r}", flush=True)
                 continue
@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--host-threads",
         type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="workers of the threaded host route (solver table; optimizers at r > 32)",
+        default=linalg.HOST_THREADS,
+        help="workers of the host route (linalg.host_map): the solver table's threaded columns "
+        "and every optimizer row; at r > 32 three optimizers are also timed with 1 worker",
     )
     args = p.parse_args(argv)
     device = torch.device(args.device)
