@@ -212,3 +212,64 @@ def test_in_place_commit_keeps_the_state_views(in_place: bool) -> None:
     assert len(keys) == 8
     same = [opt.state[B][k] is before[k] for k in keys]
     assert all(same) if in_place else not any(same)
+
+
+def _train_scheduled(entry: ZooEntry, plan: bool, robust_change: bool = False):
+    """10 steps under an lr schedule that assigns every group's lr each step (LambdaLR);
+    ``robust_change``: at step 5 every group asks for more robust-start steps (the buckets'
+    hyperparameter keys stay equal within each bucket)."""
+    pairs, w, targets, groups = _model()
+    opt, used = _build(entry, groups, plan)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + 0.3 * k))
+    for k in range(10):
+        if robust_change and k == 5:
+            for g in opt.param_groups:  # every pair goes back to the AdamW start
+                if "robust_steps" in g:
+                    g["robust_steps"] = 8
+        opt.zero_grad()
+        _loss(pairs, w, targets).backward()
+        opt.step()
+        sched.step()
+    params = [p for B, A in pairs for p in (B, A)] + [w]
+    return _snapshot(opt, params), used[0]
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
+def test_plan_survives_an_lr_schedule_bitwise(entry: ZooEntry) -> None:
+    """A schedule changes every group's lr each step without changing the buckets: the plan is
+    kept (its items are refreshed) and the result equals the general path bit for bit."""
+    got, used = _train_scheduled(entry, plan=True)
+    want, _ = _train_scheduled(entry, plan=False)
+    assert used >= 8, f"the step plan was used in only {used} of 10 scheduled steps"
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["lora_rite", "scaled_gd", "loram_br"])
+def test_plan_follows_a_robust_steps_change(name: str) -> None:
+    """Raising ``robust_steps`` sends the pairs back to the AdamW start: re-planned."""
+    entry = next(e for e in ZOO if e.name == name)
+    got, _ = _train_scheduled(entry, plan=True, robust_change=True)
+    want, _ = _train_scheduled(entry, plan=False, robust_change=True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_buckets_merge_again_when_hyperparameters_become_equal() -> None:
+    """A pair given its own lr leaves its bucket; given the common lr back, the plan is rebuilt
+    with the pairs merged again (as the general path would group them)."""
+    entry = next(e for e in ZOO if e.name == "lora_rite")
+    pairs, w, targets, groups = _model()
+    opt, _ = _build(entry, groups, plan=True)
+    lr = opt.param_groups[1]["lr"]
+    sizes = []
+    for k in range(6):
+        if k == 2:
+            opt.param_groups[1]["lr"] = 0.5 * lr
+        if k == 4:
+            opt.param_groups[1]["lr"] = lr
+        opt.zero_grad()
+        _loss(pairs, w, targets).backward()
+        opt.step()
+        sizes.append(sorted(len(b.items) for b in opt._plan.buckets))
+    assert sizes == [[1, 3]] * 2 + [[1, 1, 2]] * 2 + [[1, 3]] * 2

@@ -416,10 +416,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if len(groups) != len(plan.groups) or any(a is not b for a, b in zip(groups, plan.groups)):
             return None
         try:
-            if any(tuple(g.items()) != items for g, items in plan.checks):
-                return None
+            changed = [(g, items) for g, items in plan.checks if tuple(g.items()) != items]
         except RuntimeError:  # a multi-element tensor in a group: cannot tell, re-plan
             return None
+        if changed:  # e.g. an lr schedule: keep the plan if the buckets stay what they were
+            if not self._buckets_hold(plan, changed):
+                return None
+            plan.checks = [(g, tuple(g.items())) for g, _ in plan.checks]
         state = self.state
         for b in plan.buckets:
             if not all(
@@ -430,6 +433,26 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if any(B.grad is not None or A.grad is not None for B, A in plan.idle):
             return None
         return plan
+
+    def _buckets_hold(self, plan: _StepPlan, changed: list[tuple[dict, tuple]]) -> bool:
+        """After some groups' items changed: ``True`` if the general path would still form the
+        plan's buckets — every bucket's groups have one hyperparameter key, no two buckets would
+        merge, and no pair's phase can change (its ``robust_steps`` is the same)."""
+        for g, items in changed:
+            if dict(items).get("robust_steps") != g.get("robust_steps"):
+                return False
+        seen = set()
+        for b in plan.buckets:
+            hp = {self._hyperparameter_key(g) for g, _, _ in b.items}
+            if len(hp) != 1:
+                return False
+            B, A = b.Bs[0], b.As[0]
+            key = (tuple(B.shape), tuple(A.shape), B.dtype, B.device, int(b.steps[0].item()))
+            key += (hp.pop(),)
+            if key in seen:
+                return False
+            seen.add(key)
+        return True
 
     def _planned_step(self, plan: _StepPlan) -> bool:
         """Run the plan's buckets after one finiteness check of all gradients. ``False`` (nothing
