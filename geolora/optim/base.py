@@ -23,8 +23,9 @@ views are ordinary tensors for ``state_dict()``; any replaced tensor, e.g. after
 
 A step in which every pair was batched leaves a *plan* (its buckets); the next steps reuse it —
 no per-pair phase decision, hyperparameter key or state look-up, one finiteness check of the
-stacked gradients — while the groups, their items, the pairs' state dicts and which pairs have
-gradients stay the same (anything else re-plans; ``tests/test_step_plan.py``). Every step
+stacked gradients — while the groups, the pairs' state dicts and which pairs have gradients
+stay the same and changed group items (an lr schedule) leave the buckets as they were (anything
+else re-plans; ``tests/test_step_plan.py``). Every step
 computes all buckets and checks all results before it writes any pair or ordinary parameter.
 """
 
