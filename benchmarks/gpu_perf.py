@@ -78,12 +78,8 @@ def _routes(W: torch.Tensor, S: torch.Tensor, device: torch.device, threads: int
         return apply_lyapunov_sequence(lyapunov_sequence(A, method), C)
 
     def threaded(fn, a: torch.Tensor) -> list[torch.Tensor]:
-        old = linalg.HOST_THREADS
-        linalg.set_host_threads(threads)
-        try:
+        with linalg.use_host_threads(threads):
             return [t.to(device) for t in linalg.host_map(fn, a.cpu())]
-        finally:
-            linalg.set_host_threads(old)
 
     return {
         "svd": lambda: torch.linalg.svd(W),
@@ -144,18 +140,14 @@ def bench_steps(args, device: torch.device, t0: float) -> list[dict]:
             if time.time() - t0 > args.budget_s:
                 print(f"budget reached, skipping {tag} r={r}", flush=True)
                 continue
-            old = linalg.HOST_THREADS
             try:
-                linalg.set_host_threads(threads)
-                with use_core_solver(solver):
+                with use_core_solver(solver), linalg.use_host_threads(threads):
                     res = bench_optimizer_step(
                         [name], [r], sh, steps=args.steps, warmup=args.warmup, device=device
                     )[0].to_dict()
                 res.update(optimizer=tag, set=label)
             except torch.cuda.OutOfMemoryError as exc:
                 res = {"optimizer": tag, "rank": r, "set": label, "error": f"OOM: {exc}"[:200]}
-            finally:
-                linalg.set_host_threads(old)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(res)

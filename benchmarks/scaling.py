@@ -22,32 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from geolora.bench.perf import adamw_factory, make_pairs, optimizer_factories, sync_device
+from geolora.bench.perf import adamw_factory, make_pairs, optimizer_factories, time_steps
 
 OPTIMIZERS = ("adamw", "adams_lm", "lracs", "lora_rite", "scaledgd")
 LAYERS = (1, 4, 16, 64, 256)
 RANKS = (4, 8, 16, 32, 64)
-
-
-def time_step(opt: torch.optim.Optimizer, device, steps: int, warmup: int, clock) -> float:
-    """Median time (ms) of ``opt.step()``."""
-    for _ in range(warmup):
-        opt.step()
-    sync_device(device)
-    ts = []
-    for _ in range(steps):
-        t0 = clock()
-        opt.step()
-        sync_device(device)
-        ts.append(clock() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def build(name: str, layers: int, rank: int, device, foreach: bool = True) -> torch.optim.Optimizer:
@@ -79,16 +64,16 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.optimizers:
         rows = []
         for n in layers:
-            row = {"layers": n, "ms": time_step(build(name, n, args.rank, device), device, args.steps, args.warmup, clock)}
+            row = {"layers": n, "ms": time_steps(build(name, n, args.rank, device), device, args.steps, args.warmup, clock)}
             if name != "adamw" and n <= args.max_looped_layers:
                 looped = build(name, n, args.rank, device, foreach=False)
-                row["looped_ms"] = time_step(looped, device, args.steps, args.warmup, clock)
+                row["looped_ms"] = time_steps(looped, device, args.steps, args.warmup, clock)
             rows.append(row)
             print(f"{name:10s} layers={n:4d}: {row}", flush=True)
         out["layers"][name] = rows
         rows = []
         for r in ranks:
-            ms = time_step(build(name, args.layers_for_rank, r, device), device, args.steps, args.warmup, clock)
+            ms = time_steps(build(name, args.layers_for_rank, r, device), device, args.steps, args.warmup, clock)
             rows.append({"rank": r, "ms": ms})
             print(f"{name:10s} r={r:3d}: {ms:.2f} ms", flush=True)
         out["rank"][name] = rows

@@ -9,7 +9,9 @@ square of the factors' (DESIGN.md, "Numerics and speed").
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -446,6 +448,17 @@ def set_host_threads(k: int) -> None:
     if _pool is not None and _pool._max_workers != k:  # noqa: SLF001
         _pool.shutdown(wait=True)
         _pool = None
+
+
+@contextmanager
+def use_host_threads(k: int) -> Iterator[None]:
+    """``with use_host_threads(k):`` — :data:`HOST_THREADS` is ``k`` inside the block."""
+    old = HOST_THREADS
+    set_host_threads(k)
+    try:
+        yield
+    finally:
+        set_host_threads(old)
 
 
 def host_map(fn: Any, a: Tensor) -> Any:

@@ -243,15 +243,13 @@ def test_host_map_threads_give_the_same_bits():
     s = a + a.mT
     ref = (torch.linalg.eigh(s), torch.linalg.eigvalsh(s), torch.linalg.svd(a))
     old = linalg.HOST_THREADS
-    try:
-        linalg.set_host_threads(3)
+    with linalg.use_host_threads(3):
         got = (
             linalg.host_map(torch.linalg.eigh, s),
             linalg.host_map(torch.linalg.eigvalsh, s),
             linalg.host_map(torch.linalg.svd, a),
         )
-    finally:
-        linalg.set_host_threads(old)
+    assert linalg.HOST_THREADS == old
     assert torch.equal(got[1], ref[1])
     for g, r in ((got[0], ref[0]), (got[2], ref[2])):
         assert len(g) == len(r)
