@@ -400,7 +400,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         return _StepPlan(
             groups=list(self.param_groups),
             checks=[(g, tuple(g.items())) for items in runs for g, _, _ in items],
-            buckets=[_PlannedBucket.of(items, self.state) for items in runs],
+            buckets=[b for b, _ in inputs],  # with their step views and staging buffers
             idle=idle,
             other=other,
         )
@@ -537,6 +537,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         p.given["step"] = p.steps
         p.work["step"] = p.steps.add_(1) if "step" in p.hits else p.steps + 1
         self._commit_state(b.items, b.states, p.work, p.given, p.hits)
+        if "step" not in p.hits:  # the pairs' step counters are new views
+            b.steps = [st["step"] for st in b.states]
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"] if group["other_lr"] is None else group["other_lr"]
@@ -736,7 +738,7 @@ class _PlannedBucket:
     states: list[dict]
     Bs: list[Tensor]
     As: list[Tensor]
-    steps: list[Tensor]  # each pair's state["step"] when the plan was made
+    steps: list[Tensor]  # each pair's state["step"] (the views after the last commit)
     staging: dict[str, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
 
     @classmethod
