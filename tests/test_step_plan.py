@@ -49,16 +49,16 @@ def _build(entry: ZooEntry, groups, plan: bool, in_place: bool | None = None):
     opt.commit_in_place = in_place
     used = [0]
     if plan:
-        planned = opt._planned_step
+        planned = opt.engine._planned_step
 
         def counting(p):
             ok = planned(p)
             used[0] += ok
             return ok
 
-        opt._planned_step = counting
+        opt.engine._planned_step = counting
     else:
-        opt._valid_plan = lambda: None  # every step takes the general path
+        opt.engine._valid_plan = lambda: None  # every step takes the general path
     return opt, used
 
 
@@ -167,11 +167,11 @@ def test_nonfinite_result_in_one_bucket_writes_no_bucket(planned: bool) -> None:
 
     opt._update_pairs = poisoned
     if not planned:
-        opt._valid_plan = lambda: None
+        opt.engine._valid_plan = lambda: None
     before = _snapshot(opt, params)
     opt.zero_grad()
     _loss(pairs, w, targets).backward()
-    assert (opt._valid_plan() is not None) == planned
+    assert (opt.engine._valid_plan() is not None) == planned
     with pytest.raises(FloatingPointError, match="layer3"):
         opt.step()
     for a, b in zip(before, _snapshot(opt, params)):
@@ -271,5 +271,5 @@ def test_buckets_merge_again_when_hyperparameters_become_equal() -> None:
         opt.zero_grad()
         _loss(pairs, w, targets).backward()
         opt.step()
-        sizes.append(sorted(len(b.items) for b in opt._plan.buckets))
+        sizes.append(sorted(len(b.items) for b in opt.engine.plan.buckets))
     assert sizes == [[1, 3]] * 2 + [[1, 1, 2]] * 2 + [[1, 3]] * 2

@@ -98,8 +98,15 @@ def load_optimizer_state(
             "torch.load(weights_only=True) does not allow (nothing from it was executed). Only "
             f"load checkpoints you trust. Details: {exc}"
         ) from None
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable torch checkpoint: {exc}") from exc
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+        # A truncated or corrupted file fails inside the zip reader or the unpickler with one
+        # of several exception types depending on where it was cut.
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable torch checkpoint (truncated or corrupted?): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     if not (isinstance(obj, dict) and "state" in obj and "param_groups" in obj):
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(

@@ -42,7 +42,7 @@ from geolora.manifolds.metrics import (
 )
 from geolora.manifolds.quotient import assemble_lift
 from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
-from geolora.optim.base import LoRAOptimizer, validate_betas
+from geolora.optim.base import LoRAOptimizer
 from geolora.optim.preconditioners import (
     AdamPreconditioner,
     Descent,
@@ -50,6 +50,7 @@ from geolora.optim.preconditioners import (
     Preconditioner,
     StepContext,
 )
+from geolora.optim.validation import validate_betas
 
 DECAY_MODES = ("decoupled", "l2")
 

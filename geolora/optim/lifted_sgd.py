@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from geolora.manifolds.metrics import QuotientMetric
-from geolora.optim.base import _check_range
 from geolora.optim.lifted import LiftedOptimizer
 from geolora.optim.preconditioners import HeavyBall, IdentityPreconditioner
+from geolora.optim.validation import check_range as _check_range
 
 
 class LiftedSGD(LiftedOptimizer):

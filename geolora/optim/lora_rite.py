@@ -136,12 +136,9 @@ class LoRARite(LoRAOptimizer):
 
     functional_state = True  # _update_pairs only assigns new tensors to state keys
 
-    def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
-        if group.get("pinv", False):
-            # Pseudo-inverses handle rank-deficient factors: skip the rank check that would
-            # send the pair to the AdamW robust start.
-            self.state[B].setdefault("full_rank", True)
-        return super()._pair_phase(group, B, A)
+    def requires_full_rank(self, group: dict[str, Any]) -> bool:
+        # Pseudo-inverses handle rank-deficient factors: no robust start needed.
+        return not group.get("pinv", False)
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
         m, r = B.shape

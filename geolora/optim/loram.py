@@ -123,8 +123,10 @@ from geolora.manifolds.types import (
     FixedRankPoint,
     FixedRankTangent,
 )
-from geolora.optim.base import _ROBUST_STATE_KEYS, LoRAOptimizer, _check_range
+from geolora.optim.adamw import ROBUST_STATE_KEYS, PendingAdamW
+from geolora.optim.base import LoRAOptimizer
 from geolora.optim.riemannian import adam_direction
+from geolora.optim.validation import check_range as _check_range
 from geolora.retractions.bounded_rank import NUCLEAR_MODES, singular_value_threshold
 from geolora.retractions.fixed_rank import thin_qr
 
@@ -583,31 +585,28 @@ class ManifoldPairOptimizer(LoRAOptimizer):
         """``(M, N) = (B, Aᵀ)`` represented by the point stored in ``state``."""
         raise NotImplementedError
 
-    def _entry_policy(self, B: Tensor, A: Tensor) -> str:
-        """``"enter"``, ``"refactor"`` or ``"robust"`` for a pair not yet on the manifold."""
+    # Groups saved before these options existed resume the box (see ``_transports_v``).
+    optional_on_load = frozenset({"second_moment_transport", "momentum_bound"})
+
+    def _entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
+        """``"enter"``, ``"refactor"`` or ``"robust"`` for a pair not yet on the manifold (the
+        base class's conditioning test of ``X`` is not used: the re-factoring removes the
+        gauge)."""
         return "enter"
 
-    def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
-        st = self.state[B]
-        if "pair" not in st:
-            if "step" not in st:
-                st["step"] = torch.tensor(0.0)
-                st["robust_step"] = torch.tensor(0.0)
-            if int(st["robust_step"].item()) >= group["robust_steps"]:
-                policy = self._entry_policy(B, A)
-                if policy == "refactor":
-                    for k in _ROBUST_STATE_KEYS:
-                        st.pop(k, None)
-                    st["full_rank"] = True
-                    st["pair"] = True
-                    st.update(self._init_pair_state(group, B, A))
-                    f = self._point_factors(st)
-                    B.copy_(f.M)
-                    A.copy_(transpose(f.N))
-                    return None
-                if policy == "enter":
-                    st["full_rank"] = True  # skips the base class's conditioning test
-        return super()._pair_phase(group, B, A)
+    def _refactor_update(
+        self, group: dict, B: Tensor, A: Tensor, work: dict, st: dict, label: str
+    ) -> PendingAdamW:
+        """Enter the manifold without an update: the point's factors (same ``X``) are written to
+        ``B``, ``A`` and its state stored, when the step is committed."""
+        f = self._point_factors(work)
+        return PendingAdamW(
+            [group],
+            label,
+            targets=[B, A],
+            values=[f.M.to(B.dtype), transpose(f.N).to(A.dtype)],
+            states=[(st, work, ROBUST_STATE_KEYS)],
+        )
 
     @staticmethod
     def _adam(group: dict[str, Any], man: Any, pt: Any, grad: Any, state, step: int, average=None):
@@ -722,7 +721,7 @@ class LoRAMFixedRank(ManifoldPairOptimizer):
         super()._validate_hyperparameters(group)
         self._validate_adam(group)
 
-    def _entry_policy(self, B: Tensor, A: Tensor) -> str:
+    def _entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
         return "robust" if rank_deficient(B) or rank_deficient(A.T) else "enter"
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
@@ -914,7 +913,7 @@ class LoRAMBoundedRank(ManifoldPairOptimizer):
                 f"invalid nuclear_mode: {group['nuclear_mode']!r} (expected one of {NUCLEAR_MODES})"
             )
 
-    def _entry_policy(self, B: Tensor, A: Tensor) -> str:
+    def _entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
         return "refactor" if rank_deficient(A.T) else "enter"
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:

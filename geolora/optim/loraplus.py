@@ -65,10 +65,8 @@ class LoRAPlus(LoRAOptimizer):
         if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
             raise ValueError(f"invalid ratio: {ratio!r} (expected a finite number > 0)")
 
-    def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
-        # Plain AdamW needs no full-rank factors: never divert B = 0 to the robust start.
-        self.state[B].setdefault("full_rank", True)
-        return super()._pair_phase(group, B, A)
+    def requires_full_rank(self, group: dict[str, Any]) -> bool:
+        return False  # plain AdamW needs no full-rank factors: B = 0 needs no robust start
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
         return adamw_pair_state(B, A)

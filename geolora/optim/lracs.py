@@ -6,9 +6,9 @@ import math
 from typing import Any
 
 from geolora.manifolds.metrics import QuotientMetric
-from geolora.optim.base import _check_range
 from geolora.optim.lifted import LiftedOptimizer, balanced_representative_norm
 from geolora.optim.preconditioners_racs import RACSPreconditioner
+from geolora.optim.validation import check_range as _check_range
 
 
 class LRACS(LiftedOptimizer):

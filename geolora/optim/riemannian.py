@@ -41,7 +41,8 @@ from torch import Tensor
 
 from geolora.manifolds.base import Manifold, tree_leaves, tree_map
 from geolora.manifolds.euclidean import Euclidean
-from geolora.optim.base import _check_range, validate_betas
+from geolora.optim.validation import check_range as _check_range
+from geolora.optim.validation import validate_betas
 
 __all__ = [
     "ManifoldParameter",

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from geolora.linalg import compute_dtype, mm_t, spd_inverse, sym, transpose
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import LoRAOptimizer, adamw_update_
+from geolora.optim.adamw import adamw_update_
+from geolora.optim.base import LoRAOptimizer
 
 __all__ = [
     "RiemannianPreconditionedAdamW",
@@ -55,10 +56,8 @@ def scaled_gradients(x: FactorPoint, g: FactorTangent, damping: float = 0.0) -> 
 class _DampedPairs(LoRAOptimizer):
     """Shared hook: with damping δ > 0 a rank-deficient pair (``B = 0``) needs no robust start."""
 
-    def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
-        if group.get("damping", 0.0) > 0:
-            self.state[B].setdefault("full_rank", True)
-        return super()._pair_phase(group, B, A)
+    def requires_full_rank(self, group: dict[str, Any]) -> bool:
+        return not group.get("damping", 0.0) > 0
 
 
 class ScaledGD(_DampedPairs):

@@ -32,9 +32,9 @@ from geolora.linalg import eigh_small, sym, transpose
 from geolora.manifolds.frame import tangent_to_factors
 from geolora.manifolds.metrics import QuotientMetric
 from geolora.manifolds.types import FixedRankTangent
-from geolora.optim.base import _check_range
 from geolora.optim.lifted import LiftedOptimizer
 from geolora.optim.preconditioners import LowRank, StepContext
+from geolora.optim.validation import check_range as _check_range
 
 
 def psd_factor(C: Tensor) -> Tensor:

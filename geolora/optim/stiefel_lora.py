@@ -28,7 +28,7 @@ from torch import Tensor
 from geolora.linalg import compute_dtype, qf, qr_pos, transpose
 from geolora.manifolds.stiefel import Stiefel
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import adamw_update_
+from geolora.optim.adamw import adamw_update_
 from geolora.optim.loram import ManifoldPairOptimizer, rank_deficient, right_solve
 from geolora.optim.riemannian import riemannian_adam_update
 from geolora.retractions.stiefel import STIEFEL_RETRACTIONS
@@ -99,7 +99,7 @@ class StiefelLoRA(ManifoldPairOptimizer):
                 f"{sorted(STIEFEL_RETRACTIONS)})"
             )
 
-    def _entry_policy(self, B: Tensor, A: Tensor) -> str:
+    def _entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
         return "refactor" if rank_deficient(B) else "enter"
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:

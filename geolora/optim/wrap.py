@@ -209,6 +209,24 @@ class LiftedTorchOptimizer(LiftedOptimizer):
             **own,
         )
 
+    def _expected_state(self, group, i, p, values):
+        """The base class's keys plus, after a pair's first update, the wrapped optimizer's
+        state (``shadow_<key>``, shapes from one probe step of the wrapped optimizer on an
+        ``m x n`` zero tensor)."""
+        expected = super()._expected_state(group, i, p, values)
+        step = values.get("step")
+        if not (expected and values.get("pair") and torch.is_tensor(step) and float(step) >= 1):
+            return expected
+        B, A = group["params"]
+        probe = torch.zeros(B.shape[0], A.reshape(A.shape[0], -1).shape[1], requires_grad=True)
+        probe.grad = torch.zeros_like(probe)
+        opt = self.wrapped([probe], **{k: group[k] for k in self.preconditioner.hp_names})
+        opt.step()
+        for k, v in opt.state[probe].items():
+            if isinstance(v, Tensor):
+                expected[STATE_PREFIX + k] = tuple(v.shape)
+        return expected
+
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         # The wrapped optimizer validates its own hyperparameters (its ValueError names them).
         LoRAOptimizer._validate_hyperparameters(self, group)
