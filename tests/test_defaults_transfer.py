@@ -39,14 +39,6 @@ DT = torch.float64
 M, N, R = 12, 9, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _problem(seed: int = 0, scale: float = 0.05):
     """``f(X) = ½‖C ⊙ (X − X*)‖²`` scaled so that ``‖∇_X f‖_F < 1`` at the start, and a
     full-rank starting pair ``(B, A)``."""
