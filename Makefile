@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: any looser requirement pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,5 +35,10 @@ bench-perf: $(STAMP)
 check: $(STAMP)
 	$(BIN)/geolora check
 
+# The documentation site, offline, every warning an error; HTML in site/. NO_MKDOCS_2_WARNING
+# silences Material's end-of-life banner (it changes nothing in the build).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) results build *.egg-info
+	rm -rf $(VENV) results build site *.egg-info

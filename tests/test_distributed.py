@@ -1,12 +1,16 @@
 """geolora optimizers under data parallelism on CPU (gloo, 2 processes).
 
 * DDP: every zoo optimizer (AdamS and LoRAMFixedRank among them) on a small MLP with geolora
-  LoRA pairs; after 5 steps the parameters equal a single process on the concatenated batch to
-  1e-6 (fp32), and the two replicas are bitwise identical.
+  LoRA pairs, from a Gaussian (full-rank) and from LoRA's zero init; after 5 steps the two
+  replicas are bitwise identical and bitwise equal to a single process that averages the ranks'
+  half-batch gradients (what is guaranteed). Against a single process on the concatenated batch
+  they differ by the fp32 rounding of the batch mean, amplified by the optimizer: checked to be
+  no larger than 10x what a single process moves when fed the same batch in reversed row order
+  (or 1e-6), not a fixed tolerance.
 * FSDP2 (``fully_shard``): the base model and the ordinary trainable head sharded, the LoRA
   factors left out (``ignored_params``) and replicated, their gradients averaged with one
-  ``all_reduce`` before ``step()`` — same check. See docs/distributed.md for what does not work
-  (sharded LoRA factors).
+  ``all_reduce`` before ``step()`` — same checks (Gaussian init). See docs/distributed.md for
+  what does not work (sharded LoRA factors).
 
 The optimizer math is per pair and deterministic, so data parallelism only needs the gradients
 to be averaged over ranks before ``step()``.
@@ -38,15 +42,17 @@ WORLD = 2
 LOCAL_BATCH = 8
 STEPS = 5
 ROBUST_STEPS = 1  # one AdamW step, then the optimizer's own update for 4 steps
-TOL = 1e-6
+FLOOR = 1e-6  # deviations below this are never a failure
+REORDER_FACTOR = 10.0
 
 
-def build_model() -> nn.Module:
-    """``8 → 12 → 6 → 3`` MLP; LoRA (r = 3, α = 6, Gaussian init: full-rank pairs) on the first
-    two linears, the last linear trainable as an ordinary parameter group."""
+def build_model(init: str = "gaussian") -> nn.Module:
+    """``8 → 12 → 6 → 3`` MLP; LoRA (r = 3, α = 6; ``init="gaussian"``: full-rank pairs,
+    ``"zero"``: LoRA's ``B = 0``) on the first two linears, the last linear trainable as an
+    ordinary parameter group."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 3))
-    inject_lora(model, ["0", "2"], r=3, alpha=6.0, init="gaussian", seed=1)
+    inject_lora(model, ["0", "2"], r=3, alpha=6.0, init=init, seed=1)
     mark_only_lora_trainable(model, keep=["4"])
     return model
 
@@ -68,26 +74,33 @@ def full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p.clone()
 
 
-def reference(entry: ZooEntry, split: bool) -> dict[str, torch.Tensor]:
+def reference(entry: ZooEntry, batch: str, init: str = "gaussian") -> dict[str, torch.Tensor]:
     """Single process on the global batch: the mean loss over the concatenated batch
-    (``split=False``) or the mean of the ranks' mean losses, each half-batch forward separately
-    (``split=True``, the same floating-point operations as data parallelism)."""
-    model = build_model()
+    (``batch="concat"``), over the same rows in reversed order (``"reversed"``), or the mean of
+    the ranks' mean losses, each half-batch forward separately (``"split"``, the same
+    floating-point operations as data parallelism)."""
+    model = build_model(init)
     opt = make_optimizer(entry, model)
     for t in range(STEPS):
         x, y = global_batch(t)
         opt.zero_grad(set_to_none=True)
-        if split:
+        if batch == "split":
             for k in range(WORLD):
                 rows = slice(k * LOCAL_BATCH, (k + 1) * LOCAL_BATCH)
                 (((model(x[rows]) - y[rows]) ** 2).mean() / WORLD).backward()
         else:
+            if batch == "reversed":
+                x, y = x.flip(0), y.flip(0)
             ((model(x) - y) ** 2).mean().backward()
         opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-MODES = ("ddp", "fsdp2")
+MODES = ("ddp", "fsdp2", "ddp_zero")  # "_zero": LoRA's B = 0 init, else Gaussian
+
+
+def _init(mode: str) -> str:
+    return "zero" if mode.endswith("_zero") else "gaussian"
 
 
 def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
@@ -109,9 +122,9 @@ def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
 
 
 def _train(entry: ZooEntry, rank: int, mode: str) -> dict[str, torch.Tensor]:
-    model = build_model()
+    model = build_model(_init(mode))
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    if mode == "ddp":
+    if mode.startswith("ddp"):
         net: nn.Module = nn.parallel.DistributedDataParallel(model)
         replicated: list[torch.Tensor] = []
     else:
@@ -152,21 +165,22 @@ def parallel(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
 
 
 @pytest.fixture(scope="module")
-def references() -> dict[str, dict[str, torch.Tensor]]:
+def references() -> dict[tuple[str, str], dict[str, dict[str, torch.Tensor]]]:
+    """``(optimizer, init) -> {"concat" | "split" | "reversed": parameters}``."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {e.name: (reference(e, False), reference(e, True)) for e in ZOO}
+        return {
+            (e.name, init): {b: reference(e, b, init) for b in ("concat", "split", "reversed")}
+            for e in ZOO
+            for init in ("gaussian", "zero")
+        }
     finally:
         torch.set_num_threads(old)
 
 
-# Optimizers whose fp32 result moves by more than 1e-6 in 5 steps when only the rounding of
-# the batch reduction changes (concatenated batch vs. mean of half-batch means, both in ONE
-# process; measured 1.6e-6, 9.2e-6, 4.2e-6). The parallel runs equal the split-batch
-# single-process run bitwise (test_parallel_equals_split_batch_single_process_bitwise), so this
-# is the optimizers' sensitivity to 1-ulp gradient changes, not a data-parallel effect.
-CONCAT_TOL = {"lracs": 5e-5, "lifted_shampoo": 5e-5, "loram_fr": 5e-5}
+def _max_dev(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[n] - b[n]).abs().max().item() for n in b)
 
 
 def _results(entry: ZooEntry, ranks: tuple[dict, dict]) -> dict[str, torch.Tensor]:
@@ -187,8 +201,8 @@ def test_parallel_equals_split_batch_single_process_bitwise(
     """DDP / FSDP2 (sharded base, replicated LoRA) == one process averaging the ranks' gradients,
     bit for bit, and both replicas hold the same parameters."""
     got = _results(entry, parallel[mode])
-    _, ref_split = references[entry.name]
-    init = build_model()
+    ref_split = references[entry.name, _init(mode)]["split"]
+    init = build_model(_init(mode))
     for name, want in ref_split.items():
         assert not torch.equal(want, init.get_parameter(name).detach()), f"{name} not trained"
         err = (got[name] - want).abs().max().item()
@@ -197,13 +211,15 @@ def test_parallel_equals_split_batch_single_process_bitwise(
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
-def test_parallel_matches_concatenated_batch(
+def test_parallel_vs_concatenated_batch_is_reordering_noise(
     entry: ZooEntry, mode: str, parallel, references
 ) -> None:
-    """Parameters after 5 steps equal a single process on the concatenated batch to 1e-6."""
+    """Parameters after 5 steps differ from a single process on the concatenated batch by no
+    more than that process moves when the same rows come in reversed order (x10, floor 1e-6):
+    the fp32 rounding of the batch mean, not an error of the parallel run."""
     got = _results(entry, parallel[mode])
-    ref, _ = references[entry.name]
-    tol = CONCAT_TOL.get(entry.name, TOL)
-    for name, want in ref.items():
-        err = (got[name] - want).abs().max().item()
-        assert err <= tol, f"{name}: max |parallel − single| = {err:.3g} (tol {tol:g})"
+    ref = references[entry.name, _init(mode)]
+    err = _max_dev(got, ref["concat"])
+    reorder = _max_dev(ref["reversed"], ref["concat"])
+    tol = max(REORDER_FACTOR * reorder, FLOOR)
+    assert err <= tol, f"max |parallel − concat| = {err:.3g}, reordering moves {reorder:.3g}"

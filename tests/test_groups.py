@@ -133,6 +133,8 @@ def test_missing_partner_and_bad_input() -> None:
     with pytest.raises(ValueError, match="rank mismatch"):
         lora_param_groups([("l.lora_A", a), ("l.lora_B", nn.Parameter(torch.zeros(10, 2)))])
     with pytest.raises(ValueError, match="2-D"):
+        lora_param_groups([("c.lora_A", nn.Parameter(torch.zeros(3, 4, 1, 1)))])
+    with pytest.raises(ValueError, match="'c.lora_A.d.weight': peft Conv2d LoRA factor"):
         lora_param_groups([("c.lora_A.d.weight", nn.Parameter(torch.zeros(3, 4, 1, 1)))])
     with pytest.raises(TypeError, match="'w'"):
         lora_param_groups([("w", 3.0)])  # type: ignore[list-item]
@@ -140,3 +142,128 @@ def test_missing_partner_and_bad_input() -> None:
         lora_param_groups([("l.lora_A", a), ("l.lora_B", b)], other_lr=-1.0)
     groups = lora_param_groups([("lora_A", a), ("lora_B", b), ("lora_A", a)])
     assert groups == [{"params": [b, a], "lora_pair": True, "scaling": 1.0, "name": ""}]
+
+
+# --- peft layers beyond nn.Linear ---------------------------------------------------------------
+
+
+class _Mixed(nn.Module):
+    """An embedding, a Conv1d, a Conv2d and a linear head: every peft LoRA layer kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.conv1 = nn.Conv1d(6, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 2, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (batch, seq, 6)
+        h = self.conv1(h.transpose(1, 2)).transpose(1, 2)
+        h = h + self.conv2(h.unsqueeze(1)).mean(1)
+        return self.head(h).mean(1)
+
+
+def _peft_mixed(targets: list[str], **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False, **kw)
+    return get_peft_model(_Mixed().to(torch.float64), config)
+
+
+def test_peft_embedding_lora_is_a_pair_with_the_geolora_orientation() -> None:
+    """``[lora_embedding_B, lora_embedding_A]`` is a pair ``X = B A`` with peft's update
+    ``ΔW = s Xᵀ``: autograd's gradients are ``∇_B = ∇_X Aᵀ``, ``∇_A = Bᵀ∇_X`` for
+    ``∇_X = s (∇_W f)ᵀ`` (``∇_W``: the gradient of the embedding table)."""
+    from geolora.optim import AdamS
+
+    model = _peft_mixed(["emb", "head"])
+    groups = lora_param_groups(model)
+    emb = model.base_model.model.emb
+    (pair,) = [g for g in groups if g.get("lora_pair") and g["name"].endswith("emb")]
+    B, A = pair["params"]
+    assert B is emb.lora_embedding_B["default"] and A is emb.lora_embedding_A["default"]
+    assert B.shape == (6, 2) and A.shape == (2, 20)
+    assert pair["scaling"] == emb.scaling["default"] == 3.0
+    emb.base_layer.weight.requires_grad_(True)
+    ids = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1))
+    model(ids).pow(2).sum().backward()
+    G = pair["scaling"] * emb.base_layer.weight.grad.T  # ∇_X, (6, 20)
+    assert torch.allclose(B.grad, G @ A.detach().T, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(A.grad, B.detach().T @ G, rtol=1e-12, atol=1e-14)
+    emb.base_layer.weight.requires_grad_(False)
+    # and the pair trains as one (its X moves, the geolora step takes it)
+    X0 = (B @ A).detach().clone()
+    AdamS(lora_param_groups(model), lr=1e-2, robust_steps=0).step()
+    assert not torch.allclose(B @ A, X0)
+
+
+def test_peft_conv_lora_raises_or_warns_naming_the_module() -> None:
+    from geolora.optim.groups import UnsupportedLoRAWarning
+
+    model = _peft_mixed(["conv1", "conv2", "head"])
+    with pytest.raises(ValueError) as err:
+        lora_param_groups(model)
+    msg = str(err.value)
+    assert "conv1.lora_A.default.weight" in msg and "peft Conv1d LoRA factor" in msg
+    assert "conv2.lora_A.default.weight" in msg and "peft Conv2d LoRA factor" in msg
+    assert "unsupported='ordinary'" in msg
+    with pytest.warns(UnsupportedLoRAWarning, match="conv1.lora_A.default.weight"):
+        groups = lora_param_groups(model, unsupported="ordinary")
+    pairs = [g for g in groups if g.get("lora_pair")]
+    assert [g["name"] for g in pairs] == ["base_model.model.head"]
+    conv = [p for n, p in model.named_parameters() if ".conv" in n and p.requires_grad]
+    assert len(conv) == 4 and all(any(p is q for q in groups[-1]["params"]) for p in conv)
+    with pytest.raises(ValueError, match="unsupported must be one of"):
+        lora_param_groups(model, unsupported="ignore")
+
+
+def test_dora_magnitude_is_ordinary_with_a_warning() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from geolora.optim.groups import UnsupportedLoRAWarning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0", "2"], use_dora=True))
+    with pytest.warns(UnsupportedLoRAWarning, match="DoRA magnitude") as rec:
+        groups = lora_param_groups(model)
+    assert "0.lora_magnitude_vector.default" in str(rec[0].message)
+    assert sum(bool(g.get("lora_pair")) for g in groups) == 2
+    mags = [p for n, p in model.named_parameters() if "magnitude" in n]
+    assert len(mags) == 2 and all(any(p is q for q in groups[-1]["params"]) for p in mags)
+
+
+def test_other_peft_tuners_and_variants_are_refused() -> None:
+    """LoHa, AdaLoRA (``lora_E``) and an unlisted LoRA variant raise naming the parameter;
+    an unknown ``lora_*`` name among bare named parameters too."""
+    from peft import AdaLoraConfig, LoHaConfig, LoraConfig, get_peft_model
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+
+    loha = get_peft_model(net(), LoHaConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"0\.hada_w1_a\.default': an adapter parameter of peft"):
+        lora_param_groups(loha)
+    ada = get_peft_model(net(), AdaLoraConfig(r=2, target_modules=["0"], total_step=10))
+    with pytest.raises(ValueError, match=r"0\.lora_E\.default"):
+        lora_param_groups(ada)
+    lora = get_peft_model(net(), LoraConfig(r=2, target_modules=["0", "1"]))
+
+    class SomeVariant:  # stands for a peft variant whose forward is not lora_B(lora_A(x))
+        pass
+
+    lora.base_model.model[1].lora_variant["default"] = SomeVariant()
+    with pytest.raises(ValueError, match=r"1\.lora_A\.default\.weight': peft LoRA variant Some"):
+        lora_param_groups(lora)
+    a, e = nn.Parameter(torch.zeros(2, 5)), nn.Parameter(torch.zeros(2, 1))
+    with pytest.raises(ValueError, match=r"'m\.lora_E\.x'"):
+        lora_param_groups([("m.lora_A.x.weight", a), ("m.lora_E.x", e)])
+
+
+def test_named_params_embedding_pair() -> None:
+    B, A = nn.Parameter(torch.zeros(6, 2)), nn.Parameter(torch.zeros(2, 20))
+    (g,) = lora_param_groups([("e.lora_embedding_A.d", A), ("e.lora_embedding_B.d", B)])
+    assert g["params"][0] is B and g["params"][1] is A and g["adapter"] == "d"

@@ -189,7 +189,7 @@ def test_rite_matches_algorithm_box(cfg: dict) -> None:
     lr, betas = 0.05, (0.9, 0.99)
     grp = _pair(B0, A0)
     B, A = grp["params"]
-    opt = LoRARite([grp], lr=lr, betas=betas, **cfg)
+    opt = LoRARite([grp], lr=lr, betas=betas, row_normalize=False, **cfg)  # the paper's eq. 14
     C2, Xs_np = (C**2).numpy(), Xs.numpy()
     ref = _rite_reference(
         B0.numpy(),  # the paper's A = lora_B

@@ -48,6 +48,7 @@ def create_optimizer(
     lr: float | None = None,
     *,
     adapter: str | Iterable[str] | None = None,
+    unsupported: str = "raise",
     **kw: Any,
 ) -> torch.optim.Optimizer:
     """The optimizer registered as ``name`` over ``lora_param_groups(model)``.
@@ -66,6 +67,9 @@ def create_optimizer(
             ``geolora bench``).
         lr: peak learning rate; ``None`` takes the registry's default for ``name``.
         adapter: with several peft adapters, train only this one (or these).
+        unsupported: peft LoRA parameters that are not a supported pair (Conv LoRA, other
+            variants and tuners): ``"raise"`` or train them as ``"ordinary"`` AdamW parameters
+            with a warning (see ``lora_param_groups``).
         **kw: further options of the optimizer class (e.g. ``robust_steps``, ``betas``,
             ``weight_decay``, ``other_lr``).
 
@@ -84,7 +88,7 @@ def create_optimizer(
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number or None, got lr={lr!r}")
     spec = _registry().get(name)  # ValueError listing the known names
-    groups = lora_param_groups(model, adapter=adapter)
+    groups = lora_param_groups(model, adapter=adapter, unsupported=unsupported)
     if not groups:
         raise ValueError(
             "model has no trainable parameters: attach LoRA (geolora.lora.inject_lora or "

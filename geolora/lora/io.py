@@ -9,15 +9,24 @@ string::
                               "dropout"}, ...},
      "target_names": [...],          # last name component of the adapted modules
      "extra": {...},                 # the caller's extra_metadata
-     "sha256": "..."}                # over the canonical "modules" JSON and every tensor
+     "sha256": "...",                # over the canonical "modules" JSON and every tensor
+     "hmac_sha256": "..."}           # only with save_lora(..., key=...): see below
 
 :func:`load_lora` checks the file, the metadata, the checksum and every shape against the
 model before it writes anything, and reports problems as ``ValueError`` naming the key.
+
+The SHA-256 is unkeyed: it detects corruption (a truncated or bit-flipped file, an edited
+tensor), not tampering — whoever edits the file can recompute it. ``save_lora(..., key=k)``
+adds an HMAC-SHA256 (RFC 2104) under the secret ``k`` over the whole header (every entry but the
+HMAC itself) and every tensor; ``load_lora(..., key=k)`` verifies it before anything else is
+trusted. A signed file loaded without a key, an unsigned file loaded with one, or a wrong key
+raise ``ValueError``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from importlib import metadata as importlib_metadata
@@ -62,13 +71,43 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _digest(modules_meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the canonical ``modules`` JSON and of each tensor's key, dtype, shape, bytes."""
-    h = hashlib.sha256(json.dumps(modules_meta, sort_keys=True).encode())
+_HMAC_KEY = "hmac_sha256"
+
+
+def _update_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed each tensor's key, dtype, shape and bytes to the hash ``h``, in key order."""
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()
         h.update(f"\0{key}\0{_dtype_name(t.dtype)}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _digest(modules_meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the canonical ``modules`` JSON and of each tensor's key, dtype, shape, bytes."""
+    h = hashlib.sha256(json.dumps(modules_meta, sort_keys=True).encode())
+    _update_tensors(h, tensors)
+    return h.hexdigest()
+
+
+def _key_bytes(key: bytes | str | None) -> bytes | None:
+    """``key`` as bytes (``str`` is UTF-8 encoded); ``None`` stays ``None``."""
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes | bytearray):
+        raise TypeError(f"key must be bytes or str, got {type(key).__name__}")
+    if not key:
+        raise ValueError("key must not be empty")
+    return bytes(key)
+
+
+def _hmac(key: bytes, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """HMAC-SHA256 under ``key`` of the canonical header JSON (without the HMAC entry) and of
+    every tensor (as :func:`_digest`)."""
+    body = {k: v for k, v in header.items() if k != _HMAC_KEY}
+    h = hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256)
+    _update_tensors(h, tensors)
     return h.hexdigest()
 
 
@@ -93,13 +132,20 @@ def _module_meta(module: LoRALinear) -> dict[str, Any]:
 
 
 def save_lora(
-    model: nn.Module, path: str | os.PathLike[str], extra_metadata: dict[str, Any] | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    extra_metadata: dict[str, Any] | None = None,
+    *,
+    key: bytes | str | None = None,
 ) -> None:
     """Write the LoRA factors of ``model`` and their configuration to a safetensors file.
 
     ``extra_metadata`` must be JSON-serializable; it is stored under ``"extra"``. The file is
     written to a temporary name and renamed, so an interrupted save leaves no partial file.
+    ``key`` (bytes, or a str taken as UTF-8) adds an HMAC-SHA256 of the header and the tensors
+    under that secret, which :func:`load_lora` then requires (module docstring).
     """
+    key_bytes = _key_bytes(key)
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRALinear modules; nothing to save")
@@ -120,6 +166,9 @@ def save_lora(
         text = json.dumps(header, sort_keys=True)
     except (TypeError, ValueError) as err:
         raise TypeError(f"extra_metadata is not JSON-serializable: {err}") from err
+    if key_bytes is not None:
+        header[_HMAC_KEY] = _hmac(key_bytes, header, tensors)
+        text = json.dumps(header, sort_keys=True)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -134,14 +183,22 @@ def _fail(path: str, message: str) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
-def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_lora_file(
+    path: str | os.PathLike[str], *, key: bytes | str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate a file written by :func:`save_lora` without touching any model.
 
     Returns ``(tensors, header)`` (tensors on CPU). Checks: a safetensors file (pickles are
-    refused, never unpickled), a ``geolora`` metadata entry of the right format, exactly
-    the keys its ``modules`` describe, shapes ``(r, in)`` / ``(out, r)``, and the checksum.
+    refused, never unpickled), a ``geolora`` metadata entry of the right format, the HMAC
+    against ``key`` (a signed file needs the key, an unsigned one refuses a key), exactly the
+    keys its ``modules`` describe, shapes ``(r, in)`` / ``(out, r)``, and the checksum.
     """
+    key_bytes = _key_bytes(key)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{path} is a directory, not a LoRA file: pass the .safetensors file save_lora wrote"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such LoRA file: {path}")
     try:
@@ -167,6 +224,7 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
         raise _fail(path, f"the {_META_KEY!r} metadata is not valid JSON ({err})") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _fail(path, f"metadata format is not {FORMAT!r}")
+    _check_hmac(path, header, tensors, key_bytes)
     if header.get("format_version") != FORMAT_VERSION:
         raise _fail(
             path,
@@ -218,8 +276,30 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     return tensors, header
 
 
+def _check_hmac(
+    path: str, header: dict[str, Any], tensors: dict[str, torch.Tensor], key: bytes | None
+) -> None:
+    """``ValueError`` unless the file's HMAC and ``key`` agree (both absent is fine)."""
+    signed = header.get(_HMAC_KEY)
+    if signed is None and key is None:
+        return
+    if signed is None:
+        raise _fail(path, "a key was given but the file carries no HMAC (saved without key=)")
+    if key is None:
+        raise _fail(path, "the file is signed with an HMAC key; pass key= to load it")
+    if not (isinstance(signed, str) and hmac.compare_digest(signed, _hmac(key, header, tensors))):
+        raise _fail(
+            path,
+            "HMAC mismatch: wrong key, or the file was modified after it was signed",
+        )
+
+
 def load_lora(
-    model: nn.Module, path: str | os.PathLike[str], strict: bool = True
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    strict: bool = True,
+    *,
+    key: bytes | str | None = None,
 ) -> LoRALoadResult:
     """Load factors saved by :func:`save_lora` into the LoRA modules of ``model``.
 
@@ -228,16 +308,19 @@ def load_lora(
     ``out_features`` and ``alpha`` (``alpha`` sets the function ``s B A``, so it must agree
     too), and that no module is merged. ``strict`` requires the file and the model to hold
     the same set of modules; with ``strict=False`` the common ones are loaded and the rest
-    reported in the result. Factors are copied into the model's device and dtype.
+    reported in the result. Factors are copied into the model's device and dtype. ``key``: the
+    HMAC secret the file was saved with (required for a signed file, refused for an unsigned
+    one).
 
     Raises:
-        ValueError: any mismatch or bad file; the message names the module / key.
+        ValueError: any mismatch or bad file (HMAC included); the message names the module / key.
         FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a directory.
     """
     modules = lora_modules(model)
     if not modules:
         raise ValueError("model has no LoRALinear modules; call inject_lora before load_lora")
-    tensors, header = read_lora_file(path)
+    tensors, header = read_lora_file(path, key=key)
     path = os.fspath(path)
     file_modules: dict[str, dict[str, Any]] = header["modules"]
     missing = [n for n in modules if n not in file_modules]

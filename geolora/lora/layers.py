@@ -263,6 +263,16 @@ def inject_lora(
         entry = targets.setdefault(id(module), (name, module, []))
         entry[2].append((parent, attr))
     if not targets:
+        adapted = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) and (all_linear or select(n)) and not excluded(n)
+        ]
+        if adapted:
+            raise ValueError(
+                f"target={target!r} selects only modules that are already adapted "
+                f"(LoRALinear): {adapted[:5]}; inject_lora was called on this model before"
+            )
         raise ValueError(
             f"no nn.Linear module of the model matches target={target!r}"
             + (f" (exclude={exclude!r})" if exclude is not None else "")

@@ -2,31 +2,91 @@
 
 A LoRA pair becomes the group ``{"params": [B, A], "lora_pair": True, "scaling": s,
 "name": "<module>"}`` with ``B: (out, r)``, ``A: (r, in)`` and ``ΔW = s · B A``
-(DESIGN.md: ``M = B``, ``N = Aᵀ``). Every other trainable parameter goes to one ordinary
+(``M = B``, ``N = Aᵀ``, ``X = M Nᵀ``). Every other trainable parameter goes to one ordinary
 group (no ``lora_pair`` key), which geolora optimizers update with AdamW.
 
 Recognised names:
 
 * geolora :class:`~geolora.lora.layers.LoRALinear`: ``<module>.lora_A``, ``<module>.lora_B``;
-* peft LoRA: ``<module>.lora_A.<adapter>.weight``, ``<module>.lora_B.<adapter>.weight``
-  (one group per (module, adapter); the group also carries ``"adapter"``).
+* peft LoRA on ``nn.Linear``: ``<module>.lora_A.<adapter>.weight``,
+  ``<module>.lora_B.<adapter>.weight`` (one group per (module, adapter); the group also carries
+  ``"adapter"``);
+* peft LoRA on ``nn.Embedding``: ``<module>.lora_embedding_B.<adapter>`` ``(embedding_dim, r)``
+  is ``B`` and ``<module>.lora_embedding_A.<adapter>`` ``(r, num_embeddings)`` is ``A``. peft
+  adds ``s (B A)ᵀ`` to the ``(num_embeddings, embedding_dim)`` table, so ``X = B A`` is the
+  transposed update and the loss is a function of ``X``: autograd's gradients are exactly
+  ``∇_B = ∇_X Aᵀ``, ``∇_A = Bᵀ ∇_X`` — the geolora convention, with ``ΔW = s Xᵀ``.
+
+Not supported as pairs, never silently trained as ordinary parameters: peft Conv1d/2d/3d LoRA
+factors (N-D), peft LoRA variants whose forward is not ``lora_B(lora_A(·))`` (DoRA and aLoRA
+are), peft's multi-expert ``ParamWrapper`` factors, and any other trainable ``lora_*`` or peft
+adapter parameter. ``unsupported="raise"`` (default) raises ``ValueError`` naming them;
+``unsupported="ordinary"`` trains them with AdamW in the ordinary group and warns
+(:class:`UnsupportedLoRAWarning`). peft's DoRA magnitude vectors (``lora_magnitude_vector``)
+are ordinary parameters with a warning: the pair optimizers do not treat them invariantly.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["lora_param_groups"]
+__all__ = ["UnsupportedLoRAWarning", "lora_param_groups"]
 
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.weight$")
+_PEFT_EMB = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<factor>[AB])\.(?P<adapter>[^.]+)$")
+_DORA = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector\.(?P<adapter>[^.]+)(?:\.weight)?$")
+_LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.(?P<adapter>[^.]+)\.bias$")
 _GEOLORA = re.compile(r"^(?:(?P<module>.+)\.)?lora_(?P<factor>[AB])$")
+_LORA_LIKE = re.compile(r"(?:^|\.)lora_\w*(?:\.(?P<adapter>[^.]+))?")
+#: peft LoRA variants whose forward uses the factors only as ``lora_B(lora_A(·))`` (DoRA with
+#: its detached weight norm, aLoRA on a subset of tokens): the gradients keep the pair form.
+_PAIR_VARIANTS = frozenset({"DoraLinearVariant", "DoraEmbeddingVariant", "ALoraLinearVariant"})
+UNSUPPORTED_MODES = ("raise", "ordinary")
 
 NamedParams = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
+
+
+class UnsupportedLoRAWarning(UserWarning):
+    """LoRA-related parameters that ``lora_param_groups`` puts in the ordinary AdamW group."""
+
+
+#: peft adapter attributes that hold plain dense parameters (a trained copy of a module, new
+#: token embeddings): ordinary parameters, correctly trained with AdamW.
+_ORDINARY_ADAPTER_ATTRS = frozenset({"modules_to_save", "trainable_tokens_delta"})
+
+
+def _tuner_layer(modules: Mapping[str, nn.Module], name: str) -> tuple[str, nn.Module] | None:
+    """The innermost peft tuner layer (a module with ``adapter_layer_names``) holding parameter
+    ``name`` under one of its adapter attributes, as ``(module name, module)``; ``None`` for
+    the attributes in :data:`_ORDINARY_ADAPTER_ATTRS`."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        mod = modules.get(".".join(parts[:cut]))
+        names = getattr(mod, "adapter_layer_names", None)
+        if names is not None:
+            attr = parts[cut]
+            if attr in names and attr not in _ORDINARY_ADAPTER_ATTRS:
+                return ".".join(parts[:cut]), mod
+            return None
+    return None
+
+
+def _variant_problem(module: nn.Module | None, adapter: str | None) -> str | None:
+    """Why a peft layer's (lora_A, lora_B) are not a geolora pair, or ``None``."""
+    if module is None or adapter is None:
+        return None
+    if getattr(module, "num_experts", 1) != 1:
+        return f"peft multi-expert LoRA ({module.num_experts} experts share the factors)"
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is not None and type(variant).__name__ not in _PAIR_VARIANTS:
+        return f"peft LoRA variant {type(variant).__name__}"
+    return None
 
 
 def _scaling(model: nn.Module | None, module_name: str, adapter: str | None) -> float:
@@ -52,17 +112,22 @@ def lora_param_groups(
     other_lr: float | None = None,
     other_weight_decay: float | None = None,
     adapter: str | Iterable[str] | None = None,
+    unsupported: str = "raise",
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into LoRA-pair groups and one ordinary group.
 
     Args:
         model_or_named_params: a model (scalings are read from its modules) or
-            ``(name, tensor)`` pairs / a ``{name: tensor}`` mapping (scaling 1.0).
+            ``(name, tensor)`` pairs / a ``{name: tensor}`` mapping (scaling 1.0; peft variants
+            and other tuners are then recognised by name only).
         lr: learning rate put in every LoRA group (omitted: the optimizer default).
         other_lr: learning rate of the ordinary group.
         other_weight_decay: weight decay of the ordinary group.
         adapter: restrict peft pairs to this adapter name (or names); factors of other
             peft adapters are left out of all groups. geolora pairs are always included.
+        unsupported: what to do with trainable LoRA parameters that are not a supported pair
+            (module docstring): ``"raise"`` a ``ValueError``, or ``"ordinary"``: train them
+            with AdamW in the ordinary group and warn (:class:`UnsupportedLoRAWarning`).
 
     Returns:
         LoRA groups in order of first appearance of their factors, then the ordinary group
@@ -71,15 +136,23 @@ def lora_param_groups(
 
     Raises:
         ValueError: a factor without its trainable partner, mismatched ranks, non-2-D
-            factors, or an ``adapter`` that does not occur (messages name the parameter).
+            geolora factors, an unsupported LoRA parameter (``unsupported="raise"``), or an
+            ``adapter`` that does not occur (messages name the parameter / module).
+
+    Warns:
+        UnsupportedLoRAWarning: DoRA magnitude vectors, and with ``unsupported="ordinary"`` the
+            unsupported parameters, trained as ordinary parameters (names in the message).
     """
+    if unsupported not in UNSUPPORTED_MODES:
+        raise ValueError(f"unsupported must be one of {UNSUPPORTED_MODES}, got {unsupported!r}")
     model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
     if model is not None:
         named = list(model.named_parameters())
+        modules = dict(model.named_modules())
     elif isinstance(model_or_named_params, Mapping):
-        named = list(model_or_named_params.items())
+        named, modules = list(model_or_named_params.items()), {}
     else:
-        named = list(model_or_named_params)
+        named, modules = list(model_or_named_params), {}
     wanted = None if adapter is None else ({adapter} if isinstance(adapter, str) else set(adapter))
     for value, what in (
         (lr, "lr"),
@@ -91,6 +164,8 @@ def lora_param_groups(
 
     pairs: dict[tuple[str, str | None], dict[str, tuple[str, torch.Tensor]]] = {}
     others: list[torch.Tensor] = []
+    rejected: list[tuple[str, torch.Tensor, str]] = []  # (name, tensor, why)
+    dora: list[str] = []
     seen: set[int] = set()
     adapters_found: set[str] = set()
     for name, p in named:
@@ -99,25 +174,74 @@ def lora_param_groups(
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        match = _PEFT.match(name) or _GEOLORA.match(name)
-        if match is None:
-            others.append(p)
-            continue
-        ad = match.groupdict().get("adapter")
-        if ad is not None:
+        match = _PEFT.match(name) or _PEFT_EMB.match(name) or _GEOLORA.match(name)
+        other = None if match else (_DORA.match(name) or _LORA_BIAS.match(name))
+        tuner = _tuner_layer(modules, name) if modules else None
+        loose = None if (match or other) else _LORA_LIKE.search(name)
+        ad = next(
+            (m.groupdict().get("adapter") for m in (match, other, loose) if m is not None), None
+        )
+        if ad is not None and (match or other or tuner is not None):
             adapters_found.add(ad)
             if wanted is not None and ad not in wanted:
                 continue
-        if p.dim() != 2:
-            raise ValueError(
-                f"LoRA factor {name!r} has shape {tuple(p.shape)}; only 2-D "
-                "(Linear) LoRA factors are supported"
-            )
-        pairs.setdefault((match["module"] or "", ad), {})[match["factor"]] = (name, p)
+        if match is None:
+            if other is not None and other.re is _DORA:
+                dora.append(name)
+                others.append(p)
+            elif other is None and (loose is not None or tuner is not None):
+                owner = (
+                    f" of {type(tuner[1]).__module__}.{type(tuner[1]).__name__}"
+                    if tuner is not None
+                    else ""
+                )
+                rejected.append((name, p, f"an adapter parameter{owner}, not a LoRA pair"))
+            else:
+                others.append(p)
+            continue
+        module_name = match["module"] or ""
+        why = None
+        if match.re is _GEOLORA:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"LoRA factor {name!r} has shape {tuple(p.shape)}; only 2-D "
+                    "(Linear) LoRA factors are supported"
+                )
+        elif p.dim() != 2:
+            why = f"peft Conv{p.dim() - 2}d LoRA factor of shape {tuple(p.shape)}"
+        else:
+            why = _variant_problem(modules.get(module_name), ad)
+        if why is not None:
+            rejected.append((name, p, why))
+            continue
+        pairs.setdefault((module_name, ad), {})[match["factor"]] = (name, p)
     if wanted is not None and not wanted <= adapters_found:
         raise ValueError(
             f"adapter {sorted(wanted - adapters_found)} not found among trainable "
             f"LoRA factors (found {sorted(adapters_found)})"
+        )
+    if rejected:
+        listing = "; ".join(f"{n!r}: {why}" for n, _, why in rejected[:6])
+        more = f" (and {len(rejected) - 6} more)" if len(rejected) > 6 else ""
+        if unsupported == "raise":
+            raise ValueError(
+                f"{len(rejected)} trainable LoRA parameter(s) are not a pair geolora supports: "
+                f"{listing}{more}. Pass unsupported='ordinary' to train them as ordinary "
+                "(AdamW) parameters, or freeze them"
+            )
+        warnings.warn(
+            f"training {len(rejected)} unsupported LoRA parameter(s) as ordinary (AdamW) "
+            f"parameters, without pair geometry: {listing}{more}",
+            UnsupportedLoRAWarning,
+            stacklevel=2,
+        )
+        others.extend(t for _, t, _ in rejected)
+    if dora:
+        warnings.warn(
+            f"{len(dora)} DoRA magnitude vector(s) are trained as ordinary (AdamW) parameters, "
+            f"not invariantly with their pair: {dora[:6]}",
+            UnsupportedLoRAWarning,
+            stacklevel=2,
         )
 
     groups: list[dict[str, Any]] = []

@@ -53,7 +53,7 @@ class LoRARite(LoRAOptimizer):
 
     Hats are Adam's bias corrections ``/(1 − βᵗ)`` (``bias_correction=True``; the authors'
     PyTorch reimplementation does the same through bias-corrected decay rates). The box itself
-    is ``second_moment="sum", bias_correction=False, eps=0``.
+    is ``second_moment="sum", bias_correction=False, eps=0, row_normalize=False``.
 
     Invariance (Theorem 2): from ``(M R, N R⁻ᵀ)`` the QR bases become ``U O``, ``V O'`` with
     ``O, O'`` orthogonal, so ``ḡ``, ``P``, ``V̄``, ``M̄`` change by the same orthogonal matrices,
@@ -70,9 +70,11 @@ class LoRARite(LoRAOptimizer):
 
     Defaults from the paper (Table 5): ``betas=(0.9, 0.999)``, ``weight_decay=0``. The paper has
     no ε; ``eps=1e-6`` is the authors' PyTorch default, added to ``√λ`` like Adam's ε, in the
-    unmagnified (gauge-free) coordinates. The paper's ``ḡᵀḡ`` is not divided by the row count
-    (the authors' PyTorch code divides by it; ``row_normalize=True`` does that, which
-    multiplies the step by ``√m`` and brings the learning rate near Adam's).
+    unmagnified (gauge-free) coordinates. ``lr=1e-3`` and ``row_normalize=True`` are the
+    authors' PyTorch reimplementation's: its second moment is ``ḡᵀḡ / rows`` (``rows`` = ``m``
+    for ``M``, ``n`` for ``N``), which makes the step ``√rows`` times the paper's at the same
+    ``lr`` and puts the learning rate near Adam's, so learning rates from that code transfer.
+    The paper's ``ḡᵀḡ`` (eq. 14) is ``row_normalize=False``.
     Memory per pair: ``2(m + n) r`` (first moments) + ``(m + n) r`` (previous bases) + ``2r²``.
 
     Args:
@@ -84,7 +86,7 @@ class LoRARite(LoRAOptimizer):
         second_moment: ``"ema"`` (default) or ``"sum"`` (Adagrad accumulation of the box).
         escaped_mass: add ``ρ I`` (line 7); ``False`` drops it.
         bias_correction: Adam bias corrections of the EMAs.
-        row_normalize: use ``ḡᵀḡ / rows`` as in the authors' PyTorch code.
+        row_normalize: use ``ḡᵀḡ / rows`` as in the authors' PyTorch code (``False``: eq. 14).
         pinv: pseudo-inverses of ``R`` (runs from ``B = 0`` without robust start).
         qr_method: QR for the bases (see :func:`geolora.linalg.qr_pos`).
         **kwargs: :class:`~geolora.optim.base.LoRAOptimizer` options.
@@ -101,7 +103,7 @@ class LoRARite(LoRAOptimizer):
         second_moment: str = "ema",
         escaped_mass: bool = True,
         bias_correction: bool = True,
-        row_normalize: bool = False,
+        row_normalize: bool = True,
         pinv: bool = False,
         qr_method: str = "auto",
         **kwargs: Any,
