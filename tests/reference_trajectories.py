@@ -58,10 +58,17 @@ def _cases() -> dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, 
         "lifted_shampoo": (go.LiftedShampoo, {"lr": 5e-2, "robust_steps": 0}),
         "lifted_adam": (lifted(torch.optim.Adam), {"lr": 1e-2}),
         "lifted_sgd_momentum": (lifted(torch.optim.SGD, momentum=0.9), {"lr": 5e-2}),
-        "lora_rite": (go.LoRARite, {"lr": 1e-2}),
+        # row_normalize pinned: its default changed after the recording (issue 14 item 5)
+        "lora_rite": (go.LoRARite, {"lr": 1e-2, "row_normalize": False}),
         "lora_rite_box_pinv": (
             go.LoRARite,
-            {"lr": 1e-2, "second_moment": "sum", "pinv": True, "bias_correction": False},
+            {
+                "lr": 1e-2,
+                "second_moment": "sum",
+                "pinv": True,
+                "bias_correction": False,
+                "row_normalize": False,
+            },
         ),
         "lora_rite_wd_rows": (
             go.LoRARite,
