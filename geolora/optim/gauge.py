@@ -61,6 +61,7 @@ __all__ = [
     "GAUGE_POLICIES",
     "Gauge",
     "balanced_factors",
+    "balanced_with_spectrum",
     "factor_state_rule",
     "imbalance",
     "move_factor_moments",
@@ -116,6 +117,14 @@ def balanced_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:
     ``M' N'ᵀ = X`` to rounding. Rank-deficient batch elements are returned unchanged with
     ``R = I`` (module docstring). Cost ``O((m + n) r²)``.
     """
+    new, gauge, _, _ = balanced_with_spectrum(M, N)
+    return new, gauge
+
+
+def balanced_with_spectrum(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge, Tensor, Tensor]:
+    """:func:`balanced_factors` plus the singular values ``σ: (..., r)`` of ``X`` (float64,
+    descending; the squared column norms of both new factors) and the batch mask of the
+    elements that were balanced (``False``: rank deficient, gauge ``I``)."""
     frame, phi, sig, psi = _core_svd(M, N)
     ok = _full_rank(sig, M.dtype)
     root = sig.clamp_min(0).sqrt().unsqueeze(-2)
@@ -130,7 +139,7 @@ def balanced_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:
     RN = _where(ok, frame.RN.to(torch.float64), eye)
     R = torch.linalg.solve_triangular(RM, _where(ok, a, eye), upper=True)
     R_inv_t = torch.linalg.solve_triangular(RN, _where(ok, b, eye), upper=True)
-    return FactorPoint(new_M, new_N), Gauge(R, R_inv_t)
+    return FactorPoint(new_M, new_N), Gauge(R, R_inv_t), sig, ok
 
 
 def scalar_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:

@@ -31,7 +31,10 @@ Transformation invariance: with ``policy="balanced"``, ``mode="refactor"`` and
 ``warmup_steps=0`` the ``X`` trajectory does not depend on the initial factorisation (for
 distinct singular values of ``X``): the first refactoring maps every factorisation to the same
 balanced pair up to a signed permutation of the columns, under which AdamW and the moment rule
-are exactly equivariant. Warm-up, the scalar policy and ``mode="precondition"`` are not
+are exactly equivariant. Where singular values of ``X`` are equal (within ``√ε σ₁``) the balanced
+pair is defined only up to a rotation of those columns; there the second moments are averaged
+over each such cluster (as LoRAM's, :func:`~geolora.optim.loram.cluster_average`), which makes the
+step independent of the rotation and is a no-op for distinct singular values. Warm-up, the scalar policy and ``mode="precondition"`` are not
 invariant (AdamW in the original coordinates).
 
 Deviations from the authors' code (``reflora/reflora.py``):
@@ -43,6 +46,8 @@ Deviations from the authors' code (``reflora/reflora.py``):
   matrices with ``ε = finfo.eps`` added to the square roots; where ``X`` is numerically rank
   deficient (``B = 0``) the gauge is the identity (plain AdamW) instead of the authors'
   ``ε``-regularised inverse (which zeroes ``B``'s gradient at ``B = 0``);
+* at clusters of equal singular values the second moments are averaged over the cluster (see
+  above; the authors' AdamW has no such rule and is not invariant there);
 * the authors apply RefLoRA-S after the AdamW step (a post-step hook), here before the next one —
   the same sequence of factors; the refactoring ``interval`` option (default 1) is not offered.
 
@@ -54,18 +59,22 @@ per pair: AdamW's ``2(m + n) r``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.base import LoRAOptimizer
 from geolora.optim.gauge import (
     GAUGE_POLICIES,
+    balanced_with_spectrum,
     move_factor_moments,
     move_gradients,
     reflora_preconditioner,
 )
+from geolora.optim.loram import _cluster_weights
 from geolora.optim.scaled import adamw_pair_state, adamw_pair_step
 
 __all__ = ["REFLORA_MODES", "RefLoRA", "reflora_gradients"]
@@ -151,11 +160,19 @@ class RefLoRA(LoRAOptimizer):
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
+        average = None
         if step > group["warmup_steps"]:
             if group["mode"] == "precondition":
                 g = reflora_gradients(x, g)
             else:
-                x, gauge = GAUGE_POLICIES[group["policy"]](x.M, x.N)
+                if group["policy"] == "balanced":
+                    x, gauge, sig, ok = balanced_with_spectrum(x.M, x.N)
+                    average = _cluster_weights(sig.to(x.M.dtype))
+                    if average is not None:  # only balanced elements have aligned columns
+                        eye = torch.eye(sig.shape[-1], dtype=x.M.dtype, device=x.M.device)
+                        average = torch.where(ok[..., None, None], average, eye)
+                else:
+                    x, gauge = GAUGE_POLICIES[group["policy"]](x.M, x.N)
                 g = move_gradients(g, gauge)
                 mM, mN, vM, vN = move_factor_moments(
                     state["exp_avg_M"],
@@ -167,4 +184,33 @@ class RefLoRA(LoRAOptimizer):
                 state["exp_avg_M"], state["exp_avg_N"] = mM, mN
                 state["exp_avg_sq_M"], state["exp_avg_sq_N"] = vM, vN
         lr = group["lr"]
+        if average is not None:
+            return _adamw_averaged(group, x, g, state, step, lr, average)
         return adamw_pair_step(group, x, g, state, step, (lr, lr))
+
+
+def _adamw_averaged(
+    group: dict[str, Any],
+    x: FactorPoint,
+    g: FactorTangent,
+    state: dict[str, Tensor],
+    step: int,
+    lr: float,
+    average: Tensor,
+) -> FactorPoint:
+    """The AdamW step of ``adamw_pair_step`` with the second moments averaged over the columns
+    of each cluster of equal singular values (``v ← v W``, ``W`` from
+    :func:`~geolora.optim.loram.cluster_average`): at a balanced pair those columns are defined
+    only up to a rotation, under which ``m`` moves exactly and the averaged ``v`` is unchanged,
+    so the step does not depend on the rotation."""
+    b1, b2 = group["betas"]
+    bc1, bc2 = 1 - b1**step, 1 - b2**step
+    out = []
+    for side, p, gp in (("M", x.M, g.M), ("N", x.N, g.N)):
+        m = torch.lerp(state[f"exp_avg_{side}"], gp, 1 - b1)
+        v = (state[f"exp_avg_sq_{side}"] * b2).addcmul_(gp, gp, value=1 - b2) @ average
+        state[f"exp_avg_{side}"], state[f"exp_avg_sq_{side}"] = m, v
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(group["eps"])
+        p = p * (1 - lr * group["weight_decay"])
+        out.append(p.addcdiv(m, denom, value=-lr / bc1))
+    return FactorPoint(*out)
