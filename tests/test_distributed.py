@@ -166,7 +166,9 @@ def references() -> dict[str, dict[str, torch.Tensor]]:
 # process; measured 1.6e-6, 9.2e-6, 4.2e-6). The parallel runs equal the split-batch
 # single-process run bitwise (test_parallel_equals_split_batch_single_process_bitwise), so this
 # is the optimizers' sensitivity to 1-ulp gradient changes, not a data-parallel effect.
-CONCAT_TOL = {"lracs": 5e-5, "lifted_shampoo": 5e-5, "loram_fr": 5e-5}
+# Riemannion's polar factor amplifies a gradient's rounding by 1 / σ_min of the momentum
+# (measured 1.2e-6).
+CONCAT_TOL = {"lracs": 5e-5, "lifted_shampoo": 5e-5, "loram_fr": 5e-5, "riemannion": 5e-5}
 
 
 def _results(entry: ZooEntry, ranks: tuple[dict, dict]) -> dict[str, torch.Tensor]:
