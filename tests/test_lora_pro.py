@@ -9,12 +9,12 @@ solver), independently of the optimizer's frame-based flat-metric lift.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import scipy.linalg
 import torch
+from resume_check import assert_resume_exact
 
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim import LoRAPro
@@ -197,24 +197,7 @@ def test_state_dict_resume_is_exact(split: int) -> None:
         B, A = torch.nn.Parameter(B0.clone()), torch.nn.Parameter(A0.clone())
         return B, A, LoRAPro([pair(B, A, 2.0)], lr=1e-2)
 
-    def step(B, A, opt):
-        opt.zero_grad()
-        loss_fn(B, A, target, 2.0).backward()
-        opt.step()
-
-    B, A, opt = make()
-    for _ in range(split):
-        step(B, A, opt)
-    sd = copy.deepcopy(opt.state_dict())
-    B2, A2, opt2 = make()
-    with torch.no_grad():
-        B2.copy_(B)
-        A2.copy_(A)
-    opt2.load_state_dict(sd)
-    for _ in range(10 - split):
-        step(B, A, opt)
-        step(B2, A2, opt2)
-    assert torch.equal(B, B2) and torch.equal(A, A2)
+    assert_resume_exact(make, lambda B, A: loss_fn(B, A, target, 2.0), split)
 
 
 def test_zero_factors_stay_finite() -> None:

@@ -10,11 +10,11 @@ unchanged.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from resume_check import assert_resume_exact
 
 from geolora.optim import AdamS, LiftedSGD, LoRAMFixedRank, LoRARite, RefLoRA
 from geolora.optim.gauge import (
@@ -327,24 +327,7 @@ def test_state_dict_resume_is_exact(split: int, policy: str) -> None:
         B, A = torch.nn.Parameter(M.float()), torch.nn.Parameter(N.T.float().contiguous())
         return B, A, RefLoRA([pair(B, A)], lr=1e-2, warmup_steps=3, policy=policy)
 
-    def step(B, A, opt):
-        opt.zero_grad()
-        loss_of(B, A, target).backward()
-        opt.step()
-
-    B, A, opt = make()
-    for _ in range(split):
-        step(B, A, opt)
-    sd = copy.deepcopy(opt.state_dict())
-    B2, A2, opt2 = make()
-    with torch.no_grad():
-        B2.copy_(B)
-        A2.copy_(A)
-    opt2.load_state_dict(sd)
-    for _ in range(10 - split):
-        step(B, A, opt)
-        step(B2, A2, opt2)
-    assert torch.equal(B, B2) and torch.equal(A, A2)
+    assert_resume_exact(make, lambda B, A: loss_of(B, A, target), split)
 
 
 @pytest.mark.parametrize("policy", ["balanced", "scalar"])

@@ -9,11 +9,11 @@ projecting the previous dense momentum, and the retraction as the rank-r truncat
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from resume_check import assert_resume_exact
 
 from geolora.manifolds.types import FixedRankPoint, FixedRankTangent
 from geolora.optim import Riemannion
@@ -227,24 +227,7 @@ def test_state_dict_resume_is_exact(split: int) -> None:
         A = torch.nn.Parameter(A0.clone())
         return B, A, Riemannion([pair(B, A)], lr=0.05, robust_steps=3)
 
-    def step(B, A, opt):
-        opt.zero_grad()
-        (0.5 * ((B @ A - target) ** 2).sum()).backward()
-        opt.step()
-
-    B, A, opt = make()
-    for _ in range(split):
-        step(B, A, opt)
-    sd = copy.deepcopy(opt.state_dict())
-    B2, A2, opt2 = make()
-    with torch.no_grad():
-        B2.copy_(B)
-        A2.copy_(A)
-    opt2.load_state_dict(sd)
-    for _ in range(10 - split):
-        step(B, A, opt)
-        step(B2, A2, opt2)
-    assert torch.equal(B, B2) and torch.equal(A, A2)
+    assert_resume_exact(make, lambda B, A: (0.5 * ((B @ A - target) ** 2).sum()), split)
 
 
 def test_zero_init_and_zero_factors_stay_finite() -> None:
