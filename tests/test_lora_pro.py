@@ -14,7 +14,7 @@ import math
 import pytest
 import scipy.linalg
 import torch
-from resume_check import assert_resume_exact
+from pair_problems import assert_resume_exact, planted
 
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim import LoRAPro
@@ -23,12 +23,6 @@ from geolora.optim.lora_pro import lora_pro_step
 f64 = torch.float64
 M_, N_, R_ = 12, 10, 3
 
-
-def planted(seed: int = 0, dtype=f64) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(M_, R_, dtype=f64, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(N_, R_, dtype=f64, generator=g))[0]
-    return ((U * torch.tensor([2.0, 1.5, 1.0], dtype=f64)) @ V.T).to(dtype)
 
 
 def factors(seed: int = 1, zero_B: bool = False, dtype=f64) -> tuple[torch.Tensor, torch.Tensor]:

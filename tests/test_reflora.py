@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from resume_check import assert_resume_exact
+from pair_problems import assert_resume_exact, planted
 
 from geolora.optim import AdamS, LiftedSGD, LoRAMFixedRank, LoRARite, RefLoRA
 from geolora.optim.gauge import (
@@ -30,12 +30,6 @@ from geolora.optim.gauge import (
 f64 = torch.float64
 M_, N_, R_ = 12, 10, 3
 
-
-def planted(seed: int = 0, dtype=f64, sv=(2.0, 1.5, 1.0)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(M_, R_, dtype=f64, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(N_, R_, dtype=f64, generator=g))[0]
-    return ((U * torch.tensor(sv, dtype=f64)) @ V.T).to(dtype)
 
 
 def unbalanced(seed: int = 1, L: int | None = None, cond: float = 1e3):

@@ -1,4 +1,5 @@
-"""Exact state_dict resume of a one-pair optimizer, shared by the per-method test files."""
+"""A planted low-rank target and the exact-resume check, shared by the per-method test files
+(LoRA-Pro, Riemannion, RefLoRA)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["assert_resume_exact"]
+__all__ = ["assert_resume_exact", "planted"]
+
+
+def planted(
+    m: int = 12, n: int = 10, seed: int = 0, dtype: torch.dtype = torch.float64, sv=(2.0, 1.5, 1.0)
+) -> torch.Tensor:
+    """``X* = U diag(sv) Vᵀ`` (``m x n``, rank ``len(sv)``, ``U``, ``V`` random orthonormal)."""
+    g = torch.Generator().manual_seed(seed)
+    r = len(sv)
+    U = torch.linalg.qr(torch.randn(m, r, dtype=torch.float64, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, r, dtype=torch.float64, generator=g))[0]
+    return ((U * torch.tensor(sv, dtype=torch.float64)) @ V.T).to(dtype)
 
 
 def assert_resume_exact(
