@@ -1,6 +1,6 @@
 """RefLoRA and the gauge mechanism (geolora.optim.reflora, geolora.optim.gauge).
 
-References written from the authors' code (``reflora/reflora.py``), in their peft layout
+References written from the authors' code (their ``Refactorer``), in their peft layout
 ``A: (r, n)``, ``B: (m, r)``: the closed form ``S*`` from two ``eigh``, the full variant as
 gradient preconditioning in front of ``torch.optim.AdamW``, RefLoRA-S as a scalar refactoring of
 the weights and of AdamW's state after each step. Plus the gauge functions' identities, the state

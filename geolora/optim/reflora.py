@@ -37,7 +37,7 @@ over each such cluster (as LoRAM's, :func:`~geolora.optim.loram.cluster_average`
 step independent of the rotation and is a no-op for distinct singular values. Warm-up, the scalar policy and ``mode="precondition"`` are not
 invariant (AdamW in the original coordinates).
 
-Deviations from the authors' code (``reflora/reflora.py``):
+Deviations from the authors' code (their ``Refactorer``):
 
 * the full variant refactors the factors and moves Adam's state (``mode="refactor"``, default)
   where the authors precondition the gradients (available as ``mode="precondition"``);
