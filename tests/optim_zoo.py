@@ -109,6 +109,19 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(
         "stiefel_lora", "geolora.optim.stiefel_lora", "StiefelLoRA", 1e-2, needs_robust_start=False
     ),
+    # LoRA-Pro runs from B = 0 with the authors' damped formulas (no robust start needed).
+    _Spec("lora_pro", "geolora.optim.lora_pro", "LoRAPro", 1e-2, needs_robust_start=False),
+    _Spec("riemannion", "geolora.optim.riemannion", "Riemannion", 2e-2, invariant=True),
+    # Invariant with the balanced refactoring from step 1 (no AdamW warm-up).
+    _Spec(
+        "reflora",
+        "geolora.optim.reflora",
+        "RefLoRA",
+        1e-2,
+        kwargs={"warmup_steps": 0},
+        invariant=True,
+        needs_robust_start=False,
+    ),
 )
 
 EXPECTED_NAMES: tuple[str, ...] = tuple(s.name for s in _SPECS)

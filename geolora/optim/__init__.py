@@ -5,11 +5,14 @@ from geolora.optim.checkpoint import load_optimizer_state, save_optimizer_state
 from geolora.optim.groups import lora_param_groups
 from geolora.optim.lifted import AdamS, LiftedOptimizer
 from geolora.optim.lifted_sgd import LiftedSGD
+from geolora.optim.lora_pro import LoRAPro
 from geolora.optim.lora_rite import LoRARite
 from geolora.optim.loram import LoRAMBoundedRank, LoRAMFixedRank
 from geolora.optim.loraplus import LoRAPlus
 from geolora.optim.lracs import LRACS
+from geolora.optim.reflora import RefLoRA
 from geolora.optim.riemannian import ManifoldParameter, RiemannianAdam, RiemannianSGD
+from geolora.optim.riemannion import Riemannion
 from geolora.optim.scaled import RiemannianPreconditionedAdamW, ScaledGD
 from geolora.optim.shampoo import LiftedShampoo
 from geolora.optim.stiefel_lora import StiefelLoRA
@@ -25,9 +28,12 @@ __all__ = [
     "LoRAMBoundedRank",
     "LoRAMFixedRank",
     "LoRAOptimizer",
+    "LoRAPro",
     "ManifoldParameter",
+    "RefLoRA",
     "RiemannianAdam",
     "RiemannianSGD",
+    "Riemannion",
     "StiefelLoRA",
     "LoRAPlus",
     "LoRARite",
