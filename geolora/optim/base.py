@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.adamw import ADAMW_DEFAULTS, ROBUST_DEFAULTS, ROBUST_STATE_KEYS, PendingAdamW
+from geolora.optim.adamw import (
+    ADAMW_DEFAULTS,
+    ROBUST_DEFAULTS,
+    ROBUST_STATE_KEYS,
+    PendingAdamW,
+    robust_pair_update,
+)
 from geolora.optim.engine import StepEngine
 from geolora.optim.validation import (
     check_lr,
@@ -174,6 +180,21 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         if self.requires_full_rank(group) and rank_deficient_product(B, A):
             return "robust"
         return "enter"
+
+    def _robust_update(
+        self,
+        group: dict,
+        st: dict,
+        factors: tuple[Tensor, Tensor],
+        grads: tuple[Tensor | None, Tensor | None],
+        label: str,
+    ) -> PendingAdamW:
+        """The step of a pair inside its ``robust_steps`` or with rank-deficient ``X`` (when
+        :meth:`requires_full_rank`): AdamW on the factors, computed on copies
+        (:func:`~geolora.optim.adamw.robust_pair_update`). An optimizer with its own update for
+        rank-deficient factors (e.g. LoRA-Pro's damped closed form) overrides this; the result
+        is written only after every update of the step was checked."""
+        return robust_pair_update(group, st, factors, grads, label)
 
     def _refactor_update(
         self, group: dict, B: Tensor, A: Tensor, work: dict, st: dict, label: str

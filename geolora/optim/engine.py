@@ -41,7 +41,7 @@ from torch import Tensor
 
 from geolora.linalg import compute_dtype
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.adamw import PendingAdamW, ordinary_group_update, robust_pair_update
+from geolora.optim.adamw import PendingAdamW, ordinary_group_update
 from geolora.optim.validation import check_lr, matrix_view, param_label
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class StepEngine:
             label = str(group.get("name", "<unnamed>"))
             if kind == "robust":
                 grads = (_view_or_none(B.grad), _view_or_none(A.grad))
-                one = self._single(robust_pair_update, group, st, (Bm, Am), grads, label)
+                one = self._single(opt._robust_update, group, st, (Bm, Am), grads, label)
                 singles += one
                 reusable = False
                 continue

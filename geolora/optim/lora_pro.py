@@ -77,9 +77,10 @@ from torch import Tensor
 
 from geolora.linalg import compute_dtype, solve_sylvester, sym, transpose
 from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
-from geolora.optim.base import _ROBUST_STATE_KEYS, _rank_deficient, validate_betas
+from geolora.optim.adamw import ROBUST_STATE_KEYS, PendingAdamW
 from geolora.optim.lifted import LiftedOptimizer
 from geolora.optim.preconditioners import AdamPreconditioner
+from geolora.optim.validation import validate_betas
 
 __all__ = ["LORA_PRO_DAMPING", "LoRAPro", "LoRAProAdam", "lora_pro_step"]
 
@@ -227,33 +228,21 @@ class LoRAPro(LiftedOptimizer):
             **kwargs,
         )
 
-    def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
-        st = self.state[B]
-        if "step" not in st:
-            st["step"] = torch.tensor(0.0)
-            st["robust_step"] = torch.tensor(0.0)
-        if (
-            "full_rank" in st
-            or int(st["robust_step"].item()) < group["robust_steps"]
-            or not _rank_deficient(B, A)
-        ):
-            return super()._pair_phase(group, B, A)
-        self._rank_deficient_step(group, B, A)
-        return None
-
-    def _rank_deficient_step(self, group: dict[str, Any], B: Tensor, A: Tensor) -> None:
-        """The authors' damped step (:func:`lora_pro_step`) for one pair whose ``B A`` is rank
-        deficient, written at once (as the base class's robust start)."""
-        st = self.state[B]
-        if "pair" not in st:
-            st["pair"] = True
-            st.update(self._init_pair_state(group, B, A))
-        for k in _ROBUST_STATE_KEYS:
-            st.pop(k, None)
+    def _robust_update(self, group, st, factors, grads, label):
+        """Inside ``robust_steps``: the AdamW robust start. After it, a pair whose ``B A`` is rank
+        deficient takes the authors' damped step (:func:`lora_pro_step`) instead, with the same
+        Adam moments as the full-rank path (computed on copies, written with the step)."""
+        if int(st["robust_step"].item() if "robust_step" in st else 0) < group["robust_steps"]:
+            return super()._robust_update(group, st, factors, grads, label)
+        B, A = factors
         cdt = compute_dtype(B.dtype)
+        new_state: dict[str, Any] = {"pair": True}
+        if "pair" not in st:
+            new_state.update(self._init_pair_state(group, B, A))
+        moments = {**st, **new_state}
         x = FactorPoint(B.detach().to(cdt), transpose(A.detach()).to(cdt))
-        gB = B.grad if B.grad is not None else torch.zeros_like(B)
-        gA = A.grad if A.grad is not None else torch.zeros_like(A)
+        gB = grads[0] if grads[0] is not None else torch.zeros_like(B)
+        gA = grads[1] if grads[1] is not None else torch.zeros_like(A)
         g = FactorTangent(gB.to(cdt), transpose(gA).to(cdt))
         lam = group["weight_decay"]
         if lam and group["decay"] == "l2":
@@ -262,21 +251,25 @@ class LoRAPro(LiftedOptimizer):
             g = FactorTangent(
                 g.M + lam * x.M @ (transpose(x.N) @ x.N), g.N + lam * x.N @ (transpose(x.M) @ x.M)
             )
-        step = int(st["step"].item()) + 1
+        step = st["step"] + 1 if "step" in st else torch.tensor(1.0)
         vel, m, v = lora_pro_step(
             x,
             g,
             group.get("scaling", 1.0),
-            st["exp_avg"],
-            st["exp_avg_sq"],
-            step,
+            moments["exp_avg"],
+            moments["exp_avg_sq"],
+            int(step.item()),
             group["betas"],
             group["eps"],
         )
         new = self._move(group, x, vel)
-        if not all(bool(torch.isfinite(t).all()) for t in (*new, m, v)):
-            raise self._nonfinite_update_error([(group, B, A)])
-        st["exp_avg"], st["exp_avg_sq"] = m, v
-        st["step"] = st["step"] + 1
-        B.copy_(new.M.to(B.dtype))
-        A.copy_(transpose(new.N).to(A.dtype))
+        new_state.update(exp_avg=m, exp_avg_sq=v, step=step)
+        if "robust_step" not in st:
+            new_state["robust_step"] = torch.tensor(0.0)
+        return PendingAdamW(
+            [group],
+            label,
+            targets=[B, A],
+            values=[new.M.to(B.dtype), transpose(new.N).to(A.dtype)],
+            states=[(st, new_state, ROBUST_STATE_KEYS)],
+        )

@@ -148,11 +148,10 @@ class RefLoRA(LoRAOptimizer):
         if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
             raise ValueError(f"invalid warmup_steps: {w!r} (expected an integer >= 0)")
 
-    def _pair_phase(self, group: dict[str, Any], B: Tensor, A: Tensor) -> tuple | None:
+    def requires_full_rank(self, group: dict[str, Any]) -> bool:
         # AdamW needs no full-rank factors (the gauge is the identity where X is rank
-        # deficient): never divert B = 0 to the robust start.
-        self.state[B].setdefault("full_rank", True)
-        return super()._pair_phase(group, B, A)
+        # deficient): B = 0 needs no robust start.
+        return False
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
         return adamw_pair_state(B, A)

@@ -67,13 +67,13 @@ from torch import Tensor
 from geolora.linalg import svd_small, transpose
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankPoint, FixedRankTangent
-from geolora.optim.base import _check_range
 from geolora.optim.loram import (
     LoRAMFixedRank,
     ManifoldPairOptimizer,
     _fr_retraction,
     _fr_transport,
 )
+from geolora.optim.validation import check_range as _check_range
 from geolora.retractions.fixed_rank import fixed_rank_project, thin_qr
 
 __all__ = ["ORTHOGONALIZERS", "Riemannion", "msign", "riemannion_init", "tangent_msign"]
