@@ -25,6 +25,7 @@ __all__ = [
     "transpose",
     "mm_t",
     "addmm_t",
+    "cat_columns",
     "compute_dtype",
     "qr_pos",
     "qf",
@@ -53,6 +54,13 @@ def mm_t(a: Tensor, b: Tensor) -> Tensor:
     products stay fast.
     """
     return transpose(transpose(b) @ transpose(a))
+
+
+def cat_columns(a: Tensor, b: Tensor) -> Tensor:
+    """``[a b]`` along the last dimension, stored column-major (LAPACK's layout, so a QR that
+    follows needs no transposed copy, and the products with these tall factors prefer it).
+    ``(..., p, k₁), (..., p, k₂) -> (..., p, k₁ + k₂)``."""
+    return transpose(torch.cat([transpose(a), transpose(b)], dim=-2))
 
 
 def addmm_t(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> Tensor:

@@ -25,7 +25,7 @@ from geolora.manifolds.types import FactorPoint
 from geolora.optim.lifted import AdamS
 from geolora.optim.lifted_sgd import LiftedSGD
 from geolora.optim.lracs import LRACS, balanced_representative_norm
-from geolora.optim.preconditioners_racs import racs_scalings
+from geolora.optim.preconditioners.racs import racs_scalings
 from geolora.optim.shampoo import LiftedShampoo, fd_update
 from geolora.optim.wrap import Lifted
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import addmm_t as addmm
-from geolora.linalg import mm_t, qr_pos, transpose, tri_solve_right
+from geolora.linalg import cat_columns, mm_t, qr_pos, transpose, tri_solve_right
 from geolora.manifolds.types import FixedRankTangent
 
 
@@ -96,13 +96,7 @@ def tangent_to_dense(frame: Frame, t: FixedRankTangent) -> Tensor:
 def tangent_to_factors(frame: Frame, t: FixedRankTangent) -> tuple[Tensor, Tensor]:
     """``(A, B)`` of width 2r with ``A Bᵀ = U S Vᵀ + Up Vᵀ + U Vpᵀ``: ``A = [U S + Up, U]``,
     ``B = [V, Vp]``."""
-    return _cat_columns(addmm(t.Up, frame.U, t.M), frame.U), _cat_columns(frame.V, t.Vp)
-
-
-def _cat_columns(a: Tensor, b: Tensor) -> Tensor:
-    """``[a, b]`` along the last dim, column-major (the layout :func:`mm_t` produces and the
-    products with these tall factors prefer)."""
-    return transpose(torch.cat([transpose(a), transpose(b)], dim=-2))
+    return cat_columns(addmm(t.Up, frame.U, t.M), frame.U), cat_columns(frame.V, t.Vp)
 
 
 def tangent_sqnorm(t: FixedRankTangent) -> Tensor:

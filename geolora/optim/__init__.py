@@ -1,6 +1,11 @@
-"""Optimizers: one template (preconditioner on T_X + lift/retraction), many instances."""
+"""Optimizers: one template — ``PairOptimizer(preconditioner, geometry, move)`` — many instances.
 
-from geolora.optim.base import LoRAOptimizer
+The template and its contract: :mod:`geolora.optim.base`; geometries and moves:
+:mod:`geolora.optim.geometry`, :mod:`geolora.optim.manifold_pair`; preconditioners:
+:mod:`geolora.optim.preconditioners`; the step engine: :mod:`geolora.optim.engine`.
+"""
+
+from geolora.optim.base import LoRAOptimizer, PairOptimizer
 from geolora.optim.checkpoint import load_optimizer_state, save_optimizer_state
 from geolora.optim.groups import lora_param_groups
 from geolora.optim.lifted import AdamS, LiftedOptimizer
@@ -30,6 +35,7 @@ __all__ = [
     "LoRAOptimizer",
     "LoRAPro",
     "ManifoldParameter",
+    "PairOptimizer",
     "RefLoRA",
     "RiemannianAdam",
     "RiemannianSGD",

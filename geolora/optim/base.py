@@ -23,17 +23,48 @@ groups, batching of same-shape pairs, step plans, atomic commit — is shared):
 The step itself is run by :class:`~geolora.optim.engine.StepEngine`: it computes every update
 (robust, bucketed pairs, ordinary groups), checks that all results are finite, and only then
 writes any of them.
+
+The template
+------------
+Every built-in pair optimizer is a :class:`PairOptimizer`, declared by three parts (Zheng & Wu,
+"LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview
+Guo2XGgxZA, Alg. 1, generalised; structured like geoopt's ``RiemannianAdam`` and optax's
+``GradientTransformation``):
+
+* a **geometry** (:mod:`geolora.optim.geometry`, :mod:`geolora.optim.manifold_pair`): how the
+  pair's point is represented and in which coordinates its gradient is read — an orthonormal
+  frame of ``X = M Nᵀ`` with the projected gradient ``ξ = P_T(∇_X f)`` (the quotient
+  ``(M, N)/GL(r)`` with a metric), the factors themselves under a total-space metric, or a
+  manifold point owned by the optimizer (fixed rank, bounded rank, Stiefel);
+* a **preconditioner** (:mod:`geolora.optim.preconditioners`): a self-contained transform with
+  its own state and defaults that maps the gradient coordinates to a raw direction;
+* a **move** (in the geometry modules): turns the direction into new factors — the horizontal
+  lift and a factor update, a one-sided factor update, a plain factor step, or a retraction with
+  vector transport of the preconditioner's state.
+
+One step for a stack of pairs (:meth:`PairOptimizer._update_pairs`)::
+
+    x, g, extra = gauge(x, g, state)                # optional change of representative
+    p = geometry.point(x, state, group, step)       # frame / owned point
+    grad = geometry.gradient(p, g, group, step, wants=preconditioner.wants)
+    d = preconditioner.update(state, grad, StepContext(geometry, p, group), group, step)
+    (M, N) = move.apply(geometry, p, d, state, group, step, preconditioner)
+
+The projection onto the tangent space happens once, in the geometry (``StepContext.project``
+offers it to preconditioners that need a tangent vector early, e.g. for a metric norm).
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from geolora.linalg import compute_dtype
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.adamw import (
     ADAMW_DEFAULTS,
@@ -53,7 +84,14 @@ from geolora.optim.validation import (
     validate_state_dict,
 )
 
-__all__ = ["LoRAOptimizer", "NONFINITE_MODES", "PAIR_KEYS", "rank_deficient_product"]
+__all__ = [
+    "LoRAOptimizer",
+    "NONFINITE_MODES",
+    "PAIR_KEYS",
+    "PairOptimizer",
+    "StepContext",
+    "rank_deficient_product",
+]
 
 PAIR_KEYS = frozenset({"params", "lora_pair", "scaling", "name", "adapter"})
 NONFINITE_MODES = ("raise", "skip")
@@ -380,3 +418,155 @@ def rank_deficient_product(B: Tensor, A: Tensor) -> bool:
     ra = torch.linalg.qr(A.detach().T.to(dt), mode="r")[1]
     s = torch.linalg.svdvals(rb @ ra.T)
     return not (bool(s[0] > 0) and bool(s[-1] > 1e-3 * s[0]))
+
+
+class StepContext:
+    """What a preconditioner may use besides its state and its gradient: the geometry's point
+    (``point``, e.g. the frame), the projection onto the tangent space and the metric norm —
+    services of the geometry, not of the optimizer.
+
+    Attributes: ``geometry``, ``point``, ``group`` (the param group), ``m``, ``n``, ``r`` (the
+    pair's shape), ``frame`` (the orthonormal frame of quotient geometries), ``extra`` (what a
+    gauge policy hands on, e.g. a cluster average).
+    """
+
+    __slots__ = ("geometry", "point", "group", "m", "n", "r", "extra")
+
+    def __init__(
+        self,
+        geometry: Any,
+        point: Any,
+        group: dict,
+        m: int,
+        n: int,
+        r: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.geometry, self.point, self.group = geometry, point, group
+        self.m, self.n, self.r = m, n, r
+        self.extra = {} if extra is None else extra
+
+    @property
+    def frame(self) -> Any:
+        """The frame ``(U, R_M, V, R_N)`` of ``X`` (quotient geometries)."""
+        return self.point.frame
+
+    def project(self, d: Any) -> Any:
+        """The descent ``d`` (any form the geometry accepts) as a tangent vector."""
+        return self.geometry.project(self.point, d)
+
+    def metric_norm(self, t: Any) -> Tensor:
+        """The norm of the tangent vector ``t`` under the geometry's metric (for a quotient
+        geometry: the metric norm of its horizontal lift), shape = batch shape."""
+        return self.geometry.norm(self.point, t, self.group)
+
+
+class PairOptimizer(LoRAOptimizer):
+    """The template: a LoRA pair optimizer declared as ``(preconditioner, geometry, move)``
+    (module docstring), with an optional gauge policy.
+
+    Args:
+        params: param groups (LoRA pairs and ordinary groups).
+        preconditioner: maps gradient coordinates to a direction
+            (:class:`~geolora.optim.preconditioners.Preconditioner`).
+        geometry: point representation and gradient coordinates
+            (:class:`~geolora.optim.geometry.Geometry`).
+        move: direction → new factors (:class:`~geolora.optim.geometry.Move`).
+        lr: learning rate.
+        defaults: further hyperparameters of the optimizer (override the parts' own defaults).
+        gauge: optional :class:`~geolora.optim.gauge.GaugePolicy` (a change of representative
+            ``(M R, N R⁻ᵀ)`` before the step, with the state moved consistently).
+        **options: :class:`LoRAOptimizer` options (``robust_steps``, ``nonfinite``, ``foreach``,
+            ``other_*``, ``robust_*``).
+
+    The optimizer's hyperparameters are the union of the parts' ``defaults`` (geometry, move,
+    preconditioner, gauge — later ones win), ``lr`` and ``defaults``; every one can be
+    overridden per param group. Each part validates its own (``validate(group)``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        preconditioner: Any,
+        geometry: Any,
+        move: Any,
+        *,
+        lr: float,
+        defaults: dict[str, Any] | None = None,
+        gauge: Any = None,
+        **options: Any,
+    ) -> None:
+        self.preconditioner = preconditioner
+        self.geometry = geometry
+        self.move = move
+        self.gauge = gauge
+        if gauge is not None:
+            gauge.bind(preconditioner)
+        merged: dict[str, Any] = {}
+        for part in self._parts():
+            merged.update(getattr(part, "defaults", {}))
+        merged["lr"] = lr
+        merged.update(defaults or {})
+        super().__init__(params, merged, **options)
+
+    def _parts(self) -> list[Any]:
+        return [p for p in (self.geometry, self.move, self.preconditioner, self.gauge) if p]
+
+    @property
+    def functional_state(self) -> bool:  # type: ignore[override]
+        """Every part declares that it never modifies a state tensor in place."""
+        return all(bool(getattr(p, "functional_state", False)) for p in self._parts())
+
+    def requires_full_rank(self, group: dict[str, Any]) -> bool:
+        return bool(self.geometry.requires_full_rank(group))
+
+    def _entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
+        policy = getattr(self.geometry, "entry_policy", None)
+        return super()._entry_policy(group, B, A) if policy is None else policy(group, B, A)
+
+    def _refactor_update(
+        self, group: dict, B: Tensor, A: Tensor, work: dict, st: dict, label: str
+    ) -> PendingAdamW:
+        return self.geometry.refactor_update(group, B, A, work, st, label)
+
+    def _init_pair_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
+        state = dict(self.geometry.init_state(group, B, A))
+        like = torch.empty((), dtype=compute_dtype(B.dtype), device=B.device)
+        init = self.preconditioner.init_state
+        kw = {"hp": group} if "hp" in inspect.signature(init).parameters else {}
+        pre = init(B.shape[0], A.shape[1], B.shape[1], like, **kw)
+        clash = state.keys() & pre.keys()
+        if clash:
+            raise ValueError(
+                f"{type(self).__name__}: geometry and preconditioner both use state key(s) "
+                f"{sorted(clash)}"
+            )
+        state.update(pre)
+        return state
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._validate_hyperparameters(group)
+        for part in self._parts():
+            check = getattr(part, "validate", None)
+            if check is not None:
+                check(group)
+
+    def _update_pairs(
+        self,
+        group: dict[str, Any],
+        x: FactorPoint,
+        g: FactorTangent,
+        state: dict[str, Tensor],
+        step: int,
+    ) -> FactorPoint:
+        """The template (module docstring): gauge, point, gradient, precondition, move."""
+        geometry, pre = self.geometry, self.preconditioner
+        extra: dict[str, Any] = {}
+        if self.gauge is not None:
+            x, g, extra = self.gauge.apply(x, g, state, group, step)
+        point = geometry.point(x, state, group, step)
+        grad = geometry.gradient(point, g, group, step, getattr(pre, "wants", "tangent"))
+        m, r = x.M.shape[-2:]
+        ctx = StepContext(geometry, point, group, m, x.N.shape[-2], r, extra)
+        d = pre.update(state, grad, ctx, group, step)
+        return self.move.apply(geometry, point, d, state, group, step, pre)

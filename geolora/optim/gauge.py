@@ -60,6 +60,8 @@ from geolora.manifolds.types import FactorPoint, FactorTangent
 __all__ = [
     "GAUGE_POLICIES",
     "Gauge",
+    "GaugeHook",
+    "Rebalance",
     "balanced_factors",
     "balanced_with_spectrum",
     "factor_state_rule",
@@ -121,12 +123,17 @@ def balanced_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:
     return new, gauge
 
 
-def balanced_with_spectrum(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge, Tensor, Tensor]:
+def balanced_with_spectrum(
+    M: Tensor, N: Tensor, threshold: float | None = None
+) -> tuple[FactorPoint, Gauge, Tensor, Tensor]:
     """:func:`balanced_factors` plus the singular values ``σ: (..., r)`` of ``X`` (float64,
     descending; the squared column norms of both new factors) and the batch mask of the
-    elements that were balanced (``False``: rank deficient, gauge ``I``)."""
+    elements that were balanced (``False``: rank deficient, gauge ``I``). With ``threshold``,
+    only the elements whose :func:`imbalance` exceeds it are balanced (no host sync)."""
     frame, phi, sig, psi = _core_svd(M, N)
     ok = _full_rank(sig, M.dtype)
+    if threshold is not None:
+        ok = ok & (_imbalance_from(M, N, sig) > threshold)
     root = sig.clamp_min(0).sqrt().unsqueeze(-2)
     a, b = phi * root, psi * root  # Φ Σ^{1/2}, Ψ Σ^{1/2}
     dt = M.dtype
@@ -210,6 +217,10 @@ def imbalance(M: Tensor, N: Tensor) -> Tensor:
     ``(M Q, N Q)``, ``Q`` orthogonal, and under ``(c M, c N)``; grows without bound as the pair
     drifts along its orbit (``(M t, N / t)``: ``≈ (t² ‖M‖² + ‖N‖²/t²) / (2‖X‖_*)``)."""
     _, _, sig, _ = _core_svd(M, N)
+    return _imbalance_from(M, N, sig)
+
+
+def _imbalance_from(M: Tensor, N: Tensor, sig: Tensor) -> Tensor:
     wd = torch.float64
     sq = M.to(wd).square().sum(dim=(-2, -1)) + N.to(wd).square().sum(dim=(-2, -1))
     nuc = sig.sum(-1)
@@ -229,6 +240,13 @@ _FACTOR_KEYS = {
     "robust_exp_avg_A": "A",
     "robust_exp_avg_sq_A": "A2",
 }
+
+
+#: How each rule moves a state entry under ``(M R, N R⁻ᵀ)`` (:func:`_move_one`): covectors
+#: ``"M"`` (× R⁻ᵀ), ``"N"`` (× R) and their element-wise squares ``"M2"``, ``"N2"``; vectors
+#: ``"MV"`` (× R, like ``M`` itself) and ``"NV"`` (× R⁻ᵀ); peft-layout ``A`` moments ``"A"``,
+#: ``"A2"``.
+GAUGE_RULES = ("M", "N", "M2", "N2", "MV", "NV", "A", "A2")
 
 
 def factor_state_rule(key: str) -> str | None:
@@ -252,7 +270,104 @@ def _move_one(rule: str, t: Tensor, gauge: Gauge) -> Tensor:
         return t @ (Ri * Ri)
     if rule == "N2":
         return t @ (R * R)
+    if rule == "MV":
+        return t @ R
+    if rule == "NV":
+        return t @ Ri
     return transpose(R * R) @ t  # "A2"
+
+
+def _gauge_rules(preconditioner: Any) -> dict[str, str] | None:
+    """The state rules a preconditioner declares (``gauge_rules``: ``{key: rule}``, ``{}`` for
+    state that lives in matrix space), or ``None`` when it declares none."""
+    rules = getattr(preconditioner, "gauge_rules", None)
+    if rules is None:
+        return None
+    bad = {k: v for k, v in rules.items() if v not in GAUGE_RULES}
+    if bad:
+        raise ValueError(f"unknown gauge rule(s) {bad}; expected one of {GAUGE_RULES}")
+    return dict(rules)
+
+
+class GaugeHook:
+    """The template's gauge hook (:class:`~geolora.optim.base.PairOptimizer`): before a step,
+    replace the representative ``(M, N)`` by ``(M R, N R⁻ᵀ)`` — same ``X`` — and move the
+    gradient (a covector) and the preconditioner's factor-coordinate state along (module
+    docstring). One mechanism, several policies: :class:`Rebalance` (the balanced
+    representative when the pair has drifted; the ``X`` trajectory of an invariant optimizer is
+    unchanged to rounding) and RefLoRA's per-step refactoring (:mod:`geolora.optim.reflora`).
+
+    Subclasses implement :meth:`due` (host-side: act at this step?) and :meth:`choose` (the new
+    factors, the gauge and what the preconditioner may use, e.g. a cluster average). The
+    preconditioner must declare how its state moves (``gauge_rules``); without a declaration the
+    hook refuses to be combined with it (:meth:`bind`).
+    """
+
+    functional_state = True
+    defaults: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.rules: dict[str, str] = {}
+
+    def bind(self, preconditioner: Any) -> None:
+        """Read the preconditioner's state rules (``TypeError`` if it declares none)."""
+        rules = _gauge_rules(preconditioner)
+        if rules is None:
+            raise TypeError(
+                f"{type(self).__name__}: preconditioner {type(preconditioner).__name__} does not "
+                f"declare how its state moves under a change of factorisation (gauge_rules); "
+                f"use it without a gauge hook"
+            )
+        self.rules = rules
+
+    def due(self, group: dict[str, Any], step: int) -> bool:
+        raise NotImplementedError
+
+    def choose(self, x: FactorPoint, group: dict[str, Any]) -> tuple[FactorPoint, Gauge, dict]:
+        raise NotImplementedError
+
+    def apply(
+        self, x: FactorPoint, g: FactorTangent, state: dict, group: dict[str, Any], step: int
+    ) -> tuple[FactorPoint, FactorTangent, dict]:
+        """``(x', g', extra)`` for a stack of pairs; the state moves by reassignment."""
+        if not self.due(group, step):
+            return x, g, {}
+        new, gauge, extra = self.choose(x, group)
+        g = move_gradients(g, gauge)
+        for key, rule in self.rules.items():
+            if key in state:
+                state[key] = _move_one(rule, state[key], gauge)
+        return new, g, extra
+
+
+class Rebalance(GaugeHook):
+    """Function-preserving rebalancing of drifted pairs (:func:`balanced_factors`, where
+    :func:`imbalance` exceeds ``rebalance_threshold``), checked every ``rebalance_every`` steps
+    (0: never). The invariant optimizers leave the representative free within its class, so
+    over long runs the factors can drift apart and the float32 rounding of the step grows with
+    the imbalance; the balanced representative has ``MᵀM = NᵀN = Σ``. Per-group
+    hyperparameters ``rebalance_every`` (default 100) and ``rebalance_threshold`` (default 10:
+    factor norms ≈ 4.5× those of the balanced pair)."""
+
+    def __init__(self, every: int = 100, threshold: float = 10.0) -> None:
+        super().__init__()
+        self.defaults = {"rebalance_every": every, "rebalance_threshold": threshold}
+
+    def validate(self, group: dict[str, Any]) -> None:
+        e = group["rebalance_every"]
+        if not (isinstance(e, int) and not isinstance(e, bool) and e >= 0):
+            raise ValueError(f"invalid rebalance_every: {e!r} (expected an integer >= 0)")
+        t = group["rebalance_threshold"]
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0):
+            raise ValueError(f"invalid rebalance_threshold: {t!r} (expected a number >= 0)")
+
+    def due(self, group: dict[str, Any], step: int) -> bool:
+        every = group["rebalance_every"]
+        return every > 0 and step % every == 0
+
+    def choose(self, x: FactorPoint, group: dict[str, Any]) -> tuple[FactorPoint, Gauge, dict]:
+        new, gauge, _, _ = balanced_with_spectrum(x.M, x.N, group["rebalance_threshold"])
+        return new, gauge, {}
 
 
 @torch.no_grad()

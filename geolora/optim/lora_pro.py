@@ -76,10 +76,10 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import compute_dtype, solve_sylvester, sym, transpose
-from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankTangent
+from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.adamw import ROBUST_STATE_KEYS, PendingAdamW
 from geolora.optim.lifted import LiftedOptimizer
-from geolora.optim.preconditioners import AdamPreconditioner
+from geolora.optim.preconditioners import EquivalentGradientAdam
 from geolora.optim.validation import validate_betas
 
 __all__ = ["LORA_PRO_DAMPING", "LoRAPro", "LoRAProAdam", "lora_pro_step"]
@@ -88,30 +88,8 @@ __all__ = ["LORA_PRO_DAMPING", "LoRAPro", "LoRAProAdam", "lora_pro_step"]
 LORA_PRO_DAMPING = 1e-8
 
 
-class LoRAProAdam:
-    """Adam on the equivalent gradient ``g̃ = ξ / s`` (``ΔW`` coordinates), returning the
-    projected descent ``P_T(m̂ / (√v̂ + ε)) / s`` in ``X = B A`` coordinates.
-
-    The Adam part is :class:`~geolora.optim.preconditioners.AdamPreconditioner` (dense ``m x n``
-    moments ``exp_avg``, ``exp_avg_sq``); ``s`` is the group's ``scaling`` (1 if absent).
-    Hyperparameters read from the group: ``betas``, ``eps``, ``scaling``.
-    """
-
-    name = "lora_pro_adam"
-    functional_state = True
-
-    def __init__(self) -> None:
-        self._adam = AdamPreconditioner()
-
-    def init_state(self, m: int, n: int, r: int, like: Tensor) -> dict[str, Tensor]:
-        return self._adam.init_state(m, n, r, like)
-
-    def update(self, state, xi: FixedRankTangent, ctx, hp, step: int) -> FixedRankTangent:
-        s = float(hp.get("scaling", 1.0))
-        if s != 1.0:
-            xi = FixedRankTangent(*(t / s for t in xi))
-        d = self._adam.update(state, xi, ctx, hp, step)
-        return d if s == 1.0 else FixedRankTangent(*(t / s for t in d))
+#: LoRA-Pro's preconditioner: Adam on the equivalent gradient (kept under its historical name).
+LoRAProAdam = EquivalentGradientAdam
 
 
 def _damped_inverse(G: Tensor, damping: float) -> Tensor:
@@ -262,7 +240,9 @@ class LoRAPro(LiftedOptimizer):
             group["betas"],
             group["eps"],
         )
-        new = self._move(group, x, vel)
+        lr, lam = group["lr"], group["weight_decay"]
+        shrink = 1.0 - lr * lam if group["decay"] == "decoupled" else 1.0
+        new = FactorPoint(shrink * x.M - lr * vel.M, shrink * x.N - lr * vel.N)
         new_state.update(exp_avg=m, exp_avg_sq=v, step=step)
         if "robust_step" not in st:
             new_state["robust_step"] = torch.tensor(0.0)

@@ -1,24 +1,21 @@
 """LoRA+: AdamW with a larger learning rate for ``B`` than for ``A``.
 
-Hayou, Ghosh & Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models" (ICML 2024);
-a baseline in lora-rite.txt (experiments, with ratio 4 for decoder models).
+Hayou, Ghosh & Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", ICML 2024,
+arXiv:2402.12354. Declared as ``(FactorAdamW(ratio), FactorGeometry("euclidean"), FactorStep)``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from torch import Tensor
-
-from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import LoRAOptimizer
-from geolora.optim.scaled import adamw_pair_state, adamw_pair_step
+from geolora.optim.base import PairOptimizer
+from geolora.optim.geometry import FactorGeometry, FactorStep
+from geolora.optim.preconditioners.factor import FactorAdamW
 
 __all__ = ["LoRAPlus"]
 
 
-class LoRAPlus(LoRAOptimizer):
+class LoRAPlus(PairOptimizer):
     """LoRA+ (Hayou et al. 2024): per-pair AdamW with ``η_B = ratio · η_A``, ``η_A = lr``.
 
     Each factor takes one ``torch.optim.AdamW`` step (decoupled decay ``p ← (1 − ηλ) p``,
@@ -50,29 +47,11 @@ class LoRAPlus(LoRAOptimizer):
         weight_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "ratio": ratio,
-            "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-        }
-        super().__init__(params, defaults, **kwargs)
-
-    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(group)
-        ratio = group["ratio"]
-        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
-            raise ValueError(f"invalid ratio: {ratio!r} (expected a finite number > 0)")
-
-    def requires_full_rank(self, group: dict[str, Any]) -> bool:
-        return False  # plain AdamW needs no full-rank factors: B = 0 needs no robust start
-
-    def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        return adamw_pair_state(B, A)
-
-    def _update_pairs(
-        self, group, x: FactorPoint, g: FactorTangent, state, step: int
-    ) -> FactorPoint:
-        lr = group["lr"]
-        return adamw_pair_step(group, x, g, state, step, (group["ratio"] * lr, lr))
+        super().__init__(
+            params,
+            FactorAdamW(betas=betas, eps=eps, ratio=ratio),
+            FactorGeometry("euclidean"),
+            FactorStep(weight_decay=weight_decay),
+            lr=lr,
+            **kwargs,
+        )

@@ -1,14 +1,13 @@
-"""LRACS — RACS lifted to the horizontal space of the LoRA-S metric (lora-s.txt §4.3, Alg. 3)."""
+"""LRACS — RACS lifted to the horizontal space of the LoRA-S metric (Zheng & Wu, "LoRA-S",
+ICLR 2026, OpenReview Guo2XGgxZA, §4.3, Alg. 3)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from geolora.manifolds.metrics import QuotientMetric
 from geolora.optim.lifted import LiftedOptimizer, balanced_representative_norm
-from geolora.optim.preconditioners_racs import RACSPreconditioner
-from geolora.optim.validation import check_range as _check_range
+from geolora.optim.preconditioners.racs import RACSPreconditioner
 
 
 class LRACS(LiftedOptimizer):
@@ -22,7 +21,7 @@ class LRACS(LiftedOptimizer):
     limiter ``η_t = γ / max(‖X̃‖_g / φ_{t−1}, γ)`` (1 at ``t = 1``), ``φ_t = η_t ‖X̃‖_g``;
     ``(M, N) ← (M − lr η_t Ṁ, N − lr η_t Ṅ)``. ``‖·‖_g`` is evaluated gauge-free
     (:func:`balanced_representative_norm`). Details and the derivation of eq. 14's
-    normalisation: :mod:`geolora.optim.preconditioners_racs`.
+    normalisation: :mod:`geolora.optim.preconditioners.racs`.
 
     Args:
         lr: learning rate (paper A.2: 1e-3 on GPT-2 r=4; 1e-3 / 3e-3 / 5e-3 on Mix-of-Show at
@@ -61,7 +60,7 @@ class LRACS(LiftedOptimizer):
         metric: str | QuotientMetric = "balanced",
         **kwargs: Any,
     ) -> None:
-        pre = RACSPreconditioner(power_iters, bias_correction)
+        pre = RACSPreconditioner(power_iters, bias_correction, beta=beta, gamma=gamma, eps=eps)
         super().__init__(
             params,
             pre,
@@ -69,14 +68,8 @@ class LRACS(LiftedOptimizer):
             lr=lr,
             weight_decay=weight_decay,
             robust_steps=robust_steps,
-            extra_defaults={"beta": beta, "gamma": gamma, "eps": eps},
             **kwargs,
         )
-
-    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(group)
-        _check_range("beta", group["beta"], 0.0, 1.0, hi_open=True)
-        _check_range("gamma", group["gamma"], 1.0, math.inf, hi_open=True)
 
 
 __all__ = ["LRACS", "balanced_representative_norm"]

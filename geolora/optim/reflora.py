@@ -59,25 +59,25 @@ per pair: AdamW's ``2(m + n) r``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.base import LoRAOptimizer
+from geolora.optim.base import PairOptimizer
 from geolora.optim.gauge import (
     GAUGE_POLICIES,
+    Gauge,
+    GaugeHook,
     balanced_with_spectrum,
-    move_factor_moments,
-    move_gradients,
     reflora_preconditioner,
 )
-from geolora.optim.loram import _cluster_weights
-from geolora.optim.scaled import adamw_pair_state, adamw_pair_step
+from geolora.optim.geometry import FactorGeometry, FactorStep
+from geolora.optim.manifold_pair import _cluster_weights
+from geolora.optim.preconditioners.factor import FactorAdamW
+from geolora.optim.validation import check_choice
 
-__all__ = ["REFLORA_MODES", "RefLoRA", "reflora_gradients"]
+__all__ = ["REFLORA_MODES", "RefLoRA", "RefLoRAGauge", "reflora_gradients"]
 
 #: ``mode`` values: refactor the factors and move the state, or precondition the gradients.
 REFLORA_MODES = ("refactor", "precondition")
@@ -91,7 +91,53 @@ def reflora_gradients(x: FactorPoint, g: FactorTangent) -> FactorTangent:
     return FactorTangent(g.M @ S.to(g.M.dtype), g.N @ S_inv.to(g.N.dtype))
 
 
-class RefLoRA(LoRAOptimizer):
+class RefLoRAGauge(GaugeHook):
+    """RefLoRA's refactoring as the template's gauge hook: after ``warmup_steps``, every step,
+    the ``policy`` representative (``"balanced"``: the optimal refactoring, with the cluster
+    average of equal singular values handed to the preconditioner; ``"scalar"``: RefLoRA-S);
+    ``mode="precondition"`` preconditions the gradients instead and moves nothing. Per-group
+    hyperparameters ``policy``, ``mode``, ``warmup_steps``."""
+
+    def __init__(
+        self, policy: str = "balanced", mode: str = "refactor", warmup_steps: int = 100
+    ) -> None:
+        super().__init__()
+        self.defaults = {"policy": policy, "mode": mode, "warmup_steps": warmup_steps}
+
+    def validate(self, group: dict[str, Any]) -> None:
+        check_choice("policy", group["policy"], tuple(sorted(GAUGE_POLICIES)))
+        check_choice("mode", group["mode"], REFLORA_MODES)
+        if group["mode"] == "precondition" and group["policy"] != "balanced":
+            raise ValueError(
+                "mode='precondition' is the authors' form of the full (balanced) RefLoRA; "
+                "use policy='balanced' or mode='refactor'"
+            )
+        w = group["warmup_steps"]
+        if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
+            raise ValueError(f"invalid warmup_steps: {w!r} (expected an integer >= 0)")
+
+    def due(self, group: dict[str, Any], step: int) -> bool:
+        return step > group["warmup_steps"]
+
+    def apply(self, x, g, state, group, step):
+        if self.due(group, step) and group["mode"] == "precondition":
+            return x, reflora_gradients(x, g), {}
+        return super().apply(x, g, state, group, step)
+
+    def choose(self, x: FactorPoint, group: dict[str, Any]) -> tuple[FactorPoint, Gauge, dict]:
+        if group["policy"] != "balanced":
+            new, gauge = GAUGE_POLICIES[group["policy"]](x.M, x.N)
+            return new, gauge, {}
+        new, gauge, sig, ok = balanced_with_spectrum(x.M, x.N)
+        average = _cluster_weights(sig.to(x.M.dtype))
+        if average is None:
+            return new, gauge, {}
+        # only balanced elements have aligned columns
+        eye = torch.eye(sig.shape[-1], dtype=x.M.dtype, device=x.M.device)
+        return new, gauge, {"average": torch.where(ok[..., None, None], average, eye)}
+
+
+class RefLoRA(PairOptimizer):
     """RefLoRA / RefLoRA-S (module docstring): AdamW on refactored LoRA factors.
 
     Args:
@@ -120,96 +166,12 @@ class RefLoRA(LoRAOptimizer):
         warmup_steps: int = 100,
         **kwargs: Any,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "policy": policy,
-            "mode": mode,
-            "warmup_steps": warmup_steps,
-        }
-        super().__init__(params, defaults, **kwargs)
-
-    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(group)
-        if group["policy"] not in GAUGE_POLICIES:
-            raise ValueError(
-                f"invalid policy: {group['policy']!r} (expected one of {sorted(GAUGE_POLICIES)})"
-            )
-        if group["mode"] not in REFLORA_MODES:
-            raise ValueError(f"invalid mode: {group['mode']!r} (expected one of {REFLORA_MODES})")
-        if group["mode"] == "precondition" and group["policy"] != "balanced":
-            raise ValueError(
-                "mode='precondition' is the authors' form of the full (balanced) RefLoRA; "
-                "use policy='balanced' or mode='refactor'"
-            )
-        w = group["warmup_steps"]
-        if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
-            raise ValueError(f"invalid warmup_steps: {w!r} (expected an integer >= 0)")
-
-    def requires_full_rank(self, group: dict[str, Any]) -> bool:
-        # AdamW needs no full-rank factors (the gauge is the identity where X is rank
-        # deficient): B = 0 needs no robust start.
-        return False
-
-    def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        return adamw_pair_state(B, A)
-
-    def _update_pairs(
-        self, group, x: FactorPoint, g: FactorTangent, state, step: int
-    ) -> FactorPoint:
-        average = None
-        if step > group["warmup_steps"]:
-            if group["mode"] == "precondition":
-                g = reflora_gradients(x, g)
-            else:
-                if group["policy"] == "balanced":
-                    x, gauge, sig, ok = balanced_with_spectrum(x.M, x.N)
-                    average = _cluster_weights(sig.to(x.M.dtype))
-                    if average is not None:  # only balanced elements have aligned columns
-                        eye = torch.eye(sig.shape[-1], dtype=x.M.dtype, device=x.M.device)
-                        average = torch.where(ok[..., None, None], average, eye)
-                else:
-                    x, gauge = GAUGE_POLICIES[group["policy"]](x.M, x.N)
-                g = move_gradients(g, gauge)
-                mM, mN, vM, vN = move_factor_moments(
-                    state["exp_avg_M"],
-                    state["exp_avg_N"],
-                    state["exp_avg_sq_M"],
-                    state["exp_avg_sq_N"],
-                    gauge,
-                )
-                state["exp_avg_M"], state["exp_avg_N"] = mM, mN
-                state["exp_avg_sq_M"], state["exp_avg_sq_N"] = vM, vN
-        lr = group["lr"]
-        if average is not None:
-            return _adamw_averaged(group, x, g, state, step, lr, average)
-        return adamw_pair_step(group, x, g, state, step, (lr, lr))
-
-
-def _adamw_averaged(
-    group: dict[str, Any],
-    x: FactorPoint,
-    g: FactorTangent,
-    state: dict[str, Tensor],
-    step: int,
-    lr: float,
-    average: Tensor,
-) -> FactorPoint:
-    """The AdamW step of ``adamw_pair_step`` with the second moments averaged over the columns
-    of each cluster of equal singular values (``v ← v W``, ``W`` from
-    :func:`~geolora.optim.loram.cluster_average`): at a balanced pair those columns are defined
-    only up to a rotation, under which ``m`` moves exactly and the averaged ``v`` is unchanged,
-    so the step does not depend on the rotation."""
-    b1, b2 = group["betas"]
-    bc1, bc2 = 1 - b1**step, 1 - b2**step
-    out = []
-    for side, p, gp in (("M", x.M, g.M), ("N", x.N, g.N)):
-        m = torch.lerp(state[f"exp_avg_{side}"], gp, 1 - b1)
-        v = (state[f"exp_avg_sq_{side}"] * b2).addcmul_(gp, gp, value=1 - b2) @ average
-        state[f"exp_avg_{side}"], state[f"exp_avg_sq_{side}"] = m, v
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(group["eps"])
-        p = p * (1 - lr * group["weight_decay"])
-        out.append(p.addcdiv(m, denom, value=-lr / bc1))
-    return FactorPoint(*out)
+        super().__init__(
+            params,
+            FactorAdamW(betas=betas, eps=eps),
+            FactorGeometry("euclidean"),
+            FactorStep(weight_decay=weight_decay),
+            lr=lr,
+            gauge=RefLoRAGauge(policy, mode, warmup_steps),
+            **kwargs,
+        )

@@ -64,76 +64,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import svd_small, transpose
-from geolora.manifolds.fixed_rank import FixedRank
-from geolora.manifolds.types import FactorPoint, FactorTangent, FixedRankPoint, FixedRankTangent
-from geolora.optim.loram import (
-    LoRAMFixedRank,
-    ManifoldPairOptimizer,
-    _fr_retraction,
-    _fr_transport,
+from geolora.optim.base import PairOptimizer
+from geolora.optim.manifold_pair import (
+    ORTHOGONALIZERS,
+    FixedRankGeometry,
+    Retraction,
+    SpectralMomentum,
+    msign,
+    tangent_msign,
 )
-from geolora.optim.validation import check_range as _check_range
-from geolora.retractions.fixed_rank import fixed_rank_project, thin_qr
 
 __all__ = ["ORTHOGONALIZERS", "Riemannion", "msign", "riemannion_init", "tangent_msign"]
-
-#: ``orthogonalize`` values: exact polar factor (SVD) or Muon's Newton–Schulz iteration.
-ORTHOGONALIZERS = ("svd", "newton_schulz")
-#: Muon's quintic Newton–Schulz coefficients (Jordan et al. 2024).
-_NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-def msign(K: Tensor, method: str = "svd", *, rtol: float, ns_steps: int = 5) -> Tensor:
-    """Polar factor ``U_K V_Kᵀ`` of ``K: (..., p, q)`` (float64 in, float64 out).
-
-    ``"svd"``: exact, singular values ``≤ rtol · σ₁`` count as zero (their directions are
-    dropped; ``K = 0`` gives 0). ``"newton_schulz"``: ``ns_steps`` steps of Muon's quintic
-    iteration ``Y ← a Y + b (Y Yᵀ) Y + c (Y Yᵀ)² Y`` from ``Y = K / ‖K‖_F`` — an approximation
-    whose singular values end in about ``[0.7, 1.2]`` (not 1), as Muon's.
-    """
-    if method == "svd":
-        u, s, vh = svd_small(K, full_matrices=False)
-        keep = (s > rtol * s[..., :1]).to(K.dtype)
-        return (u * keep.unsqueeze(-2)) @ vh
-    if method != "newton_schulz":
-        raise ValueError(f"orthogonalize must be one of {ORTHOGONALIZERS}, got {method!r}")
-    a, b, c = _NS_COEFFS
-    norm = K.flatten(-2).norm(dim=-1)[..., None, None]
-    Y = K / norm.clamp_min(torch.finfo(K.dtype).tiny)
-    for _ in range(ns_steps):
-        G = Y @ transpose(Y)
-        Y = a * Y + (b * G + c * (G @ G)) @ Y
-    return Y
-
-
-def tangent_msign(
-    pt: FixedRankPoint, t: FixedRankTangent, method: str = "svd", *, ns_steps: int = 5
-) -> FixedRankTangent:
-    """``P_T(msign(Ẋ))`` for the tangent vector ``t = (M, Up, Vp)`` at ``pt = (U, S, V)``.
-
-    ``Ẋ = [U Up] C [V Vp]ᵀ``, ``C = [[M, I], [I, 0]]``; thin QRs ``[U Up] = Q_L T_L``,
-    ``[V Vp] = Q_R T_R`` and ``O = msign(T_L C T_Rᵀ)`` (float64, ``2r x 2r``) give
-    ``msign(Ẋ) = Q_L O Q_Rᵀ``; with ``Q_Lᵀ U = T_L[:, :r]``, ``Q_Rᵀ V = T_R[:, :r]`` the products
-    ``msign(Ẋ) V = Q_L (O T_R[:, :r])`` and ``msign(Ẋ)ᵀ U = Q_R (Oᵀ T_L[:, :r])`` feed the
-    tangent projection. Any QR sign convention gives the same result. Cost ``O((m + n) r²)``;
-    shapes as :class:`~geolora.manifolds.types.FixedRankTangent`, stacked ``(..., ·, ·)``.
-    """
-    u, _, v = pt
-    r = u.shape[-1]
-    dt = u.dtype
-    ql, tl = thin_qr(torch.cat([u, t.Up], dim=-1))
-    qr_, tr = thin_qr(torch.cat([v, t.Vp], dim=-1))
-    wd = torch.float64
-    tl, tr = tl.to(wd), tr.to(wd)
-    tl1, tl2 = tl[..., :r], tl[..., r:]
-    tr1, tr2 = tr[..., :r], tr[..., r:]
-    # T_L C T_Rᵀ = (T_L1 M + T_L2) T_R1ᵀ + T_L1 T_R2ᵀ
-    core = (tl1 @ t.M.to(wd) + tl2) @ transpose(tr1) + tl1 @ transpose(tr2)
-    O = msign(core, method, rtol=float(torch.finfo(dt).eps) ** 0.5, ns_steps=ns_steps)
-    zv = ql @ (O @ tr1).to(dt)
-    ztu = qr_ @ (transpose(O) @ tl1).to(dt)
-    return fixed_rank_project(pt, zv, ztu)
 
 
 def riemannion_init(grad: Tensor, rank: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -166,7 +107,7 @@ def riemannion_init(grad: Tensor, rank: int, scale: float = 1.0) -> tuple[Tensor
     return B.to(grad.dtype), A.to(grad.dtype)
 
 
-class Riemannion(ManifoldPairOptimizer):
+class Riemannion(PairOptimizer):
     """Riemannion (module docstring): heavy-ball momentum of the Riemannian gradient,
     orthogonalised in the ambient space, projected onto ``T_X``, and a retraction.
 
@@ -184,8 +125,6 @@ class Riemannion(ManifoldPairOptimizer):
     Memory per pair: ``2 (m + n) r + r² + r``. Transformation invariant.
     """
 
-    functional_state = True  # _update_pairs only assigns new tensors to state keys
-
     def __init__(
         self,
         params,
@@ -199,77 +138,16 @@ class Riemannion(ManifoldPairOptimizer):
         robust_steps: int = 0,
         **kwargs: Any,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "orthogonalize": orthogonalize,
-            "ns_steps": ns_steps,
-        }
-        super().__init__(params, defaults, robust_steps=robust_steps, **kwargs)
-
-    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(group)
-        _check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
-        if not isinstance(group["nesterov"], bool):
-            raise ValueError(f"invalid nesterov: {group['nesterov']!r} (expected a bool)")
-        if group["orthogonalize"] not in ORTHOGONALIZERS:
-            raise ValueError(
-                f"invalid orthogonalize: {group['orthogonalize']!r} (expected one of "
-                f"{ORTHOGONALIZERS})"
-            )
-        k = group["ns_steps"]
-        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-            raise ValueError(f"invalid ns_steps: {k!r} (expected an integer >= 1)")
-
-    # The point and its entry are LoRAM-FR's: B = U diag(S), A = Vᵀ; rank-deficient factors
-    # take the robust start, merely unbalanced ones enter at once.
-    _entry_policy = LoRAMFixedRank._entry_policy
-    _point_factors = LoRAMFixedRank._point_factors
-
-    def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        m, r = B.shape
-        n = A.shape[1]
-        pt = FixedRank(m, n, r).from_factors(B.detach(), A.detach(), allow_zero=True)
-        z = pt.U.new_zeros
-        return {
-            "U": pt.U,
-            "S": pt.S,
-            "V": pt.V,
-            "momentum_M": z(r, r),
-            "momentum_Up": z(m, r),
-            "momentum_Vp": z(n, r),
-        }
-
-    def _update_pairs(
-        self, group, x: FactorPoint, g: FactorTangent, state, step: int
-    ) -> FactorPoint:
-        pt = FixedRankPoint(state["U"], state["S"], state["V"])
-        m, r = pt.U.shape[-2:]
-        n = pt.V.shape[-2]
-        zv, ztu = LoRAMFixedRank._products(pt, x, g, step)
-        xi = LoRAMFixedRank._mask(fixed_rank_project(pt, zv, ztu), m, n, r)
-        beta = group["momentum"]
-        if step == 1:
-            mom = xi
-        else:
-            old = FixedRankTangent(state["momentum_M"], state["momentum_Up"], state["momentum_Vp"])
-            mom = FixedRankTangent(*(torch.add(a, b, alpha=beta) for a, b in zip(xi, old)))
-        d = mom
-        if group["nesterov"]:
-            d = FixedRankTangent(*(torch.add(a, b, alpha=beta) for a, b in zip(xi, mom)))
-        D = LoRAMFixedRank._mask(
-            tangent_msign(pt, d, group["orthogonalize"], ns_steps=group["ns_steps"]), m, n, r
+        pre = SpectralMomentum(
+            momentum=momentum, nesterov=nesterov, orthogonalize=orthogonalize, ns_steps=ns_steps
         )
-        lr, lam = group["lr"], group["weight_decay"]
-        s = float(group.get("scaling", 1.0))
-        base = pt if not lam else FixedRankPoint(pt.U, pt.S * (1.0 - lr * lam), pt.V)
-        new, cu, cv = _fr_retraction(base, D.M, D.Up, D.Vp, -lr / s)
-        dt = pt.U.dtype
-        w = _fr_transport(pt, new, cu.to(dt), cv.to(dt), mom)
-        w = LoRAMFixedRank._mask(w, m, n, r)
-        state["U"], state["S"], state["V"] = new
-        state["momentum_M"], state["momentum_Up"], state["momentum_Vp"] = w
-        return self._point_factors(state)
-
+        super().__init__(
+            params,
+            pre,
+            FixedRankGeometry(lr_units="dW"),
+            Retraction(),
+            lr=lr,
+            defaults={"weight_decay": weight_decay},
+            robust_steps=robust_steps,
+            **kwargs,
+        )

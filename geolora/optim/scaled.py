@@ -1,67 +1,28 @@
 """r×r-preconditioned factor gradients: ScaledGD and Riemannian-preconditioned AdamW.
 
-Both precondition the factor gradients with the inverse Gram matrix of the other factor,
-the Riemannian gradient of the metric ``tr(G_N ṀᵀṀ) + tr(G_M ṄᵀṄ)`` (Mishra–Sepulchre;
-lora-s.txt A.18.5, the ``PreconditionedMetric`` of DESIGN.md):
+Both take the Riemannian gradient of the preconditioned metric ``tr(G_N ṀᵀṀ) + tr(G_M ṄᵀṄ)``
+in factor coordinates (Mishra & Sepulchre 2016; the :class:`~geolora.optim.geometry.
+FactorGeometry` with ``metric="preconditioned"``):
 
     ``Ṁ = ∇_M (NᵀN + δI)⁻¹``,  ``Ṅ = ∇_N (MᵀM + δI)⁻¹``,
 
-i.e. ``∇_B (A Aᵀ + δI)⁻¹`` and ``(BᵀB + δI)⁻¹ ∇_A`` for ``B: (out, r)``, ``A: (r, in)``.
+i.e. ``∇_B (A Aᵀ + δI)⁻¹`` and ``(BᵀB + δI)⁻¹ ∇_A`` for ``B: (out, r)``, ``A: (r, in)``; ScaledGD
+steps along it (with optional heavy ball), RP-AdamW feeds it to AdamW on the factors.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
+from geolora.optim.base import PairOptimizer
+from geolora.optim.geometry import FactorGeometry, FactorStep, scaled_gradients
+from geolora.optim.preconditioners.factor import FactorAdamW, FactorHeavyBall
 
-from geolora.linalg import compute_dtype, mm_t, spd_inverse, sym, transpose
-from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.adamw import adamw_update_
-from geolora.optim.base import LoRAOptimizer
-
-__all__ = [
-    "RiemannianPreconditionedAdamW",
-    "ScaledGD",
-    "adamw_pair_state",
-    "adamw_pair_step",
-    "scaled_gradients",
-]
+__all__ = ["RiemannianPreconditionedAdamW", "ScaledGD", "scaled_gradients"]
 
 
-def _inv_gram(F: Tensor, damping: float) -> Tensor:
-    """``(FᵀF + δI)⁻¹`` in float64 by Cholesky, ``(..., k, r) -> (..., r, r)``; NaN where the
-    Gram matrix is not numerically positive definite (the caller's finiteness check raises)."""
-    wd = torch.float64
-    F64 = F.to(wd)
-    G = sym(transpose(F64) @ F64)
-    if damping:
-        G = G + damping * torch.eye(G.shape[-1], dtype=wd, device=G.device)
-    return spd_inverse(G)
-
-
-def scaled_gradients(x: FactorPoint, g: FactorTangent, damping: float = 0.0) -> FactorTangent:
-    """``(∇_M (NᵀN + δI)⁻¹, ∇_N (MᵀM + δI)⁻¹)`` (Tong et al. 2021; Zhang & Pilanci 2024).
-
-    Shapes: ``x.M, g.M: (..., m, r)``, ``x.N, g.N: (..., n, r)``; the r×r inverses are formed in
-    float64, the result has ``g``'s dtype. With ``δ = 0`` it is gauge covariant: at
-    ``(M R, N R⁻ᵀ)`` the result is ``(Ṁ R, Ṅ R⁻ᵀ)``.
-    """
-    inv_N = _inv_gram(x.N, damping).to(g.M.dtype)
-    inv_M = _inv_gram(x.M, damping).to(g.N.dtype)
-    return FactorTangent(mm_t(g.M, inv_N), mm_t(g.N, inv_M))
-
-
-class _DampedPairs(LoRAOptimizer):
-    """Shared hook: with damping δ > 0 a rank-deficient pair (``B = 0``) needs no robust start."""
-
-    def requires_full_rank(self, group: dict[str, Any]) -> bool:
-        return not group.get("damping", 0.0) > 0
-
-
-class ScaledGD(_DampedPairs):
-    """ScaledGD (Tong, Ma & Chi 2021; lora-s.txt A.18.5 "Scaled GD (RGD)"): Riemannian gradient
+class ScaledGD(PairOptimizer):
+    """ScaledGD (Tong, Ma & Chi, JMLR 2021, arXiv:2005.08898; LoRA-S A.18.5 "Scaled GD (RGD)"): Riemannian gradient
     descent on the factors under the metric ``tr(NᵀN ṀᵀṀ + MᵀM ṄᵀṄ)``.
 
     ``Ṁ = ∇_M (NᵀN + δI)⁻¹``, ``Ṅ = ∇_N (MᵀM + δI)⁻¹``; optional heavy-ball momentum
@@ -97,71 +58,27 @@ class ScaledGD(_DampedPairs):
         damping: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "nesterov": nesterov,
-            "weight_decay": weight_decay,
-            "damping": damping,
-        }
-        super().__init__(params, defaults, **kwargs)
-
-    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(group)
-        if not isinstance(group["nesterov"], bool):
-            raise TypeError(f"nesterov must be a bool, got {type(group['nesterov']).__name__}")
-        if group["nesterov"] and group["momentum"] == 0:
-            raise ValueError("nesterov=True requires momentum > 0 (got momentum=0)")
-
-    functional_state = True  # _update_pairs only assigns new tensors to state keys
-
-    def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        if group["momentum"] == 0:
-            return {}
-        cdt = compute_dtype(B.dtype)
-        return {
-            "momentum_M": torch.zeros(B.shape, dtype=cdt, device=B.device),
-            "momentum_N": torch.zeros(A.T.shape, dtype=cdt, device=A.device),
-        }
-
-    def _update_pairs(
-        self, group, x: FactorPoint, g: FactorTangent, state, step: int
-    ) -> FactorPoint:
-        d = scaled_gradients(x, g, group["damping"])
-        mu = group["momentum"]
-        if mu:
-            if "momentum_M" not in state:  # momentum switched on after the first step
-                state["momentum_M"], state["momentum_N"] = (
-                    torch.zeros_like(d.M),
-                    torch.zeros_like(d.N),
-                )
-            bM = torch.add(d.M, state["momentum_M"], alpha=mu)
-            bN = torch.add(d.N, state["momentum_N"], alpha=mu)
-            state["momentum_M"], state["momentum_N"] = bM, bN
-            d = (
-                FactorTangent(torch.add(d.M, bM, alpha=mu), torch.add(d.N, bN, alpha=mu))
-                if group["nesterov"]
-                else FactorTangent(bM, bN)
-            )
-        lr, lam = group["lr"], group["weight_decay"]
-        shrink = 1.0 - lr * lam
-        if shrink == 1.0:
-            return FactorPoint(torch.add(x.M, d.M, alpha=-lr), torch.add(x.N, d.N, alpha=-lr))
-        return FactorPoint(
-            torch.add(x.M * shrink, d.M, alpha=-lr), torch.add(x.N * shrink, d.N, alpha=-lr)
+        super().__init__(
+            params,
+            FactorHeavyBall(momentum=momentum, nesterov=nesterov),
+            FactorGeometry("preconditioned", damping=damping),
+            FactorStep(weight_decay=weight_decay),
+            lr=lr,
+            **kwargs,
         )
 
 
-class RiemannianPreconditionedAdamW(_DampedPairs):
+class RiemannianPreconditionedAdamW(PairOptimizer):
     """Riemannian-preconditioned AdamW ("scaled AdamW"; Zhang & Pilanci 2024, "Riemannian
-    Preconditioned LoRA for Fine-Tuning Foundation Models"; lora-s.txt A.18.7 "Scaled AdamW").
+    Preconditioned LoRA for Fine-Tuning Foundation Models", ICML 2024, arXiv:2402.02347;
+    LoRA-S A.18.7 "Scaled AdamW").
 
     ``∇_B ← ∇_B (A Aᵀ + δI)⁻¹``, ``∇_A ← (BᵀB + δI)⁻¹ ∇_A`` (both from the current factors),
     then one ``torch.optim.AdamW`` step (same operations: decoupled decay ``p ← (1 − ηλ) p``,
     bias-corrected moments, ``m̂ / (√v̂ + ε)``) on each factor with these gradients.
 
     Not transformation invariant: Adam's element-wise second moment is taken in factor
-    coordinates, which the gauge ``(B R, R⁻¹ A)`` mixes (lora-s.txt A.18.7). Defaults: ``δ = 1e-6``,
+    coordinates, which the gauge ``(B R, R⁻¹ A)`` mixes (LoRA-S A.18.7). Defaults: ``δ = 1e-6``,
     ``eps = 1e-6`` and ``betas = (0.9, 0.999)`` as in the authors' ``riemannian_AdamW``
     (``reg``, ``eps``), ``weight_decay = 0.01`` as ``torch.optim.AdamW``. Thanks to ``δ > 0`` it runs from ``B = 0`` (``∇_A = 0`` there, so
     ``A`` waits one step) with ``robust_steps = 0``. The authors apply the decay after the Adam
@@ -188,64 +105,11 @@ class RiemannianPreconditionedAdamW(_DampedPairs):
         damping: float = 1e-6,
         **kwargs: Any,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "damping": damping,
-        }
-        super().__init__(params, defaults, **kwargs)
-
-    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        super()._validate_hyperparameters(group)
-
-    def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        return adamw_pair_state(B, A)
-
-    def _update_pairs(
-        self, group, x: FactorPoint, g: FactorTangent, state, step: int
-    ) -> FactorPoint:
-        d = scaled_gradients(x, g, group["damping"])
-        lrs = (group["lr"], group["lr"])
-        return adamw_pair_step(group, x, d, state, step, lrs)
-
-
-def adamw_pair_state(B: Tensor, A: Tensor) -> dict[str, Tensor]:
-    """Zero AdamW moments of the stacked factors ``M = B: (m, r)`` and ``N = Aᵀ: (n, r)``."""
-    cdt = compute_dtype(B.dtype)
-    m, r = B.shape
-    n = A.shape[1]
-    st = {}
-    for side, rows in (("M", m), ("N", n)):
-        st[f"exp_avg_{side}"] = torch.zeros(rows, r, dtype=cdt, device=B.device)
-        st[f"exp_avg_sq_{side}"] = torch.zeros(rows, r, dtype=cdt, device=B.device)
-    return st
-
-
-def adamw_pair_step(
-    group: dict[str, Any],
-    x: FactorPoint,
-    d: FactorTangent,
-    state: dict[str, Tensor],
-    step: int,
-    lrs: tuple[float, float],
-) -> FactorPoint:
-    """One AdamW step (``torch.optim.AdamW`` arithmetic) on stacked factors with gradients
-    ``d`` and learning rates ``lrs = (η_M, η_N)``; element-wise, so batching changes nothing."""
-    out = []
-    for side, p, gp, lr in (("M", x.M, d.M, lrs[0]), ("N", x.N, d.N, lrs[1])):
-        p = p.clone()
-        adamw_update_(
-            p,
-            gp,
-            state[f"exp_avg_{side}"],
-            state[f"exp_avg_sq_{side}"],
-            step,
-            lr,
-            group["betas"],
-            group["eps"],
-            group["weight_decay"],
+        super().__init__(
+            params,
+            FactorAdamW(betas=betas, eps=eps),
+            FactorGeometry("preconditioned", damping=damping),
+            FactorStep(weight_decay=weight_decay),
+            lr=lr,
+            **kwargs,
         )
-        out.append(p)
-    return FactorPoint(*out)

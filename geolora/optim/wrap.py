@@ -40,13 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import mm_t, transpose
-from geolora.manifolds.frame import project_dense, project_factor_grads, tangent_to_dense
 from geolora.manifolds.metrics import QuotientMetric, get_metric
-from geolora.manifolds.types import FactorPoint, FixedRankTangent
-from geolora.optim.base import LoRAOptimizer
-from geolora.optim.lifted import LiftedOptimizer, _to_tangent
-from geolora.optim.preconditioners import StepContext
+from geolora.optim.base import LoRAOptimizer, PairOptimizer
+from geolora.optim.geometry import Lift, QuotientGeometry
+from geolora.optim.preconditioners.torch_wrapped import STATE_PREFIX, TorchOptimizerPreconditioner
 
 #: Constructor arguments of the wrapped optimizer that are not forwarded: implementation
 #: switches (the shadow step always runs the default implementation) and ``params``.
@@ -69,7 +66,6 @@ OWN_OPTIONS = frozenset(
         "metric",
     }
 )
-STATE_PREFIX = "shadow_"
 
 
 def _hyperparameters(optimizer_class: type[torch.optim.Optimizer]) -> dict[str, Any]:
@@ -84,77 +80,7 @@ def _hyperparameters(optimizer_class: type[torch.optim.Optimizer]) -> dict[str, 
     }
 
 
-class TorchOptimizerPreconditioner:
-    """Runs a torch optimizer on dense shadows ``X̃ = X`` with ``.grad = ξ`` (module docstring).
-
-    Returns ``P_T`` of the descent ``(X̃_before − X̃_after) / lr`` (zero for ``lr = 0``). The wrapped
-    optimizer's state starts empty and is stored under ``shadow_<key>`` after the first step;
-    its hyperparameters ``hp_names`` are read from the param group.
-    """
-
-    name = "torch"
-
-    def __init__(self, optimizer_class: type[torch.optim.Optimizer], hp_names: tuple[str, ...]):
-        self.optimizer_class = optimizer_class
-        self.hp_names = hp_names
-
-    def init_state(self, m: int, n: int, r: int, like: Tensor) -> dict[str, Tensor]:
-        return {}
-
-    def update(
-        self, state: dict[str, Tensor], xi: FixedRankTangent, ctx: StepContext, hp: dict, step: int
-    ) -> FixedRankTangent:
-        frame = ctx.frame
-        # The shadows are views of one stacked X = U W Vᵀ, which after the step *is* the
-        # stacked X̃_after; their gradients are views of the stacked ξ.
-        UW = mm_t(frame.U, frame.W)
-        after = UW @ transpose(frame.V)
-        grad = tangent_to_dense(frame, xi)
-        shadows = list(after.unbind(0))
-        for sh, g in zip(shadows, grad.unbind(0)):
-            sh.grad = g
-        opt = self.optimizer_class(shadows, **{k: hp[k] for k in self.hp_names})
-        keys = [k[len(STATE_PREFIX) :] for k in state if k.startswith(STATE_PREFIX)]
-        given: dict[str, list[Tensor]] = {}
-        if keys:
-            # Per-shadow state = views of the stacked state buffers (updated in place by most
-            # torch optimizers, which then need no re-stacking).
-            given = {k: list(state[STATE_PREFIX + k].unbind(0)) for k in keys}
-            for i, sh in enumerate(shadows):
-                opt.state[sh] = {k: given[k][i] for k in keys}
-        opt.step()
-        for k, v in opt.state[shadows[0]].items():
-            if v is None:
-                continue
-            if not isinstance(v, Tensor):
-                raise TypeError(
-                    f"{self.optimizer_class.__name__} keeps a non-tensor state entry {k!r} "
-                    f"({type(v).__name__}); Lifted() supports optimizers whose state is tensors"
-                )
-            vals = [opt.state[sh][k] for sh in shadows]
-            if k in given and all(a is b for a, b in zip(vals, given[k])):
-                if not v.is_floating_point() or v.dtype == after.dtype:
-                    continue  # updated in place in the stacked buffer
-            if v.is_floating_point():
-                vals = [t.to(after.dtype) for t in vals]
-            state[STATE_PREFIX + k] = torch.stack(vals)
-        for sh in shadows:
-            sh.grad = None
-        lr = hp["lr"]
-        if not lr > 0:
-            z = torch.zeros_like(xi.M)
-            return FixedRankTangent(z, torch.zeros_like(xi.Up), torch.zeros_like(xi.Vp))
-        # X − X̃_after in X̃_after's buffer, with X = (U W) Vᵀ recomputed by the same product
-        # (no dense copy of X is kept; the difference of the nearby X and X̃_after is exact).
-        if after.dim() == 3:
-            diff = after.baddbmm_(UW, transpose(frame.V), beta=-1.0)
-        else:
-            diff = torch.sub(UW @ transpose(frame.V), after, out=after)
-        t = project_dense(frame, diff)
-        return FixedRankTangent(t.M / lr, t.Up / lr, t.Vp / lr)
-
-
-class LiftedTorchOptimizer(LiftedOptimizer):
+class LiftedTorchOptimizer(PairOptimizer):
     """Base of the classes returned by :func:`Lifted` (see the module docstring).
 
     Args:
@@ -196,18 +122,27 @@ class LiftedTorchOptimizer(LiftedOptimizer):
         if missing:
             raise TypeError(f"{type(self).__name__} missing required option(s) {missing}")
         lr = hp.pop("lr")
-        weight_decay = hp.pop("weight_decay", 0.0)
         names = tuple(self.wrapped_defaults)
+        geometry = QuotientGeometry(
+            self.default_metric if metric is None else metric,
+            damping=own.pop("damping", 0.0),
+            qr_method=own.pop("qr_method", "auto"),
+        )
         super().__init__(
             params,
-            TorchOptimizerPreconditioner(self.wrapped, names),
-            metric=self.default_metric if metric is None else metric,
+            TorchOptimizerPreconditioner(self.wrapped, names, hp),
+            geometry,
+            # no decay of the template: weight_decay belongs to the wrapped optimizer
+            Lift(decay=False),
             lr=lr,
-            weight_decay=weight_decay,
             robust_steps=robust_steps,
-            extra_defaults=hp,
             **own,
         )
+
+    @property
+    def metric(self) -> QuotientMetric:
+        """The quotient metric of the lift."""
+        return self.geometry.metric
 
     def _expected_state(self, group, i, p, values):
         """The base class's keys plus, after a pair's first update, the wrapped optimizer's
@@ -226,32 +161,6 @@ class LiftedTorchOptimizer(LiftedOptimizer):
             if isinstance(v, Tensor):
                 expected[STATE_PREFIX + k] = tuple(v.shape)
         return expected
-
-    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
-        # The wrapped optimizer validates its own hyperparameters (its ValueError names them).
-        LoRAOptimizer._validate_hyperparameters(self, group)
-        hp = {k: group[k] for k in self.preconditioner.hp_names}
-        try:
-            self.wrapped([torch.zeros(1)], **hp)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(
-                f"{type(self).__name__}: invalid hyperparameter for the wrapped "
-                f"{self.wrapped.__name__} in param group {group.get('name', '')!r}: {exc}"
-            ) from exc
-
-    def _update_pairs(self, group, x: FactorPoint, g, state, step: int) -> FactorPoint:
-        frame = self._frame(x)
-        core = self._core(frame)
-        xi = project_factor_grads(frame, g.M, g.N)
-        m, r = x.M.shape[-2:]
-        ctx = StepContext(
-            frame, m, x.N.shape[-2], r, lambda t: self._metric_norm(x, frame, t, core)
-        )
-        d = self.preconditioner.update(state, xi, ctx, group, step)
-        t = _to_tangent(frame, d)
-        # (M, N) ← (M − lr Ṁ, N − lr Ṅ): no decay of the template (it is the wrapped optimizer's).
-        coeffs = self.metric.coefficients(frame, t.M, core)
-        return self._lift_move(group, x, frame, t, coeffs, shrink=1.0)
 
 
 def Lifted(  # noqa: N802 - a class factory, named like the classes it returns

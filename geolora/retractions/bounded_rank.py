@@ -12,11 +12,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geolora.linalg import polar, qf, svd_small, transpose
+from geolora.linalg import addmm_t, mm_t, polar, qf, svd_small, transpose
 from geolora.manifolds.types import BoundedRankPoint, BoundedRankTangent
+from geolora.retractions.fixed_rank import _qr_r, _qr_signed, thin_qr
 
 __all__ = [
     "NUCLEAR_MODES",
+    "canonical_bounded_rank",
+    "canonical_qfactor_retraction",
+    "canonical_transport",
+    "metric_inverse_diag",
+    "nuclear_subgradient",
     "metric_gram_inverse",
     "project_products",
     "nuclear_polar_factor",
@@ -199,3 +205,121 @@ def bounded_rank_transport(
 ) -> BoundedRankTangent:
     """:func:`projection_transport` of ``v ∈ T_x`` to ``T_y`` (metric weight ``alpha``)."""
     return BoundedRankTangent(*projection_transport(x.K, x.V, y.K, y.V, v.K, v.Vp, alpha))
+
+
+def canonical_bounded_rank(x: BoundedRankPoint) -> BoundedRankPoint:
+    """The representative ``(K Ψ, V Ψ)`` of ``(K, V)`` with ``K Ψ = Ū diag(S̄)`` (loram.txt Alg. 7
+    lines 5–6: ``U⁺ S⁺ = Ū S̄``, ``V⁺ = Q H``), columns by decreasing singular value.
+
+    ``Ψ`` are the right singular vectors of ``K`` (from the r×r factor of a QR of ``K``, SVD in
+    float64); ``X = K Vᵀ`` is unchanged. The coordinate-wise second moment of LoRAM-BR is taken in
+    this basis. Shapes ``(..., m, r)``, ``(..., n, r)``.
+    """
+    _, rk = thin_qr(x.K)
+    _, _, psi_h = svd_small(rk.to(torch.float64))
+    psi = transpose(psi_h).to(x.K.dtype)
+    return BoundedRankPoint(x.K @ psi, x.V @ psi)
+
+
+def nuclear_subgradient(K: Tensor) -> Tensor:
+    """``U₊ = K diag(S)⁺`` for canonical ``K = U diag(S)``: ``U₊ Vᵀ`` is the minimal-norm
+    subgradient of ``‖X‖_*`` (columns with ``S_i = 0`` are 0).
+
+    Where ``rank X = r`` it is the paper's ``U`` (Alg. 7 line 4) and the manifold's
+    :meth:`~geolora.manifolds.bounded_rank.BoundedRank.nuclear_subgradient`; at a rank-deficient
+    ``X`` (e.g. the ``K = 0`` start) it does not push ``X`` along arbitrary directions.
+    """
+    s = K.norm(dim=-2, keepdim=True)
+    nz = s > 0
+    return torch.where(nz, K / torch.where(nz, s, torch.ones_like(s)), 0.0)
+
+
+def metric_inverse_diag(s64: Tensor, alpha: float, like: Tensor) -> Tensor:
+    """``1 / (s² + 2α)``: the diagonal of ``(KᵀK + 2αI)⁻¹`` for a canonical ``K = U diag(s)``
+    (``s: (..., r)`` float64), in ``like``'s dtype.
+
+    ``FloatingPointError`` where :func:`~geolora.retractions.bounded_rank.metric_gram_inverse`'s
+    Cholesky factorization fails for such a ``K``: ``s² + 2α`` not finite (a diverged ``K``).
+    """
+    den = s64 * s64 + 2.0 * alpha
+    if not bool(torch.isfinite(den).all()):
+        raise FloatingPointError(
+            "BoundedRank: the metric Gram matrix KᵀK + 2αI is not positive definite, so K has "
+            f"diverged (max |K| = {float(like.abs().amax()):.3g}; non-finite, or too large for "
+            f"2α = {2 * alpha:g} to survive rounding). Lower the learning rate (LoRAM-BR: "
+            "coordinate_wise=False is the stable variant)."
+        )
+    return (1.0 / den).to(like.dtype)
+
+
+def canonical_qfactor_retraction(
+    x: BoundedRankPoint,
+    s: Tensor,
+    d: BoundedRankTangent,
+    c: float,
+    lam: float,
+    nuclear_mode: str = "subgradient",
+) -> tuple[BoundedRankPoint, Tensor, Tensor]:
+    """Q-factor retraction with the nuclear-norm term (loram.txt Alg. 7) along ``c·d``, then the
+    canonical representative (:func:`canonical_bounded_rank`), for stacked ``(L, ·, ·)`` operands.
+
+    ``V⁺ = qf(V + c V̇p)``; with ``Q = qf(V + c V̇p)`` (signs folded into the small matrices) and
+    ``U₊ = K diag(s)⁺`` (:func:`nuclear_subgradient`, ``s`` the column norms of the canonical
+    ``K``): ``K⁺ = (K + c K̇ − λU₊)(VᵀV⁺) + c K (V̇pᵀV⁺)
+    = K (VᵀV⁺ + c V̇pᵀV⁺ − λ diag(s)⁺ VᵀV⁺) + K̇ (c VᵀV⁺)`` (``"subgradient"``, λ = 0 without
+    the term; ``"prox"`` soft-thresholds the singular values of ``K⁺`` instead). ``VᵀQ =
+    R_Qᵀ − c V̇pᵀQ`` from ``V + cV̇p = Q R_Q``: one ``n × r × r`` product for both. Then
+    ``K⁺ = Ū S̄ Hᵀ`` (QR of ``K⁺``, SVD of its ``R`` in float64) gives ``(K⁺H, V⁺H)``.
+    Returns ``((K⁺H, V⁺H), σ, VᵀV⁺H)`` with ``σ`` (float64) the singular values of ``K⁺``.
+    """
+    k, v = x
+    dk, dvp = d
+    q, rq, dq = _qr_signed(torch.add(v, dvp, alpha=c))  # V⁺ = q diag(dq)
+    e = transpose(dvp) @ q  # V̇pᵀ q
+    vq = transpose(rq) * dq.unsqueeze(-2) - c * e  # Vᵀ q = R₀ᵀ − c V̇pᵀ q  (R₀ = diag(dq) R)
+    cq = vq * dq.unsqueeze(-2)  # VᵀV⁺
+    a1 = cq + (c * e) * dq.unsqueeze(-2)  # VᵀV⁺ + c V̇pᵀV⁺
+    if lam and nuclear_mode == "subgradient":
+        inv_s = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+        a1 = a1 - lam * inv_s.unsqueeze(-1) * cq
+    k_new = addmm_t(mm_t(k, a1), dk, cq, alpha=c)
+    if lam and nuclear_mode != "subgradient":
+        k_new = singular_value_threshold(k_new, lam)
+    rk = _qr_r(k_new)
+    _, sig, psi_h = svd_small(rk.to(torch.float64))
+    psi64 = transpose(psi_h)
+    psi = psi64.to(k.dtype)
+    k1 = mm_t(k_new, psi)
+    v1 = mm_t(q, (dq.unsqueeze(-1) * psi64).to(v.dtype))
+    return BoundedRankPoint(k1, v1), sig, cq @ psi
+
+
+def canonical_transport(
+    x: BoundedRankPoint,
+    y: BoundedRankPoint,
+    sig: Tensor,
+    a: Tensor,
+    t: BoundedRankTangent,
+    alpha: float,
+) -> BoundedRankTangent:
+    """Projection transport (loram.txt Alg. 8,
+    :func:`~geolora.retractions.bounded_rank.projection_transport`) of ``t = (K̇, V̇p)`` at ``x``
+    to the canonical ``y = (K⁺, V⁺)`` with singular values ``sig`` (float64), given
+    ``A = VᵀV⁺``; stacked ``(L, ·, ·)`` operands.
+
+    With ``B = V̇pᵀV⁺``: ``K̇⁺ = K̇A + KB`` and ``Y = ẊᵀK⁺ + 2α(V̇pVᵀ + VV̇pᵀ)V⁺ = V T₁ + V̇p T₂``
+    (``T₁ = K̇ᵀK⁺ + 2αB``, ``T₂ = KᵀK⁺ + 2αA``), ``V⁺ᵀY = AᵀT₁ + BᵀT₂``, so
+    ``V̇p⁺ = (V T₁ + V̇p T₂ − V⁺(AᵀT₁ + BᵀT₂)) diag(1/(σ² + 2α))``: three ``n × r × r``
+    products, the metric inverse (diagonal at the canonical ``K⁺``) folded into the ``r × r``
+    factors.
+    """
+    k, v = x
+    kd, vp = t
+    b = transpose(vp) @ y.V
+    zv = addmm_t(mm_t(kd, a), k, b)
+    t1 = torch.add(transpose(kd) @ y.K, b, alpha=2.0 * alpha)
+    t2 = torch.add(transpose(k) @ y.K, a, alpha=2.0 * alpha)
+    t3 = torch.baddbmm(transpose(b) @ t2, transpose(a), t1)
+    g1 = metric_inverse_diag(sig, alpha, y.K).unsqueeze(-2)
+    vp1 = addmm_t(addmm_t(mm_t(v, t1 * g1), vp, t2 * g1), y.V, t3 * g1, alpha=-1.0)
+    return BoundedRankTangent(zv, vp1)

@@ -25,13 +25,17 @@ the descent is returned as the factored ``(Diag(q)^{-1/2} A) (Diag(s)^{-1/2} B)á
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor, linalg
 
 from geolora.linalg import transpose
-from geolora.manifolds.frame import project_lowrank, tangent_to_factors
+from geolora.manifolds.frame import tangent_to_factors
 from geolora.manifolds.types import FixedRankTangent
-from geolora.optim.preconditioners import StepContext
+from geolora.optim.preconditioners.base import LowRank
+from geolora.optim.validation import check_range
 
 
 def racs_scalings(A: Tensor, B: Tensor, iters: int = 5) -> tuple[Tensor, Tensor]:
@@ -84,13 +88,27 @@ class RACSPreconditioner:
     """
 
     name = "racs"
+    gauge_rules: dict[str, str] = {}  # row/column scales of Î¾: matrix space
     functional_state = True
 
-    def __init__(self, power_iters: int = 5, bias_correction: bool = True) -> None:
+    def __init__(
+        self,
+        power_iters: int = 5,
+        bias_correction: bool = True,
+        *,
+        beta: float = 0.9,
+        gamma: float = 1.01,
+        eps: float = 1e-8,
+    ) -> None:
+        self.defaults = {"beta": beta, "gamma": gamma, "eps": eps}
         if not (isinstance(power_iters, int) and power_iters >= 1):
             raise ValueError(f"power_iters must be an integer >= 1, got {power_iters!r}")
         self.power_iters = power_iters
         self.bias_correction = bias_correction
+
+    def validate(self, hp: dict[str, Any]) -> None:
+        check_range("beta", hp["beta"], 0.0, 1.0, hi_open=True)
+        check_range("gamma", hp["gamma"], 1.0, math.inf, hi_open=True)
 
     def init_state(self, m: int, n: int, r: int, like: Tensor) -> dict[str, Tensor]:
         return {
@@ -100,7 +118,7 @@ class RACSPreconditioner:
         }
 
     def update(
-        self, state: dict[str, Tensor], xi: FixedRankTangent, ctx: StepContext, hp: dict, step: int
+        self, state: dict[str, Tensor], xi: FixedRankTangent, ctx: Any, hp: dict, step: int
     ) -> FixedRankTangent:
         beta, gamma, eps = hp["beta"], hp["gamma"], hp["eps"]
         A, B = tangent_to_factors(ctx.frame, xi)
@@ -111,7 +129,7 @@ class RACSPreconditioner:
         bc = 1.0 - beta**step if self.bias_correction else 1.0
         dq = inv_sqrt_floored(mq / bc, eps)
         ds = inv_sqrt_floored(ms / bc, eps)
-        t = project_lowrank(ctx.frame, A * dq.unsqueeze(-1), B * ds.unsqueeze(-1))
+        t = ctx.project(LowRank(A * dq.unsqueeze(-1), B * ds.unsqueeze(-1)))
         norm = ctx.metric_norm(t).to(ms.dtype)
         phi = state["racs_phi"]
         ratio = norm / torch.where(phi > 0, phi, torch.ones_like(phi))
