@@ -107,12 +107,24 @@ def save_lora(
         raise TypeError(f"extra_metadata must be a dict, got {type(extra_metadata).__name__}")
     tensors = {k: t.to("cpu").contiguous().clone() for k, t in lora_state_dict(model).items()}
     modules_meta = {name: _module_meta(m) for name, m in modules.items()}
+    _write_file(path, FORMAT, tensors, modules_meta, extra_metadata)
+
+
+def _write_file(
+    path: str | os.PathLike[str],
+    fmt: str,
+    tensors: dict[str, torch.Tensor],
+    modules_meta: dict[str, Any],
+    extra_metadata: dict[str, Any] | None,
+) -> None:
+    """Write ``tensors`` with the ``geolora`` header of format ``fmt`` (module metadata, target
+    names, ``extra``, checksum) to ``path`` atomically (temporary name, then rename)."""
     header = {
-        "format": FORMAT,
+        "format": fmt,
         "format_version": FORMAT_VERSION,
         "geolora_version": _geolora_version(),
         "modules": modules_meta,
-        "target_names": sorted({name.rpartition(".")[2] for name in modules}),
+        "target_names": sorted({name.rpartition(".")[2] for name in modules_meta}),
         "extra": extra_metadata or {},
         "sha256": _digest(modules_meta, tensors),
     }
@@ -134,14 +146,10 @@ def _fail(path: str, message: str) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
-def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and validate a file written by :func:`save_lora` without touching any model.
-
-    Returns ``(tensors, header)`` (tensors on CPU). Checks: a safetensors file (pickles are
-    refused, never unpickled), a ``geolora`` metadata entry of the right format, exactly
-    the keys its ``modules`` describe, shapes ``(r, in)`` / ``(out, r)``, and the checksum.
-    """
-    path = os.fspath(path)
+def _read_container(path: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Open a geolora safetensors adapter file and parse its ``geolora`` metadata: a
+    safetensors file (pickles are refused, never unpickled), the format ``fmt`` at
+    :data:`FORMAT_VERSION`, a non-empty ``modules`` object. Returns ``(tensors, header)``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such LoRA file: {path}")
     try:
@@ -165,8 +173,8 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
         header = json.loads(file_meta[_META_KEY])
     except json.JSONDecodeError as err:
         raise _fail(path, f"the {_META_KEY!r} metadata is not valid JSON ({err})") from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise _fail(path, f"metadata format is not {FORMAT!r}")
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise _fail(path, f"metadata format is not {fmt!r}")
     if header.get("format_version") != FORMAT_VERSION:
         raise _fail(
             path,
@@ -176,7 +184,18 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     modules_meta = header.get("modules")
     if not isinstance(modules_meta, dict) or not modules_meta:
         raise _fail(path, "metadata 'modules' is missing or empty")
+    return tensors, header
 
+
+def _check_module_tensors(
+    path: str,
+    tensors: dict[str, torch.Tensor],
+    modules_meta: dict[str, Any],
+    shapes_of: Any,
+) -> None:
+    """Validate each module's metadata (positive integer ``r``, ``in_features``,
+    ``out_features``; positive ``alpha``) and that the file holds exactly the floating-point
+    tensors ``shapes_of(name, meta) -> {key: shape}`` describes."""
     expected = set()
     for name, meta in modules_meta.items():
         if not isinstance(meta, dict):
@@ -191,11 +210,7 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
         alpha = meta.get("alpha")
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
             raise _fail(path, f"metadata of module {name!r}: alpha={alpha!r} is not positive")
-        shapes = {
-            _key(name, "lora_A"): (meta["r"], meta["in_features"]),
-            _key(name, "lora_B"): (meta["out_features"], meta["r"]),
-        }
-        for key, shape in shapes.items():
+        for key, shape in shapes_of(name, meta).items():
             expected.add(key)
             if key not in tensors:
                 raise _fail(path, f"tensor {key!r} described in the metadata is missing")
@@ -209,6 +224,28 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     extra_keys = sorted(set(tensors) - expected)
     if extra_keys:
         raise _fail(path, f"tensors not described in the metadata: {extra_keys[:5]}")
+
+
+def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and validate a file written by :func:`save_lora` without touching any model.
+
+    Returns ``(tensors, header)`` (tensors on CPU). Checks: a safetensors file (pickles are
+    refused, never unpickled), a ``geolora`` metadata entry of the right format, exactly
+    the keys its ``modules`` describe, shapes ``(r, in)`` / ``(out, r)``, and the checksum.
+    """
+    path = os.fspath(path)
+    tensors, header = _read_container(path, FORMAT)
+    modules_meta = header["modules"]
+
+    _check_module_tensors(
+        path,
+        tensors,
+        modules_meta,
+        lambda name, meta: {
+            _key(name, "lora_A"): (meta["r"], meta["in_features"]),
+            _key(name, "lora_B"): (meta["out_features"], meta["r"]),
+        },
+    )
     if header.get("sha256") != _digest(modules_meta, tensors):
         raise _fail(
             path,
@@ -216,6 +253,44 @@ def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
             "after saving (file tampered with or corrupted)",
         )
     return tensors, header
+
+
+def _match_modules(
+    path: str,
+    modules: dict[str, nn.Module],
+    file_modules: dict[str, dict[str, Any]],
+    strict: bool,
+    fields: tuple[str, ...] = (*_INT_FIELDS, "alpha"),
+) -> tuple[list[str], list[str], list[str]]:
+    """``(common, missing, unexpected)`` module names of a load, after checking that ``strict``
+    holds, that some module is common, that none of them is merged and that each metadata
+    ``field`` equals the module's attribute."""
+    missing = [n for n in modules if n not in file_modules]
+    unexpected = [n for n in file_modules if n not in modules]
+    if strict and (missing or unexpected):
+        raise _fail(
+            path,
+            f"modules do not match the model (strict=True): missing from the file "
+            f"{missing[:5]}, unexpected in the file {unexpected[:5]}",
+        )
+    common = [n for n in modules if n in file_modules]
+    if not common:
+        raise _fail(
+            path,
+            f"no LoRA module of the file matches the model (file has {sorted(file_modules)[:5]})",
+        )
+    for name in common:
+        module, meta = modules[name], file_modules[name]
+        if module.merged:
+            raise ValueError(f"LoRA module {name!r} is merged; unmerge it before loading")
+        for field in fields:
+            if meta[field] != getattr(module, field):
+                raise _fail(
+                    path,
+                    f"module {name!r}: {field}={meta[field]!r} in the file but "
+                    f"{getattr(module, field)!r} in the model",
+                )
+    return common, missing, unexpected
 
 
 def load_lora(
@@ -239,32 +314,7 @@ def load_lora(
         raise ValueError("model has no LoRALinear modules; call inject_lora before load_lora")
     tensors, header = read_lora_file(path)
     path = os.fspath(path)
-    file_modules: dict[str, dict[str, Any]] = header["modules"]
-    missing = [n for n in modules if n not in file_modules]
-    unexpected = [n for n in file_modules if n not in modules]
-    if strict and (missing or unexpected):
-        raise _fail(
-            path,
-            f"modules do not match the model (strict=True): missing from the file "
-            f"{missing[:5]}, unexpected in the file {unexpected[:5]}",
-        )
-    common = [n for n in modules if n in file_modules]
-    if not common:
-        raise _fail(
-            path,
-            f"no LoRA module of the file matches the model (file has {sorted(file_modules)[:5]})",
-        )
-    for name in common:
-        module, meta = modules[name], file_modules[name]
-        if module.merged:
-            raise ValueError(f"LoRA module {name!r} is merged; unmerge it before load_lora")
-        for field in (*_INT_FIELDS, "alpha"):
-            if meta[field] != getattr(module, field):
-                raise _fail(
-                    path,
-                    f"module {name!r}: {field}={meta[field]!r} in the file but "
-                    f"{getattr(module, field)!r} in the model",
-                )
+    common, missing, unexpected = _match_modules(path, modules, header["modules"], strict)
     with torch.no_grad():
         for name in common:
             module = modules[name]

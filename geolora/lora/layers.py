@@ -19,6 +19,7 @@ from torch import nn
 
 __all__ = [
     "LoRALinear",
+    "select_linear_targets",
     "disable_lora",
     "inject_lora",
     "lora_modules",
@@ -57,6 +58,8 @@ class LoRALinear(nn.Module):
 
     Shapes: ``lora_A (r, in_features)``, ``lora_B (out_features, r)``.
     """
+
+    geolora_adapter = True  # injection skips the base layer of an adapter module
 
     def __init__(
         self,
@@ -112,6 +115,10 @@ class LoRALinear(nn.Module):
         # Scale the r-dimensional hidden state: r multiplies instead of out.
         h = F.linear(self.lora_dropout(x), a) * self.scaling
         return out + F.linear(h, b)
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The trainable factors ``(lora_A, lora_B)``."""
+        return (self.lora_A, self.lora_B)
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``ΔW = s · B A`` of shape ``(out, in)``, differentiable, in ``dtype``.
@@ -198,6 +205,53 @@ def _matcher(selector: Selector, what: str) -> Callable[[str], bool]:
     )
 
 
+def select_linear_targets(
+    model: nn.Module,
+    target: Selector,
+    exclude: Selector | None,
+    r: int,
+) -> dict[int, tuple[str, nn.Linear, list[tuple[nn.Module, str]]]]:
+    """The ``nn.Linear`` submodules an adapter injection replaces (selection rule of
+    :func:`inject_lora`), each once: ``{id: (name, module, [(parent, attribute), ...])}`` in
+    ``named_modules`` order. The base layer of an adapter module (a class with
+    ``geolora_adapter = True``: :class:`LoRALinear`, ``ThreeFactorLinear``) is skipped.
+    Raises ``ValueError`` when nothing matches or ``r`` exceeds a target's size."""
+    all_linear = isinstance(target, str) and target == "all-linear"
+    select = (lambda name: True) if all_linear else _matcher(target, "target")
+    excluded = (lambda name: False) if exclude is None else _matcher(exclude, "exclude")
+
+    parents: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+    targets: dict[int, tuple[str, nn.Linear, list[tuple[nn.Module, str]]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, nn.Linear) or not select(name) or excluded(name):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = parents[parent_name] if name else None
+        if getattr(parent, "geolora_adapter", False):
+            continue
+        if isinstance(parent, nn.MultiheadAttention):
+            if all_linear:
+                continue
+            raise ValueError(
+                f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
+                "weight directly; LoRA cannot wrap it"
+            )
+        if parent is None:
+            raise ValueError(
+                "the model itself is an nn.Linear; wrap it in a container or use LoRALinear(...)"
+            )
+        entry = targets.setdefault(id(module), (name, module, []))
+        entry[2].append((parent, attr))
+    if not targets:
+        raise ValueError(
+            f"no nn.Linear module of the model matches target={target!r}"
+            + (f" (exclude={exclude!r})" if exclude is not None else "")
+        )
+    for name, module, _ in targets.values():
+        _check_rank(r, module, name)
+    return targets
+
+
 def inject_lora(
     model: nn.Module,
     target: Selector = "all-linear",
@@ -236,39 +290,7 @@ def inject_lora(
     if r <= 0:
         raise ValueError(f"r must be positive, got r={r}")
     _check_hparams(alpha, dropout)
-    all_linear = isinstance(target, str) and target == "all-linear"
-    select = (lambda name: True) if all_linear else _matcher(target, "target")
-    excluded = (lambda name: False) if exclude is None else _matcher(exclude, "exclude")
-
-    parents: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
-    targets: dict[int, tuple[str, nn.Linear, list[tuple[nn.Module, str]]]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, nn.Linear) or not select(name) or excluded(name):
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = parents[parent_name] if name else None
-        if isinstance(parent, LoRALinear):
-            continue
-        if isinstance(parent, nn.MultiheadAttention):
-            if all_linear:
-                continue
-            raise ValueError(
-                f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
-                "weight directly; LoRA cannot wrap it"
-            )
-        if parent is None:
-            raise ValueError(
-                "the model itself is an nn.Linear; wrap it in a container or use LoRALinear(...)"
-            )
-        entry = targets.setdefault(id(module), (name, module, []))
-        entry[2].append((parent, attr))
-    if not targets:
-        raise ValueError(
-            f"no nn.Linear module of the model matches target={target!r}"
-            + (f" (exclude={exclude!r})" if exclude is not None else "")
-        )
-    for name, module, _ in targets.values():
-        _check_rank(r, module, name)
+    targets = select_linear_targets(model, target, exclude, r)
 
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     replaced = []
@@ -288,7 +310,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def mark_only_lora_trainable(model: nn.Module, keep: Selector | None = None) -> None:
-    """Set ``requires_grad`` True on every ``lora_A`` / ``lora_B`` and False elsewhere.
+    """Set ``requires_grad`` True on the factors of every adapter module (``lora_A`` / ``lora_B``
+    of :class:`LoRALinear`; ``lora_U`` / ``lora_S`` / ``lora_V`` of a ``ThreeFactorLinear``) and
+    False elsewhere.
 
     ``keep`` selects modules (same rule as ``inject_lora``'s ``target``) whose own
     parameters stay trainable too, e.g. ``["classifier"]``.
@@ -300,9 +324,10 @@ def mark_only_lora_trainable(model: nn.Module, keep: Selector | None = None) -> 
         if kept(name):
             for p in module.parameters():
                 p.requires_grad_(True)
-    for module in lora_modules(model).values():
-        module.lora_A.requires_grad_(True)
-        module.lora_B.requires_grad_(True)
+    for module in model.modules():
+        if getattr(module, "geolora_adapter", False):
+            for p in module.adapter_parameters():
+                p.requires_grad_(True)
 
 
 def merge_lora(model: nn.Module) -> None:

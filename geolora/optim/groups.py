@@ -9,7 +9,16 @@ Recognised names:
 
 * geolora :class:`~geolora.lora.layers.LoRALinear`: ``<module>.lora_A``, ``<module>.lora_B``;
 * peft LoRA: ``<module>.lora_A.<adapter>.weight``, ``<module>.lora_B.<adapter>.weight``
-  (one group per (module, adapter); the group also carries ``"adapter"``).
+  (one group per (module, adapter); the group also carries ``"adapter"``);
+* peft DoRA magnitudes ``<module>.lora_magnitude_vector.<adapter>.weight`` ``(out,)``: ordinary
+  parameters by default (``dora="ordinary"``, every optimizer trains them with its own rule);
+  with ``dora="linked"`` each becomes the group ``{"params": [m], "dora_magnitude": True,
+  "name": "<module>", "adapter": ...}`` right after its pair's group, for
+  :class:`geolora.optim.InvariantDoRA`;
+* three-factor adapters (:class:`geolora.lora.ThreeFactorLinear`): ``<module>.lora_U``,
+  ``<module>.lora_S``, ``<module>.lora_V`` become ``{"params": [U, S, V], "lora_triple": True,
+  "scaling": s, "name": "<module>"}`` (for :class:`geolora.optim.PoLAR` and
+  :func:`geolora.optim.StelLA`).
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ __all__ = ["lora_param_groups"]
 
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.(?P<adapter>[^.]+)\.weight$")
 _GEOLORA = re.compile(r"^(?:(?P<module>.+)\.)?lora_(?P<factor>[AB])$")
+_THREE = re.compile(r"^(?:(?P<module>.+)\.)?lora_(?P<factor>[USV])$")
+_DORA = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector\.(?P<adapter>[^.]+)\.weight$")
+DORA_MODES = ("ordinary", "linked")
 
 NamedParams = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
@@ -52,6 +64,7 @@ def lora_param_groups(
     other_lr: float | None = None,
     other_weight_decay: float | None = None,
     adapter: str | Iterable[str] | None = None,
+    dora: str = "ordinary",
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into LoRA-pair groups and one ordinary group.
 
@@ -63,6 +76,8 @@ def lora_param_groups(
         other_weight_decay: weight decay of the ordinary group.
         adapter: restrict peft pairs to this adapter name (or names); factors of other
             peft adapters are left out of all groups. geolora pairs are always included.
+        dora: where peft DoRA magnitude vectors go: ``"ordinary"`` (the ordinary group) or
+            ``"linked"`` (one ``dora_magnitude`` group after its pair's group, see above).
 
     Returns:
         LoRA groups in order of first appearance of their factors, then the ordinary group
@@ -71,7 +86,8 @@ def lora_param_groups(
 
     Raises:
         ValueError: a factor without its trainable partner, mismatched ranks, non-2-D
-            factors, or an ``adapter`` that does not occur (messages name the parameter).
+            factors, a linked DoRA magnitude without its pair or of the wrong length, or an
+            ``adapter`` that does not occur (messages name the parameter).
     """
     model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
     if model is not None:
@@ -88,6 +104,10 @@ def lora_param_groups(
     ):
         if value is not None and not value >= 0:
             raise ValueError(f"{what} must be non-negative, got {what}={value!r}")
+    if dora not in DORA_MODES:
+        raise ValueError(f"dora must be one of {DORA_MODES}, got {dora!r}")
+    triples: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    magnitudes: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
 
     pairs: dict[tuple[str, str | None], dict[str, tuple[str, torch.Tensor]]] = {}
     others: list[torch.Tensor] = []
@@ -99,6 +119,16 @@ def lora_param_groups(
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
+        three = _THREE.match(name)
+        if three is not None:
+            triples.setdefault(three["module"] or "", {})[three["factor"]] = (name, p)
+            continue
+        mag = _DORA.match(name) if dora == "linked" else None
+        if mag is not None:
+            adapters_found.add(mag["adapter"])
+            if wanted is None or mag["adapter"] in wanted:
+                magnitudes[(mag["module"], mag["adapter"])] = (name, p)
+            continue
         match = _PEFT.match(name) or _GEOLORA.match(name)
         if match is None:
             others.append(p)
@@ -146,6 +176,12 @@ def lora_param_groups(
         if lr is not None:
             group["lr"] = lr
         groups.append(group)
+        if ad is not None and (module_name, ad) in magnitudes:
+            groups.append(_magnitude_group(magnitudes.pop((module_name, ad)), group, lr))
+    if magnitudes:
+        (m_name, _), *_ = magnitudes.values()
+        raise ValueError(f"DoRA magnitude {m_name!r} has no trainable LoRA pair (lora_A, lora_B)")
+    groups.extend(_triple_group(model, module_name, f, lr) for module_name, f in triples.items())
     if others:
         group = {"params": others, "name": "other"}
         if other_lr is not None:
@@ -154,3 +190,59 @@ def lora_param_groups(
             group["weight_decay"] = other_weight_decay
         groups.append(group)
     return groups
+
+
+def _magnitude_group(
+    entry: tuple[str, torch.Tensor], pair: dict[str, Any], lr: float | None
+) -> dict[str, Any]:
+    """The linked group of a DoRA magnitude vector ``m: (out,)`` of ``pair``."""
+    name, m = entry
+    out = pair["params"][0].shape[0]
+    if m.dim() != 1 or m.shape[0] != out:
+        raise ValueError(
+            f"DoRA magnitude {name!r} has shape {tuple(m.shape)}; expected ({out},), the output "
+            f"size of LoRA pair {pair['name']!r}"
+        )
+    group: dict[str, Any] = {
+        "params": [m],
+        "dora_magnitude": True,
+        "name": pair["name"],
+        "adapter": pair["adapter"],
+    }
+    if lr is not None:
+        group["lr"] = lr
+    return group
+
+
+def _triple_group(
+    model: nn.Module | None,
+    module_name: str,
+    factors: dict[str, tuple[str, torch.Tensor]],
+    lr: float | None,
+) -> dict[str, Any]:
+    """The ``lora_triple`` group ``[U, S, V]`` of a three-factor adapter, shapes checked."""
+    absent = [f"lora_{f}" for f in "USV" if f not in factors]
+    if absent:
+        ((present, _), *_) = factors.values()
+        raise ValueError(
+            f"three-factor factor {present!r} has no trainable {absent} (missing or frozen)"
+        )
+    (u_name, U), (s_name, S), (v_name, V) = factors["U"], factors["S"], factors["V"]
+    for nm, t in ((u_name, U), (v_name, V)):
+        if t.dim() != 2:
+            raise ValueError(f"three-factor factor {nm!r} must be 2-D, got {tuple(t.shape)}")
+    r = U.shape[1]
+    if V.shape[1] != r or tuple(S.shape) not in ((r, r), (r,)):
+        raise ValueError(
+            f"rank mismatch: {u_name!r} is {tuple(U.shape)} (out, r), {s_name!r} is "
+            f"{tuple(S.shape)} ((r, r) or (r,)), {v_name!r} is {tuple(V.shape)} (in, r)"
+        )
+    group: dict[str, Any] = {
+        "params": [U, S, V],
+        "lora_triple": True,
+        "scaling": _scaling(model, module_name, None),
+        "name": module_name,
+    }
+    if lr is not None:
+        group["lr"] = lr
+    return group

@@ -1,0 +1,235 @@
+"""PoLAR: ``ΔW = s · X Θ Yᵀ`` with ``X``, ``Y`` trained by the landing field (no retraction).
+
+Lion, Zhang, Li & He, "PoLAR: Polar-Decomposed Low-Rank Adapter Representation", NeurIPS 2025
+(arXiv:2506.03133). The adapter (:class:`geolora.lora.ThreeFactorLinear`, ``init="polar"``) has
+direction matrices ``X = U: (m, r)``, ``Y = V: (n, r)`` meant to lie on Stiefel manifolds and an
+unconstrained scale matrix ``Θ = S: (r, r)``. Per three-factor group and step, with the autograd
+gradients ``G_X``, ``G_Θ``, ``G_Y``:
+
+* the landing field (Ablin & Peyré 2022; :mod:`geolora.manifolds.landing`) replaces the
+  gradient of each direction matrix::
+
+      Λ(X) = (G_X Xᵀ − X G_Xᵀ) X + λ X (XᵀX − I)      (and likewise Λ(Y) from G_Y)
+
+* ``direction="adam"`` (the authors' recipe): AdamW steps on ``X`` with gradient ``Λ(X)``, on ``Y``
+  with ``Λ(Y)`` (element-wise moments, no weight decay) and on ``Θ`` with ``G_Θ`` (decoupled
+  ``weight_decay``): ``X ← X − lr m̂ / (√v̂ + ε)`` — torch's ``AdamW`` update, bit for bit;
+* ``direction="sgd"``: the landing algorithm itself, ``X ← X − η_X Λ(X)`` with
+  ``η_X = min(lr, η*(X))`` the safe step of :func:`~geolora.manifolds.landing.landing_safe_step`
+  for ``safe_eps = ε`` (``None``: ``η_X = lr``), ``Θ ← (1 − lr·wd) Θ − lr G_Θ``. Started with
+  ``‖XᵀX − I‖_F ≤ ε``, the factors then never leave that region (the landing theory; tested).
+
+No retraction is ever computed: ``X`` and ``Y`` are only near the manifold, at a distance set by the
+balance of the two terms of ``Λ``. Ordinary parameter groups get AdamW (the base class). Pair groups
+(``lora_pair``) are not accepted: PoLAR is its own adapter shape.
+
+Deviations from the authors' code (``callbacks/landing_callback.py`` of kcc-lion/polar):
+
+* ``ψ X`` is computed as ``G (XᵀX) − X (GᵀX)`` in ``O(n r²)``; the authors form the ``n × n``
+  matrix ``G Xᵀ − X Gᵀ`` (same values up to rounding, ``O(n² r)`` work and ``n²`` memory);
+* the moments are kept in float32 for bf16/fp16 parameters (the authors' mixed-precision trainer
+  keeps fp32 master weights; here the parameters themselves are updated);
+* ``weight_decay`` acts on ``Θ`` only. The authors' commonsense runs use the Trainer's
+  ``weight_decay=0``; their GLUE script builds ``torch.optim.AdamW`` with its default 0.01, which
+  also decays ``X`` and ``Y`` (the landing term then pulls them back);
+* ``direction="sgd"`` and the safe step are not in the authors' code (they come from Ablin et al.).
+
+Defaults: ``lr=4e-3`` and ``landing_lambda=5e-3`` are the authors' commonsense-reasoning settings
+(README: ``train_and_eval.sh polar 4e-3 5e-3 ...``); AdamW's ``betas``, ``eps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from geolora.linalg import compute_dtype
+from geolora.manifolds.landing import landing_field, landing_safe_step
+from geolora.optim.base import LoRAOptimizer, _check_range, adamw_update_
+from geolora.optim.three_factor import TRIPLE_KEY, triple_labels, validate_triple
+
+__all__ = ["PoLAR", "adamw_step", "landing_adam_update", "landing_sgd_update"]
+
+DIRECTIONS = ("adam", "sgd")
+
+
+def adamw_step(
+    p: Tensor,
+    g: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One AdamW step (``torch.optim.AdamW``'s operations) without modifying its inputs:
+    returns ``(p⁺, exp_avg⁺, exp_avg_sq⁺)``. Element-wise, any shape."""
+    p, exp_avg, exp_avg_sq = p.clone(), exp_avg.clone(), exp_avg_sq.clone()
+    adamw_update_(p, g, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)
+    return p, exp_avg, exp_avg_sq
+
+
+def landing_adam_update(
+    x: Tensor,
+    g: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    lam: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PoLAR's step of a direction matrix: Adam on the landing field ``Λ(X)`` (module docstring).
+    ``x, g: (..., n, r)``; returns ``(X⁺, exp_avg⁺, exp_avg_sq⁺)``."""
+    field = landing_field(x, g, lam)
+    return adamw_step(x, field, exp_avg, exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps)
+
+
+def landing_sgd_update(
+    x: Tensor, g: Tensor, *, lr: float, lam: float, safe_eps: float | None
+) -> tuple[Tensor, Tensor]:
+    """The landing step ``X⁺ = X − η Λ(X)`` with ``η = min(lr, η*(X))`` (``η = lr`` when
+    ``safe_eps`` is None). ``x, g: (..., n, r)``; returns ``(X⁺, η)`` (``η``: batch shape)."""
+    field = landing_field(x, g, lam)
+    eta = torch.full(x.shape[:-2], lr, dtype=torch.float64, device=x.device)
+    if safe_eps is not None:
+        eta = torch.minimum(eta, landing_safe_step(x, g, lam, safe_eps))
+    return x - eta.to(x.dtype)[..., None, None] * field, eta
+
+
+class PoLAR(LoRAOptimizer):
+    """PoLAR's optimizer: landing on ``X``, ``Y``, Adam (or SGD) on ``Θ`` (module docstring).
+
+    Args:
+        params: three-factor groups ``{"params": [U, S, V], "lora_triple": True, ...}``
+            (:func:`geolora.optim.lora_param_groups` of a model with
+            :class:`geolora.lora.ThreeFactorLinear` modules) and ordinary groups.
+        lr: learning rate of all three factors.
+        betas, eps: Adam's (``direction="adam"``).
+        weight_decay: decoupled decay of ``Θ``.
+        landing_lambda: ``λ > 0``, the weight of the attraction ``λ X (XᵀX − I)``.
+        direction: ``"adam"`` (the authors') or ``"sgd"`` (the plain landing algorithm).
+        safe_eps: ``ε ∈ (0, 1)`` of the safe step (``direction="sgd"``; ``None``: no cap).
+        **kwargs: :class:`~geolora.optim.base.LoRAOptimizer` options (``nonfinite``, ``other_*``).
+
+    State per adapter (on ``U``, compute dtype): ``step``; with ``"adam"``
+    ``exp_avg_{U,S,V}``, ``exp_avg_sq_{U,S,V}`` (``2 (m + n + r) r`` numbers).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 4e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        landing_lambda: float = 5e-3,
+        direction: str = "adam",
+        safe_eps: float | None = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "landing_lambda": landing_lambda,
+            "direction": direction,
+            "safe_eps": safe_eps,
+        }
+        super().__init__(params, defaults, **kwargs)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict) or not param_group.get(TRIPLE_KEY, False):
+            if isinstance(param_group, dict) and param_group.get("lora_pair", False):
+                raise ValueError(
+                    f"{type(self).__name__} trains three-factor adapters (lora_triple groups of "
+                    f"ThreeFactorLinear modules), not LoRA pairs: got lora_pair group "
+                    f"{param_group.get('name', '')!r}"
+                )
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        del group[TRIPLE_KEY]
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        validate_triple(group)
+        super().add_param_group(group)
+        self.param_groups[-1][TRIPLE_KEY] = True
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._validate_hyperparameters(group)
+        lam = group["landing_lambda"]
+        if not (isinstance(lam, (int, float)) and lam > 0 and lam < float("inf")):
+            raise ValueError(f"invalid landing_lambda: {lam!r} (expected a finite number > 0)")
+        if group["direction"] not in DIRECTIONS:
+            raise ValueError(f"invalid direction: {group['direction']!r} (expected {DIRECTIONS})")
+        if group["safe_eps"] is not None:
+            _check_range("safe_eps", group["safe_eps"], 0.0, 1.0, hi_open=True)
+            if group["safe_eps"] == 0:
+                raise ValueError("invalid safe_eps: 0 (expected a number in (0, 1) or None)")
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        if group.get(TRIPLE_KEY, False):
+            self._triple_step(group)
+        else:
+            super()._adamw_group(group)
+
+    def _triple_step(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        if all(p.grad is None for p in params):
+            return
+        U, S, V = params
+        st = self.state[U]
+        cdt = compute_dtype(U.dtype)
+        adam = group["direction"] == "adam"
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0)
+        if adam and "exp_avg_U" not in st:
+            for nm, p in zip("USV", params):
+                st[f"exp_avg_{nm}"] = torch.zeros(p.shape, dtype=cdt, device=p.device)
+                st[f"exp_avg_sq_{nm}"] = torch.zeros(p.shape, dtype=cdt, device=p.device)
+        k = int(st["step"].item()) + 1
+        x = [p.detach().to(cdt) for p in params]
+        g = [(p.grad if p.grad is not None else torch.zeros_like(p)).to(cdt) for p in params]
+        lr, lam = group["lr"], group["landing_lambda"]
+        new: dict[str, Tensor] = {}
+        if adam:
+            hp = {"step": k, "lr": lr, "betas": group["betas"], "eps": group["eps"]}
+            for i, nm in ((0, "U"), (2, "V")):
+                new[nm], new[f"exp_avg_{nm}"], new[f"exp_avg_sq_{nm}"] = landing_adam_update(
+                    x[i], g[i], st[f"exp_avg_{nm}"], st[f"exp_avg_sq_{nm}"], lam=lam, **hp
+                )
+            new["S"], new["exp_avg_S"], new["exp_avg_sq_S"] = adamw_step(
+                x[1],
+                g[1],
+                st["exp_avg_S"],
+                st["exp_avg_sq_S"],
+                weight_decay=group["weight_decay"],
+                **hp,
+            )
+        else:
+            for i, nm in ((0, "U"), (2, "V")):
+                new[nm], _ = landing_sgd_update(
+                    x[i], g[i], lr=lr, lam=lam, safe_eps=group["safe_eps"]
+                )
+            new["S"] = (1.0 - lr * group["weight_decay"]) * x[1] - lr * g[1]
+        labels = triple_labels(group)
+        for i, nm in ((0, "U"), (1, "S"), (2, "V")):
+            if not bool(torch.isfinite(new[nm]).all()):
+                raise FloatingPointError(
+                    f"{type(self).__name__}: the update of {labels[i]} is not finite; nothing "
+                    f"of adapter {group.get('name', '')!r} was updated"
+                )
+        for p, nm in zip(params, "USV"):
+            p.copy_(new.pop(nm))
+        st.update(new)
+        st["step"] += 1
