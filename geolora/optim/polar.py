@@ -34,8 +34,12 @@ Deviations from the authors' code (``callbacks/landing_callback.py`` of kcc-lion
   also decays ``X`` and ``Y`` (the landing term then pulls them back);
 * ``direction="sgd"`` and the safe step are not in the authors' code (they come from Ablin et al.).
 
-Defaults: ``lr=4e-3`` and ``landing_lambda=5e-3`` are the authors' commonsense-reasoning settings
-(README: ``train_and_eval.sh polar 4e-3 5e-3 ...``); AdamW's ``betas``, ``eps``.
+Defaults: ``lr=4e-3`` is the authors' learning rate for PoLAR on commonsense reasoning (README:
+``train_and_eval.sh polar 4e-3 5e-3 ...``); ``landing_lambda=1.0`` is the default of their
+training scripts and their GLUE setting (the commonsense and Gemma runs use 5e-3 and 0.05: ``λ``
+weighs the attraction against the gradient, whose scale depends on the task — with ``O(1)``
+gradients, as in the tests, ``λ = 5e-3`` lets ``‖XᵀX − I‖_F`` reach 1 and ``λ = 1`` keeps it
+below 0.1); AdamW's ``betas``, ``eps``.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ class PoLAR(LoRAOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        landing_lambda: float = 5e-3,
+        landing_lambda: float = 1.0,
         direction: str = "adam",
         safe_eps: float | None = 0.5,
         **kwargs: Any,

@@ -135,28 +135,22 @@ class StelLAOptimizer(torch.optim.Optimizer):
 
     Args:
         params: tensors or groups (three-factor, ``stiefel`` or ordinary; module docstring).
-        retraction: ``"polar"`` (the authors'), ``"exp"`` or ``"qr"``; ``None``: the class default
-            (``"polar"`` unless given to :func:`StelLA`).
-        grad_scaling: ``c`` of the step scaling ``Δ / √(n / c)`` (``None``: off, the default
-            unless given to :func:`StelLA`; the authors use the model's hidden size).
+        retraction: ``"polar"`` (the authors' default), ``"exp"`` or ``"qr"``.
+        grad_scaling: ``c`` of the step scaling ``Δ / √(n / c)`` (``None``: off; the authors use
+            the model's hidden size).
         **kwargs: the wrapped optimizer's hyperparameters.
     """
 
     stella_defaults: dict[str, Any] = {}
-    default_retraction: str = "polar"
-    default_grad_scaling: float | None = None
 
     def __init__(
         self,
         params: Any,
         *args: Any,
-        retraction: str | None = None,
-        grad_scaling: float | None | str = "default",
+        retraction: str = "polar",
+        grad_scaling: float | None = None,
         **kwargs: Any,
     ) -> None:
-        retraction = self.default_retraction if retraction is None else retraction
-        if grad_scaling == "default":
-            grad_scaling = self.default_grad_scaling
         if retraction not in RETRACTIONS:
             raise ValueError(f"invalid retraction: {retraction!r} (expected one of {RETRACTIONS})")
         if grad_scaling is not None and not (
@@ -235,8 +229,9 @@ def StelLA(  # noqa: N802 - a class factory, named like the classes it returns
     torch_optimizer_class: type[torch.optim.Optimizer], **defaults: Any
 ) -> type[StelLAOptimizer]:
     """``StelLA(torch.optim.X)``: the class of ``X`` made Riemannian on the Stiefel factors
-    (module docstring). ``defaults`` become the class's defaults (of ``X``'s hyperparameters and
-    of ``retraction`` / ``grad_scaling``). The class is named ``"StelLA" + X.__name__``.
+    (module docstring). ``defaults`` become the class's defaults for ``X``'s hyperparameters. The
+    class is named ``"StelLA" + X.__name__``; its constructor is
+    ``(params, *args, retraction="polar", grad_scaling=None, **kwargs)``.
 
     Supported: optimizers whose ``step()`` needs no closure (SGD, Adam, AdamW, RMSprop, ...).
     """
@@ -260,13 +255,11 @@ def StelLA(  # noqa: N802 - a class factory, named like the classes it returns
         (StelLAOptimizer, cls),
         {
             "stella_defaults": dict(defaults),
-            "default_retraction": own.get("retraction", "polar"),
-            "default_grad_scaling": own.get("grad_scaling"),
             "__module__": __name__,
             "__qualname__": name,
             "__doc__": (
                 f"{cls.__name__} made Riemannian on the Stiefel factors of three-factor adapters "
-                f"(StelLA; see :mod:`geolora.optim.stella`). Defaults: {defaults!r}, {own!r}."
+                f"(StelLA; see :mod:`geolora.optim.stella`). Defaults: {defaults!r}."
             ),
         },
     )
