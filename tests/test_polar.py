@@ -184,7 +184,9 @@ def test_sgd_landing_never_leaves_the_safe_region() -> None:
     for lr, eps in ((0.3, 0.5), (1.0, 0.2)):
         model, T = planted(init="stella", seed=4)
         layer = model[0]
-        opt = PoLAR(lora_param_groups(model), lr=lr, direction="sgd", landing_lambda=1.0, safe_eps=eps)
+        opt = PoLAR(
+            lora_param_groups(model), lr=lr, direction="sgd", landing_lambda=1.0, safe_eps=eps
+        )
         _, dmax = train(opt, layer, 3 * T, 300, track=True)
         assert dmax <= eps + 1e-12
     # without the cap the same run leaves the region

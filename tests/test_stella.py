@@ -49,7 +49,7 @@ def steps(opt, layer, T, k: int) -> float:
     return loss.item()
 
 
-# --- the authors' hooks, re-implemented --------------------------------------------------------------
+# --- the authors' hooks, re-implemented -----------------------------------------------------------
 def _tall(p: torch.Tensor) -> torch.Tensor:
     return p if p.size(0) > p.size(1) else p.t()
 

@@ -179,7 +179,9 @@ def test_load_validates_before_writing(tmp_path: Path) -> None:
         load_three_factor(merged, path)
     small = nn.Sequential(nn.Linear(12, 10))
     inject_three_factor(small, r=3, alpha=6)
-    with pytest.raises(ValueError, match=r"missing from the file \[\], unexpected in the file \['2'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing from the file \[\], unexpected in the file \['2'\]"
+    ):
         load_three_factor(small, path)
     assert load_three_factor(small, path, strict=False).unexpected == ["2"]
     with pytest.raises(ValueError, match="no ThreeFactorLinear modules"):
