@@ -217,3 +217,33 @@ def test_tampered_and_foreign_files(tmp_path: Path) -> None:
     torch.save(tensors, tmp_path / "p.pt")
     with pytest.raises(ValueError, match="pickle"):
         read_three_factor_file(tmp_path / "p.pt")
+
+
+@pytest.mark.parametrize("kind", ["lora", "polar", "stella", "dora"])
+def test_inject_adapter_kinds(kind: str) -> None:
+    from geolora.lora import inject_adapter
+
+    def build(seed: int) -> nn.Sequential:
+        torch.manual_seed(0)
+        body = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6))
+        model = nn.Sequential(body, nn.Linear(6, 3)).double()
+        assert inject_adapter(body, kind, r=2, alpha=4, seed=seed, dtype=F64) == ["0", "2"]
+        return model
+
+    x = torch.randn(5, 8, dtype=F64)
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6)), nn.Linear(6, 3)
+    )
+    a, b = build(1), build(1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    out = a(x)
+    # every method starts at the base model except StelLA (S = I: ΔW = s U Vᵀ)
+    same = torch.allclose(out, plain.double()(x), rtol=0, atol=1e-12)
+    assert same == (kind != "stella")
+    groups = lora_param_groups(a, dora="linked")
+    assert groups[-1]["name"] == "other" and len(groups[-1]["params"]) == 2  # the head trains
+    sizes = {"lora": [2, 2], "polar": [3, 3], "stella": [3, 3], "dora": [2, 1, 2, 1]}[kind]
+    assert [len(g["params"]) for g in groups[:-1]] == sizes
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        inject_adapter(nn.Sequential(nn.Linear(2, 2)), "vera")

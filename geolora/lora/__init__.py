@@ -4,6 +4,7 @@
 ``ΔW = s · U S Vᵀ`` (PoLAR, StelLA) in :mod:`geolora.lora.three_factor`.
 """
 
+from geolora.lora.adapters import ADAPTER_KINDS, inject_adapter
 from geolora.lora.init import INIT_STRATEGIES, init_lora_, spectral_init_
 from geolora.lora.io import LoRALoadResult, load_lora, lora_state_dict, read_lora_file, save_lora
 from geolora.lora.layers import (
@@ -32,12 +33,14 @@ from geolora.lora.three_factor_io import (
 )
 
 __all__ = [
+    "ADAPTER_KINDS",
     "INIT_STRATEGIES",
     "LoRALinear",
     "LoRALoadResult",
     "THREE_FACTOR_INITS",
     "ThreeFactorLinear",
     "init_three_factor_",
+    "inject_adapter",
     "inject_three_factor",
     "load_three_factor",
     "merge_three_factor",
