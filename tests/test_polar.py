@@ -17,7 +17,6 @@ from geolora.manifolds.landing import (
     landing_distance,
     landing_field,
     landing_safe_step,
-    relative_gradient_norm,
 )
 from geolora.optim import PoLAR, lora_param_groups
 
@@ -50,7 +49,6 @@ def test_landing_field_identities() -> None:
     # the two terms are orthogonal; the first decreases f: <G, ψX> = ½‖ψ‖²
     assert abs(float(((psi @ x) * (x @ delta)).sum())) < 1e-13
     assert float((g * (psi @ x)).sum()) == pytest.approx(0.5 * float((psi * psi).sum()), rel=1e-13)
-    assert float(relative_gradient_norm(x, g)) == pytest.approx(float(psi.norm()), rel=1e-13)
     assert float(landing_distance(x)) == pytest.approx(float(delta.norm()), rel=1e-15)
     # on the manifold the tangent term is the canonical-metric Riemannian gradient
     q = qf(x)
@@ -87,7 +85,7 @@ def test_safe_step_keeps_the_factor_in_the_safe_region() -> None:
                 lo, hi = (mid, hi) if float(landing_distance(x - mid * field)) <= eps else (lo, mid)
             ratios.append(eta / lo)
     assert len(ratios) > 50
-    assert min(ratios) > 1e-3  # conservative, but not vacuous
+    assert min(ratios) > 0.02  # conservative, not vacuous: measured min 0.044, median 0.58
 
 
 def test_safe_step_errors() -> None:
@@ -269,7 +267,7 @@ def test_degenerate_starts_train_without_nan(init: str) -> None:
         with torch.no_grad():
             model[0].lora_S.fill_(1.0)  # rank-one S
     opt = PoLAR(lora_param_groups(model), lr=1e-2)
-    first = float(loss_of(model[0], T))
+    first = loss_of(model[0], T).item()
     loss, dmax = train(opt, model[0], T, 400, track=True)
     assert loss == loss and loss < 0.05 * first
     assert dmax < 0.5  # measured: 0.39 from the rank-one S, 0.12 from S = 0

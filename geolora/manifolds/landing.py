@@ -18,17 +18,16 @@ metric ``⟨U, W⟩_X = tr(Uᵀ(I − ½ X Xᵀ) W)`` (Edelman, Arias & Smith 19
 (``Xᵀψ X`` is skew, ``XᵀX − I`` symmetric): the first is tangent to the level set of ``N``
 through ``X`` and decreases ``f`` (``⟨G, ψ X⟩ = ½ ‖ψ‖²_F``), the second is ``λ ∇N``.
 
-Safe step (:func:`landing_safe_step`). With ``d = ‖XᵀX − I‖_F < 1``, ``a = ‖ψ(X)‖_F``,
-``Δ = XᵀX − I`` and ``X̃ = X − η Λ(X)``: ``X̃ᵀX̃ − I = Δ − 2ηλ(Δ + Δ²) + η² ΛᵀΛ`` (the cross
-terms of ``ψ`` cancel because it is skew). With ``‖X‖₂² ≤ 1 + d``,
-``‖Λ‖²_F = ‖ψX‖² + λ²‖XΔ‖² ≤ (1 + d)(a² + λ²d²)`` and, for ``ηλ ≤ ½``,
-``‖Δ − 2ηλ(Δ + Δ²)‖_F ≤ d (1 − 2ηλ(1 − d))``, so ``‖X̃ᵀX̃ − I‖_F ≤ ε`` whenever
-``η ≤ min(1/(2λ), η*)`` with ``η*`` the positive root of
-``(1 + d)(a² + λ²d²) η² − 2λd(1 − d) η + (d − ε) = 0``. This is the safe-step argument of
-Ablin et al. (2024) written out with the orthogonality of the two terms; ``tests/test_polar.py``
-checks it on random points. Outside the ``ε``-region (``d > ε``) the step
-``η = λd(1 − d) / ((1 + d)(a² + λ²d²))`` (the vertex of the quadratic) strictly decreases the
-bound on ``d``.
+Safe step (:func:`landing_safe_step`; Ablin et al. 2024, as in Ablin's reference
+implementation pierreablin/landing). With ``Δ = XᵀX − I``, ``d = ‖Δ‖_F < 1`` and
+``X̃ = X − η Λ(X)``: ``X̃ᵀX̃ − I = Δ − 2ηλ(Δ + Δ²) + η² ΛᵀΛ`` (the terms in ``ψ`` cancel because it
+is skew), and for ``ηλ ≤ ½`` (eigenvalues of ``Δ`` in ``[−d, d]``)
+``‖X̃ᵀX̃ − I‖_F ≤ d (1 − 2ηλ(1 − d)) + η² ‖Λ‖²_F``. So ``‖X̃ᵀX̃ − I‖_F ≤ ε`` whenever
+``η ≤ min(1/(2λ), η*)``, ``η* = (β + √(β² + α(ε − d))) / α`` the positive root of
+``α η² − 2β η + (d − ε) = 0`` with ``α = ‖Λ(X)‖²_F``, ``β = λ d (1 − d)``; ``tests/test_polar.py``
+checks it on random points. Outside the ``ε``-region (``d > ε``) the vertex ``η = β / α`` of the
+quadratic strictly decreases the bound on ``d`` (the reference implementation takes ``2β/α``,
+where the bound equals ``d``).
 
 All functions take leading batch dimensions; shapes ``X, G: (..., n, r)``.
 """
@@ -45,7 +44,6 @@ __all__ = [
     "landing_distance",
     "landing_field",
     "landing_safe_step",
-    "relative_gradient_norm",
 ]
 
 
@@ -74,39 +72,33 @@ def landing_distance(x: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(transpose(x) @ x - eye)
 
 
-def relative_gradient_norm(x: Tensor, g: Tensor) -> Tensor:
-    """``‖ψ(X)‖_F = ‖G Xᵀ − X Gᵀ‖_F`` from ``r × r`` products:
-    ``‖ψ‖² = 2 tr((GᵀG)(XᵀX)) − 2 tr((XᵀG)²)``. Shape = batch shape."""
-    gtg = transpose(g) @ g
-    xtx = transpose(x) @ x
-    xtg = transpose(x) @ g
-    sq = 2.0 * (gtg * xtx).sum((-2, -1)) - 2.0 * (xtg * transpose(xtg)).sum((-2, -1))
-    return sq.clamp_min(0).sqrt()
-
-
-def landing_safe_step(x: Tensor, g: Tensor, lam: float, eps: float) -> Tensor:
+def landing_safe_step(
+    x: Tensor, g: Tensor, lam: float, eps: float, field: Tensor | None = None
+) -> Tensor:
     """The largest step ``η`` for which the bound of the module docstring keeps
     ``‖X̃ᵀX̃ − I‖_F ≤ ε`` for ``X̃ = X − η Λ(X)`` (``d ≤ ε < 1``), or the bound-minimising step when
-    ``d > ε``; ``inf`` where ``Λ(X) = 0``. Computed in float64; shape = batch shape.
+    ``d > ε``; ``1/(2λ)`` where ``Λ(X) = 0``. Computed in float64; shape = batch shape.
 
-    Raises ``ValueError`` for ``λ ≤ 0``, ``ε ∉ (0, 1)`` or a point with ``d ≥ 1`` (no safe step
-    exists there: re-orthonormalise ``X``).
+    ``field``: ``Λ(X)`` if already computed. Raises ``ValueError`` for ``λ ≤ 0``, ``ε ∉ (0, 1)``
+    or a point with ``d ≥ 1`` (no safe step exists there: re-orthonormalise ``X``).
     """
     if not lam > 0:
         raise ValueError(f"the safe step needs landing_lambda > 0, got {lam!r}")
     if not 0 < eps < 1:
         raise ValueError(f"safe_eps must be in (0, 1), got {eps!r}")
-    x64, g64 = x.to(torch.float64), g.to(torch.float64)
+    x64 = x.to(torch.float64)
     d = landing_distance(x64)
     if bool((d >= 1).any()):
         raise ValueError(
             f"a factor is too far from the Stiefel manifold for the landing safe step: "
             f"‖XᵀX − I‖_F = {float(d.max()):.3g} >= 1; re-orthonormalise it"
         )
-    a = relative_gradient_norm(x64, g64)
-    quad = (1 + d) * (a * a + lam * lam * d * d)
-    lin = lam * d * (1 - d)
-    disc = (lin * lin + quad * (eps - d)).clamp_min(0)
-    root = torch.where(d <= eps, (lin + disc.sqrt()) / quad, lin / quad)
-    root = torch.where(quad > 0, root, torch.full_like(root, torch.inf))
+    if field is None:
+        field = landing_field(x64, g.to(torch.float64), lam)
+    field = field.to(torch.float64)
+    alpha = torch.linalg.matrix_norm(field) ** 2
+    beta = lam * d * (1 - d)
+    disc = (beta * beta + alpha * (eps - d)).clamp_min(0)
+    root = torch.where(d <= eps, (beta + disc.sqrt()) / alpha, beta / alpha)
+    root = torch.where(alpha > 0, root, torch.full_like(root, torch.inf))
     return torch.minimum(root, torch.full_like(root, 0.5 / lam))

@@ -104,7 +104,7 @@ def landing_sgd_update(
     field = landing_field(x, g, lam)
     eta = torch.full(x.shape[:-2], lr, dtype=torch.float64, device=x.device)
     if safe_eps is not None:
-        eta = torch.minimum(eta, landing_safe_step(x, g, lam, safe_eps))
+        eta = torch.minimum(eta, landing_safe_step(x, g, lam, safe_eps, field))
     return x - eta.to(x.dtype)[..., None, None] * field, eta
 
 
