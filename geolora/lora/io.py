@@ -82,12 +82,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _module_meta(module: LoRALinear) -> dict[str, Any]:
+    """The file metadata of an adapter module (any with ``adapter_parameters()``)."""
     return {
         "r": module.r,
         "alpha": module.alpha,
         "in_features": module.in_features,
         "out_features": module.out_features,
-        "dtype": _dtype_name(module.lora_A.dtype),
+        "dtype": _dtype_name(module.adapter_parameters()[0].dtype),
         "dropout": module.dropout_p,
     }
 

@@ -131,7 +131,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``ΔW`` into ``base.weight`` (``W ← W + s B A``); no-op when merged.
+        """Fold ``ΔW`` (:meth:`delta_weight`) into ``base.weight`` (``W ← W + ΔW``); no-op when
+        merged.
 
         The sum is formed in float32 (float64 for float64 weights) and rounded once to the
         weight dtype, so ``unmerge`` restores fp32 weights to ~1 ulp; for bf16/fp16 weights
@@ -144,7 +145,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (``W ← W − s B A``); no-op when not merged."""
+        """Undo :meth:`merge` (``W ← W − ΔW``); no-op when not merged."""
         if not self.merged:
             return
         self._add_delta(-1.0)

@@ -39,6 +39,7 @@ from torch import nn
 
 from geolora.lora.init import _qf
 from geolora.lora.layers import (
+    LoRALinear,
     Selector,
     _check_hparams,
     _check_rank,
@@ -156,26 +157,10 @@ class ThreeFactorLinear(nn.Module):
         US = self.lora_U.to(dtype) @ self.s_matrix(dtype)
         return (US @ self.lora_V.to(dtype).T) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``ΔW`` into ``base.weight``; the sum is formed in float32 (float64 for float64
-        weights) and rounded once. No-op when merged."""
-        if not self.merged:
-            self._add_delta(+1.0)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`; no-op when not merged."""
-        if self.merged:
-            self._add_delta(-1.0)
-            self.merged = False
-
-    def _add_delta(self, sign: float) -> None:
-        weight = self.base.weight
-        cd = compute_dtype(weight.dtype)
-        delta = self.delta_weight(cd).to(weight.device)
-        weight.copy_((weight.to(cd) + sign * delta).to(weight.dtype))
+    # W ← W ± ΔW formed in float32 (float64 for float64 weights), rounded once: LoRALinear's.
+    merge = LoRALinear.merge
+    unmerge = LoRALinear.unmerge
+    _add_delta = LoRALinear._add_delta
 
     def extra_repr(self) -> str:
         return (

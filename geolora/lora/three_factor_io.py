@@ -22,10 +22,10 @@ from geolora.lora.io import (
     LoRALoadResult,
     _check_module_tensors,
     _digest,
-    _dtype_name,
     _fail,
     _key,
     _match_modules,
+    _module_meta,
     _read_container,
     _write_file,
 )
@@ -51,16 +51,8 @@ def three_factor_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _module_meta(module: ThreeFactorLinear) -> dict[str, Any]:
-    return {
-        "r": module.r,
-        "alpha": module.alpha,
-        "in_features": module.in_features,
-        "out_features": module.out_features,
-        "dtype": _dtype_name(module.lora_U.dtype),
-        "dropout": module.dropout_p,
-        "diagonal": module.diagonal,
-    }
+def _three_factor_meta(module: ThreeFactorLinear) -> dict[str, Any]:
+    return {**_module_meta(module), "diagonal": module.diagonal}
 
 
 def _shapes(name: str, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -87,7 +79,7 @@ def save_three_factor(
     tensors = {
         k: t.to("cpu").contiguous().clone() for k, t in three_factor_state_dict(model).items()
     }
-    modules_meta = {name: _module_meta(m) for name, m in modules.items()}
+    modules_meta = {name: _three_factor_meta(m) for name, m in modules.items()}
     _write_file(path, FORMAT, tensors, modules_meta, extra_metadata)
 
 
