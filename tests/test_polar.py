@@ -311,6 +311,8 @@ def test_ordinary_groups_get_adamw_and_validation() -> None:
         PoLAR(g, direction="muon")
     with pytest.raises(ValueError, match="safe_eps"):
         PoLAR(g, safe_eps=1.5)
+    with pytest.raises(ValueError, match="no robust start"):
+        PoLAR(g, robust_steps=10)
     bad = dict(g[0], params=[g[0]["params"][0], torch.zeros(2, 2, dtype=F64), g[0]["params"][2]])
     with pytest.raises(ValueError, match="rank mismatch"):
         PoLAR([bad])

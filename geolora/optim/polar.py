@@ -140,6 +140,11 @@ class PoLAR(LoRAOptimizer):
         safe_eps: float | None = 0.5,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("robust_steps", 0):
+            raise ValueError(
+                f"{type(self).__name__} has no robust start (it trains no LoRA pairs); got "
+                f"robust_steps={kwargs['robust_steps']!r}"
+            )
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
