@@ -38,41 +38,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update ``ΔW = s · B A``.
-
-    ``forward(x) = base(x) + s · dropout(x) Aᵀ Bᵀ``, evaluated as two thin matmuls
-    (``O(r (in + out))`` per token, never the ``out × in`` product). The LoRA branch runs
-    in the dtype of ``x`` (factors are cast on the fly), so bf16 activations with fp32
-    factors work. While merged, ``base.weight`` holds ``W + s B A`` and ``forward`` is
-    ``base(x)`` alone (dropout is then not applied to the update).
-
-    Args:
-        base: the ``nn.Linear`` to adapt; its parameters are frozen.
-        r: rank, ``1 <= r <= min(in_features, out_features)``.
-        alpha: scale numerator, ``s = alpha / r``.
-        dropout: dropout probability on the LoRA input (``0`` disables it).
-        dtype: dtype of ``lora_A`` / ``lora_B``; defaults to ``base.weight.dtype``.
-        init: initialization strategy (see :func:`geolora.lora.init.init_lora_`).
-        generator: CPU generator for the random draws of ``init``.
-
-    Shapes: ``lora_A (r, in_features)``, ``lora_B (out_features, r)``.
-    """
+class _LinearAdapter(nn.Module):
+    """What every adapter of an ``nn.Linear`` shares: the frozen ``base``, ``r``, ``alpha``,
+    ``s = alpha / r``, input dropout, the factor dtype, and merge / unmerge of
+    ``ΔW = delta_weight()``. Subclasses create their factors and define ``delta_weight``,
+    ``adapter_parameters`` and ``forward``."""
 
     geolora_adapter = True  # injection skips the base layer of an adapter module
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        *,
-        dtype: torch.dtype | None = None,
-        init: str | Callable[[LoRALinear, torch.Generator | None], None] = "zero",
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
+    def _setup(
+        self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype: torch.dtype | None
+    ) -> dict[str, torch.device | torch.dtype]:
+        """Validate and store the common attributes, freeze ``base``; returns the factory
+        keywords (device, dtype) of the factors."""
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
         _check_rank(r, base, "base")
@@ -83,20 +61,14 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / self.r
         self.dropout_p = float(dropout)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
         weight = base.weight
         factor_dtype = weight.dtype if dtype is None else dtype
         if not factor_dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {factor_dtype}")
-        kw = {"device": weight.device, "dtype": factor_dtype}
-        self.lora_A = nn.Parameter(torch.zeros(self.r, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.r, **kw))
-        self.merged = False
-        self._disabled = False
         for p in base.parameters():
             p.requires_grad_(False)
-        from geolora.lora.init import init_lora_  # init.py builds on this module
-
-        init_lora_(self, init, generator=generator)
+        return {"device": weight.device, "dtype": factor_dtype}
 
     @property
     def in_features(self) -> int:
@@ -105,29 +77,6 @@ class LoRALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged or self._disabled:
-            return out
-        a = self.lora_A.to(x.dtype)
-        b = self.lora_B.to(x.dtype)
-        # Scale the r-dimensional hidden state: r multiplies instead of out.
-        h = F.linear(self.lora_dropout(x), a) * self.scaling
-        return out + F.linear(h, b)
-
-    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
-        """The trainable factors ``(lora_A, lora_B)``."""
-        return (self.lora_A, self.lora_B)
-
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``ΔW = s · B A`` of shape ``(out, in)``, differentiable, in ``dtype``.
-
-        ``dtype`` defaults to the factor dtype. Forms the dense matrix: meant for
-        merging, inspection and tests, not for the training forward pass.
-        """
-        dtype = self.lora_B.dtype if dtype is None else dtype
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -156,6 +105,71 @@ class LoRALinear(nn.Module):
         cd = compute_dtype(weight.dtype)
         delta = self.delta_weight(cd).to(weight.device)
         weight.copy_((weight.to(cd) + sign * delta).to(weight.dtype))
+
+
+class LoRALinear(_LinearAdapter):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``ΔW = s · B A``.
+
+    ``forward(x) = base(x) + s · dropout(x) Aᵀ Bᵀ``, evaluated as two thin matmuls
+    (``O(r (in + out))`` per token, never the ``out × in`` product). The LoRA branch runs
+    in the dtype of ``x`` (factors are cast on the fly), so bf16 activations with fp32
+    factors work. While merged, ``base.weight`` holds ``W + s B A`` and ``forward`` is
+    ``base(x)`` alone (dropout is then not applied to the update).
+
+    Args:
+        base: the ``nn.Linear`` to adapt; its parameters are frozen.
+        r: rank, ``1 <= r <= min(in_features, out_features)``.
+        alpha: scale numerator, ``s = alpha / r``.
+        dropout: dropout probability on the LoRA input (``0`` disables it).
+        dtype: dtype of ``lora_A`` / ``lora_B``; defaults to ``base.weight.dtype``.
+        init: initialization strategy (see :func:`geolora.lora.init.init_lora_`).
+        generator: CPU generator for the random draws of ``init``.
+
+    Shapes: ``lora_A (r, in_features)``, ``lora_B (out_features, r)``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        *,
+        dtype: torch.dtype | None = None,
+        init: str | Callable[[LoRALinear, torch.Generator | None], None] = "zero",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        kw = self._setup(base, r, alpha, dropout, dtype)
+        self.lora_A = nn.Parameter(torch.zeros(self.r, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.r, **kw))
+        self._disabled = False
+        from geolora.lora.init import init_lora_  # init.py builds on this module
+
+        init_lora_(self, init, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged or self._disabled:
+            return out
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        # Scale the r-dimensional hidden state: r multiplies instead of out.
+        h = F.linear(self.lora_dropout(x), a) * self.scaling
+        return out + F.linear(h, b)
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The trainable factors ``(lora_A, lora_B)``."""
+        return (self.lora_A, self.lora_B)
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``ΔW = s · B A`` of shape ``(out, in)``, differentiable, in ``dtype``.
+
+        ``dtype`` defaults to the factor dtype. Forms the dense matrix: meant for
+        merging, inspection and tests, not for the training forward pass.
+        """
+        dtype = self.lora_B.dtype if dtype is None else dtype
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
     def extra_repr(self) -> str:
         return (

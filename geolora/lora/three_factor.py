@@ -39,10 +39,9 @@ from torch import nn
 
 from geolora.lora.init import _qf
 from geolora.lora.layers import (
-    LoRALinear,
     Selector,
     _check_hparams,
-    _check_rank,
+    _LinearAdapter,
     compute_dtype,
     mark_only_lora_trainable,
     select_linear_targets,
@@ -61,7 +60,7 @@ __all__ = [
 InitFn = Callable[["ThreeFactorLinear", torch.Generator | None], None]
 
 
-class ThreeFactorLinear(nn.Module):
+class ThreeFactorLinear(_LinearAdapter):
     """A frozen ``nn.Linear`` plus a trainable update ``ΔW = s · U S Vᵀ`` (module docstring).
 
     ``forward(x) = base(x) + s · ((dropout(x) V) Sᵀ) Uᵀ``: three thin products per token
@@ -82,8 +81,6 @@ class ThreeFactorLinear(nn.Module):
     Shapes: ``lora_U (out, r)``, ``lora_S (r, r)`` or ``(r,)``, ``lora_V (in, r)``.
     """
 
-    geolora_adapter = True  # injection skips the base layer of an adapter module
-
     def __init__(
         self,
         base: nn.Linear,
@@ -97,40 +94,15 @@ class ThreeFactorLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        _check_rank(r, base, "base")
-        _check_hparams(alpha, dropout)
         if not isinstance(diagonal, bool):
             raise TypeError(f"diagonal must be a bool, got {diagonal!r}")
-        self.base = base
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / self.r
-        self.dropout_p = float(dropout)
+        kw = self._setup(base, r, alpha, dropout, dtype)
         self.diagonal = diagonal
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base.weight
-        factor_dtype = weight.dtype if dtype is None else dtype
-        if not factor_dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {factor_dtype}")
-        kw = {"device": weight.device, "dtype": factor_dtype}
         s_shape = (self.r,) if diagonal else (self.r, self.r)
         self.lora_U = nn.Parameter(torch.zeros(base.out_features, self.r, **kw))
         self.lora_S = nn.Parameter(torch.zeros(s_shape, **kw))
         self.lora_V = nn.Parameter(torch.zeros(base.in_features, self.r, **kw))
-        self.merged = False
-        for p in base.parameters():
-            p.requires_grad_(False)
         init_three_factor_(self, init, generator=generator)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
         """The trainable factors ``(lora_U, lora_S, lora_V)``."""
@@ -156,11 +128,6 @@ class ThreeFactorLinear(nn.Module):
         dtype = self.lora_U.dtype if dtype is None else dtype
         US = self.lora_U.to(dtype) @ self.s_matrix(dtype)
         return (US @ self.lora_V.to(dtype).T) * self.scaling
-
-    # W ← W ± ΔW formed in float32 (float64 for float64 weights), rounded once: LoRALinear's.
-    merge = LoRALinear.merge
-    unmerge = LoRALinear.unmerge
-    _add_delta = LoRALinear._add_delta
 
     def extra_repr(self) -> str:
         return (
