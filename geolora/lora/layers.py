@@ -19,6 +19,7 @@ from torch import nn
 
 __all__ = [
     "LoRALinear",
+    "replace_linear_modules",
     "select_linear_targets",
     "disable_lora",
     "inject_lora",
@@ -300,17 +301,46 @@ def inject_lora(
         ValueError: nothing matched (the message names the pattern), ``r <= 0``,
             ``r > min(in, out)`` for a target (the message names the module), bad hparams.
     """
+    return replace_linear_modules(
+        model,
+        target,
+        exclude,
+        r,
+        alpha,
+        dropout,
+        seed,
+        freeze_base,
+        lambda module, gen: LoRALinear(
+            module, r, alpha, dropout, dtype=dtype, init=init, generator=gen
+        ),
+    )
+
+
+def replace_linear_modules(
+    model: nn.Module,
+    target: Selector,
+    exclude: Selector | None,
+    r: int,
+    alpha: float,
+    dropout: float,
+    seed: int | None,
+    freeze_base: bool,
+    make: Callable[[nn.Linear, torch.Generator | None], nn.Module],
+) -> list[str]:
+    """Replace the selected ``nn.Linear`` modules (:func:`select_linear_targets`) by
+    ``make(module, generator)``, every target validated first; ``generator`` is seeded by
+    ``seed`` (``None``: the global RNG); with ``freeze_base`` only adapter factors stay
+    trainable. Returns the replaced modules' names (the engine of :func:`inject_lora`)."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
     if r <= 0:
         raise ValueError(f"r must be positive, got r={r}")
     _check_hparams(alpha, dropout)
     targets = select_linear_targets(model, target, exclude, r)
-
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     replaced = []
     for name, module, sites in targets.values():
-        wrapped = LoRALinear(module, r, alpha, dropout, dtype=dtype, init=init, generator=generator)
+        wrapped = make(module, generator)
         for parent, attr in sites:
             setattr(parent, attr, wrapped)
         replaced.append(name)

@@ -40,11 +40,9 @@ from torch import nn
 from geolora.lora.init import _qf
 from geolora.lora.layers import (
     Selector,
-    _check_hparams,
     _LinearAdapter,
     compute_dtype,
-    mark_only_lora_trainable,
-    select_linear_targets,
+    replace_linear_modules,
 )
 
 __all__ = [
@@ -219,33 +217,21 @@ def inject_three_factor(
     Returns:
         the qualified names of the replaced modules, in ``named_modules`` order.
     """
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"r must be an int, got {type(r).__name__}")
-    if r <= 0:
-        raise ValueError(f"r must be positive, got r={r}")
-    _check_hparams(alpha, dropout)
     if not callable(init) and init not in THREE_FACTOR_INITS:
         raise ValueError(f"unknown init={init!r}; choose one of {sorted(THREE_FACTOR_INITS)}")
-    targets = select_linear_targets(model, target, exclude, r)
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    replaced = []
-    for name, module, sites in targets.values():
-        wrapped = ThreeFactorLinear(
-            module,
-            r,
-            alpha,
-            dropout,
-            init=init,
-            diagonal=diagonal,
-            dtype=dtype,
-            generator=generator,
-        )
-        for parent, attr in sites:
-            setattr(parent, attr, wrapped)
-        replaced.append(name)
-    if freeze_base:
-        mark_only_lora_trainable(model)
-    return replaced
+    return replace_linear_modules(
+        model,
+        target,
+        exclude,
+        r,
+        alpha,
+        dropout,
+        seed,
+        freeze_base,
+        lambda module, gen: ThreeFactorLinear(
+            module, r, alpha, dropout, init=init, diagonal=diagonal, dtype=dtype, generator=gen
+        ),
+    )
 
 
 def three_factor_modules(model: nn.Module) -> dict[str, ThreeFactorLinear]:
