@@ -23,7 +23,12 @@ No retraction is ever computed: ``X`` and ``Y`` are only near the manifold, at a
 balance of the two terms of ``Λ``. Ordinary parameter groups get AdamW (the base class). Pair groups
 (``lora_pair``) are not accepted: PoLAR is its own adapter shape.
 
-Deviations from the authors' code (``callbacks/landing_callback.py`` of kcc-lion/polar):
+Invariance: not under the LoRA gauge; the adapter's own gauge is ``(X O₁, O₁ᵀ Θ O₂, Y O₂)``
+(``O₁``, ``O₂`` orthogonal). ``direction="sgd"`` is equivariant under it (``ψ``, ``‖XᵀX − I‖`` and
+the safe step are invariant), so its ``ΔW`` trajectory does not depend on the representative;
+element-wise Adam is not (both tested).
+
+Deviations from the authors' code (github.com/kcc-lion/polar, its landing callback):
 
 * ``ψ X`` is computed as ``G (XᵀX) − X (GᵀX)`` in ``O(n r²)``; the authors form the ``n × n``
   matrix ``G Xᵀ − X Gᵀ`` (same values up to rounding, ``O(n² r)`` work and ``n²`` memory);

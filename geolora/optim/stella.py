@@ -34,8 +34,8 @@ split into ``{"params": [U, V], "stiefel": True, "weight_decay": 0.0, ...}`` and
 ``{"params": [...], "stiefel": True}`` is taken as it is (tall ``(n, r)`` matrices, ``n ≥ r``);
 every other group is Euclidean.
 
-Deviations from the authors' code (SonyResearch/stella, ``stella/tuner/model.py`` and
-``stiefel.py``):
+Deviations from the authors' code (github.com/SonyResearch/stella, its pre- and post-step
+hooks):
 
 * ``grad_scaling`` defaults to ``None`` (off): the authors' default ``True`` uses the model's
   ``hidden_size`` as ``c``, which an optimizer does not know — pass it as a number;
