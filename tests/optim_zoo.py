@@ -122,6 +122,10 @@ _SPECS: tuple[_Spec, ...] = (
         invariant=True,
         needs_robust_start=False,
     ),
+    # On plain pairs (no dora_magnitude groups) InvariantDoRA is AdamS; its magnitude part is
+    # tested in tests/test_dora.py. PoLAR and StelLA train three-factor adapters (lora_triple
+    # groups), not LoRA pairs, so they are not zoo entries (tests/test_polar.py, test_stella.py).
+    _Spec("invariant_dora", "geolora.optim.dora", "InvariantDoRA", 1e-2, invariant=True),
 )
 
 EXPECTED_NAMES: tuple[str, ...] = tuple(s.name for s in _SPECS)

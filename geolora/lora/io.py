@@ -121,12 +121,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _module_meta(module: LoRALinear) -> dict[str, Any]:
+    """The file metadata of an adapter module (any with ``adapter_parameters()``)."""
     return {
         "r": module.r,
         "alpha": module.alpha,
         "in_features": module.in_features,
         "out_features": module.out_features,
-        "dtype": _dtype_name(module.lora_A.dtype),
+        "dtype": _dtype_name(module.adapter_parameters()[0].dtype),
         "dropout": module.dropout_p,
     }
 
@@ -153,12 +154,26 @@ def save_lora(
         raise TypeError(f"extra_metadata must be a dict, got {type(extra_metadata).__name__}")
     tensors = {k: t.to("cpu").contiguous().clone() for k, t in lora_state_dict(model).items()}
     modules_meta = {name: _module_meta(m) for name, m in modules.items()}
+    _write_file(path, FORMAT, tensors, modules_meta, extra_metadata, key_bytes)
+
+
+def _write_file(
+    path: str | os.PathLike[str],
+    fmt: str,
+    tensors: dict[str, torch.Tensor],
+    modules_meta: dict[str, Any],
+    extra_metadata: dict[str, Any] | None,
+    key: bytes | None = None,
+) -> None:
+    """Write ``tensors`` with the ``geolora`` header of format ``fmt`` (module metadata, target
+    names, ``extra``, checksum, and the HMAC under ``key`` if given) to ``path`` atomically
+    (temporary name, then rename)."""
     header = {
-        "format": FORMAT,
+        "format": fmt,
         "format_version": FORMAT_VERSION,
         "geolora_version": _geolora_version(),
         "modules": modules_meta,
-        "target_names": sorted({name.rpartition(".")[2] for name in modules}),
+        "target_names": sorted({name.rpartition(".")[2] for name in modules_meta}),
         "extra": extra_metadata or {},
         "sha256": _digest(modules_meta, tensors),
     }
@@ -166,8 +181,8 @@ def save_lora(
         text = json.dumps(header, sort_keys=True)
     except (TypeError, ValueError) as err:
         raise TypeError(f"extra_metadata is not JSON-serializable: {err}") from err
-    if key_bytes is not None:
-        header[_HMAC_KEY] = _hmac(key_bytes, header, tensors)
+    if key is not None:
+        header[_HMAC_KEY] = _hmac(key, header, tensors)
         text = json.dumps(header, sort_keys=True)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -183,21 +198,17 @@ def _fail(path: str, message: str) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
-def read_lora_file(
-    path: str | os.PathLike[str], *, key: bytes | str | None = None
+def _read_container(
+    path: str, fmt: str, key: bytes | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and validate a file written by :func:`save_lora` without touching any model.
-
-    Returns ``(tensors, header)`` (tensors on CPU). Checks: a safetensors file (pickles are
-    refused, never unpickled), a ``geolora`` metadata entry of the right format, the HMAC
-    against ``key`` (a signed file needs the key, an unsigned one refuses a key), exactly the
-    keys its ``modules`` describe, shapes ``(r, in)`` / ``(out, r)``, and the checksum.
-    """
-    key_bytes = _key_bytes(key)
-    path = os.fspath(path)
+    """Open a geolora safetensors adapter file and parse its ``geolora`` metadata: a
+    safetensors file (pickles are refused, never unpickled), the format ``fmt``, the HMAC
+    against ``key`` (a signed file needs the key, an unsigned one refuses a key), the
+    :data:`FORMAT_VERSION`, a non-empty ``modules`` object. Returns ``(tensors, header)``."""
     if os.path.isdir(path):
         raise IsADirectoryError(
-            f"{path} is a directory, not a LoRA file: pass the .safetensors file save_lora wrote"
+            f"{path} is a directory, not an adapter file: pass the .safetensors file that was "
+            f"saved"
         )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such LoRA file: {path}")
@@ -222,9 +233,9 @@ def read_lora_file(
         header = json.loads(file_meta[_META_KEY])
     except json.JSONDecodeError as err:
         raise _fail(path, f"the {_META_KEY!r} metadata is not valid JSON ({err})") from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise _fail(path, f"metadata format is not {FORMAT!r}")
-    _check_hmac(path, header, tensors, key_bytes)
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise _fail(path, f"metadata format is not {fmt!r}")
+    _check_hmac(path, header, tensors, key)
     if header.get("format_version") != FORMAT_VERSION:
         raise _fail(
             path,
@@ -234,45 +245,6 @@ def read_lora_file(
     modules_meta = header.get("modules")
     if not isinstance(modules_meta, dict) or not modules_meta:
         raise _fail(path, "metadata 'modules' is missing or empty")
-
-    expected = set()
-    for name, meta in modules_meta.items():
-        if not isinstance(meta, dict):
-            raise _fail(path, f"metadata of module {name!r} is not an object")
-        for field in _INT_FIELDS:
-            value = meta.get(field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise _fail(
-                    path,
-                    f"metadata of module {name!r}: {field}={value!r} is not a positive integer",
-                )
-        alpha = meta.get("alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-            raise _fail(path, f"metadata of module {name!r}: alpha={alpha!r} is not positive")
-        shapes = {
-            _key(name, "lora_A"): (meta["r"], meta["in_features"]),
-            _key(name, "lora_B"): (meta["out_features"], meta["r"]),
-        }
-        for key, shape in shapes.items():
-            expected.add(key)
-            if key not in tensors:
-                raise _fail(path, f"tensor {key!r} described in the metadata is missing")
-            t = tensors[key]
-            if tuple(t.shape) != shape:
-                raise _fail(
-                    path, f"tensor {key!r} has shape {tuple(t.shape)}, metadata says {shape}"
-                )
-            if not t.is_floating_point():
-                raise _fail(path, f"tensor {key!r} has non-floating dtype {t.dtype}")
-    extra_keys = sorted(set(tensors) - expected)
-    if extra_keys:
-        raise _fail(path, f"tensors not described in the metadata: {extra_keys[:5]}")
-    if header.get("sha256") != _digest(modules_meta, tensors):
-        raise _fail(
-            path,
-            "checksum mismatch: the tensors or the module metadata were modified "
-            "after saving (file tampered with or corrupted)",
-        )
     return tensors, header
 
 
@@ -292,6 +264,116 @@ def _check_hmac(
             path,
             "HMAC mismatch: wrong key, or the file was modified after it was signed",
         )
+
+
+def _check_module_tensors(
+    path: str,
+    tensors: dict[str, torch.Tensor],
+    modules_meta: dict[str, Any],
+    shapes_of: Any,
+) -> None:
+    """Validate each module's metadata (positive integer ``r``, ``in_features``,
+    ``out_features``; positive ``alpha``) and that the file holds exactly the floating-point
+    tensors ``shapes_of(name, meta) -> {key: shape}`` describes."""
+    expected = set()
+    for name, meta in modules_meta.items():
+        if not isinstance(meta, dict):
+            raise _fail(path, f"metadata of module {name!r} is not an object")
+        for field in _INT_FIELDS:
+            value = meta.get(field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise _fail(
+                    path,
+                    f"metadata of module {name!r}: {field}={value!r} is not a positive integer",
+                )
+        alpha = meta.get("alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+            raise _fail(path, f"metadata of module {name!r}: alpha={alpha!r} is not positive")
+        for key, shape in shapes_of(name, meta).items():
+            expected.add(key)
+            if key not in tensors:
+                raise _fail(path, f"tensor {key!r} described in the metadata is missing")
+            t = tensors[key]
+            if tuple(t.shape) != shape:
+                raise _fail(
+                    path, f"tensor {key!r} has shape {tuple(t.shape)}, metadata says {shape}"
+                )
+            if not t.is_floating_point():
+                raise _fail(path, f"tensor {key!r} has non-floating dtype {t.dtype}")
+    extra_keys = sorted(set(tensors) - expected)
+    if extra_keys:
+        raise _fail(path, f"tensors not described in the metadata: {extra_keys[:5]}")
+
+
+def read_lora_file(
+    path: str | os.PathLike[str], *, key: bytes | str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and validate a file written by :func:`save_lora` without touching any model.
+
+    Returns ``(tensors, header)`` (tensors on CPU). Checks: a safetensors file (pickles are
+    refused, never unpickled), a ``geolora`` metadata entry of the right format, the HMAC
+    against ``key`` (a signed file needs the key, an unsigned one refuses a key), exactly the
+    keys its ``modules`` describe, shapes ``(r, in)`` / ``(out, r)``, and the checksum.
+    """
+    key_bytes = _key_bytes(key)
+    path = os.fspath(path)
+    tensors, header = _read_container(path, FORMAT, key_bytes)
+    modules_meta = header["modules"]
+
+    _check_module_tensors(
+        path,
+        tensors,
+        modules_meta,
+        lambda name, meta: {
+            _key(name, "lora_A"): (meta["r"], meta["in_features"]),
+            _key(name, "lora_B"): (meta["out_features"], meta["r"]),
+        },
+    )
+    if header.get("sha256") != _digest(modules_meta, tensors):
+        raise _fail(
+            path,
+            "checksum mismatch: the tensors or the module metadata were modified "
+            "after saving (file tampered with or corrupted)",
+        )
+    return tensors, header
+
+
+def _match_modules(
+    path: str,
+    modules: dict[str, nn.Module],
+    file_modules: dict[str, dict[str, Any]],
+    strict: bool,
+    fields: tuple[str, ...] = (*_INT_FIELDS, "alpha"),
+) -> tuple[list[str], list[str], list[str]]:
+    """``(common, missing, unexpected)`` module names of a load, after checking that ``strict``
+    holds, that some module is common, that none of them is merged and that each metadata
+    ``field`` equals the module's attribute."""
+    missing = [n for n in modules if n not in file_modules]
+    unexpected = [n for n in file_modules if n not in modules]
+    if strict and (missing or unexpected):
+        raise _fail(
+            path,
+            f"modules do not match the model (strict=True): missing from the file "
+            f"{missing[:5]}, unexpected in the file {unexpected[:5]}",
+        )
+    common = [n for n in modules if n in file_modules]
+    if not common:
+        raise _fail(
+            path,
+            f"no LoRA module of the file matches the model (file has {sorted(file_modules)[:5]})",
+        )
+    for name in common:
+        module, meta = modules[name], file_modules[name]
+        if module.merged:
+            raise ValueError(f"LoRA module {name!r} is merged; unmerge it before loading")
+        for field in fields:
+            if meta[field] != getattr(module, field):
+                raise _fail(
+                    path,
+                    f"module {name!r}: {field}={meta[field]!r} in the file but "
+                    f"{getattr(module, field)!r} in the model",
+                )
+    return common, missing, unexpected
 
 
 def load_lora(
@@ -322,32 +404,7 @@ def load_lora(
         raise ValueError("model has no LoRALinear modules; call inject_lora before load_lora")
     tensors, header = read_lora_file(path, key=key)
     path = os.fspath(path)
-    file_modules: dict[str, dict[str, Any]] = header["modules"]
-    missing = [n for n in modules if n not in file_modules]
-    unexpected = [n for n in file_modules if n not in modules]
-    if strict and (missing or unexpected):
-        raise _fail(
-            path,
-            f"modules do not match the model (strict=True): missing from the file "
-            f"{missing[:5]}, unexpected in the file {unexpected[:5]}",
-        )
-    common = [n for n in modules if n in file_modules]
-    if not common:
-        raise _fail(
-            path,
-            f"no LoRA module of the file matches the model (file has {sorted(file_modules)[:5]})",
-        )
-    for name in common:
-        module, meta = modules[name], file_modules[name]
-        if module.merged:
-            raise ValueError(f"LoRA module {name!r} is merged; unmerge it before load_lora")
-        for field in (*_INT_FIELDS, "alpha"):
-            if meta[field] != getattr(module, field):
-                raise _fail(
-                    path,
-                    f"module {name!r}: {field}={meta[field]!r} in the file but "
-                    f"{getattr(module, field)!r} in the model",
-                )
+    common, missing, unexpected = _match_modules(path, modules, header["modules"], strict)
     with torch.no_grad():
         for name in common:
             module = modules[name]

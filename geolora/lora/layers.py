@@ -19,6 +19,8 @@ from torch import nn
 
 __all__ = [
     "LoRALinear",
+    "replace_linear_modules",
+    "select_linear_targets",
     "disable_lora",
     "inject_lora",
     "lora_modules",
@@ -37,7 +39,76 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class LoRALinear(nn.Module):
+class _LinearAdapter(nn.Module):
+    """What every adapter of an ``nn.Linear`` shares: the frozen ``base``, ``r``, ``alpha``,
+    ``s = alpha / r``, input dropout, the factor dtype, and merge / unmerge of
+    ``ΔW = delta_weight()``. Subclasses create their factors and define ``delta_weight``,
+    ``adapter_parameters`` and ``forward``."""
+
+    geolora_adapter = True  # injection skips the base layer of an adapter module
+
+    def _setup(
+        self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype: torch.dtype | None
+    ) -> dict[str, torch.device | torch.dtype]:
+        """Validate and store the common attributes, freeze ``base``; returns the factory
+        keywords (device, dtype) of the factors."""
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        _check_rank(r, base, "base")
+        _check_hparams(alpha, dropout)
+        self.base = base
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.r
+        self.dropout_p = float(dropout)
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        weight = base.weight
+        factor_dtype = weight.dtype if dtype is None else dtype
+        if not factor_dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {factor_dtype}")
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return {"device": weight.device, "dtype": factor_dtype}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``ΔW`` (:meth:`delta_weight`) into ``base.weight`` (``W ← W + ΔW``); no-op when
+        merged.
+
+        The sum is formed in float32 (float64 for float64 weights) and rounded once to the
+        weight dtype, so ``unmerge`` restores fp32 weights to ~1 ulp; for bf16/fp16 weights
+        the round trip loses what that dtype cannot hold.
+        """
+        if self.merged:
+            return
+        self._add_delta(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W ← W − ΔW``); no-op when not merged."""
+        if not self.merged:
+            return
+        self._add_delta(-1.0)
+        self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        weight = self.base.weight
+        cd = compute_dtype(weight.dtype)
+        delta = self.delta_weight(cd).to(weight.device)
+        weight.copy_((weight.to(cd) + sign * delta).to(weight.dtype))
+
+
+class LoRALinear(_LinearAdapter):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``ΔW = s · B A``.
 
     ``forward(x) = base(x) + s · dropout(x) Aᵀ Bᵀ``, evaluated as two thin matmuls
@@ -70,38 +141,13 @@ class LoRALinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        _check_rank(r, base, "base")
-        _check_hparams(alpha, dropout)
-        self.base = base
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.scaling = self.alpha / self.r
-        self.dropout_p = float(dropout)
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base.weight
-        factor_dtype = weight.dtype if dtype is None else dtype
-        if not factor_dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {factor_dtype}")
-        kw = {"device": weight.device, "dtype": factor_dtype}
+        kw = self._setup(base, r, alpha, dropout, dtype)
         self.lora_A = nn.Parameter(torch.zeros(self.r, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, self.r, **kw))
-        self.merged = False
         self._disabled = False
-        for p in base.parameters():
-            p.requires_grad_(False)
         from geolora.lora.init import init_lora_  # init.py builds on this module
 
         init_lora_(self, init, generator=generator)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -113,6 +159,10 @@ class LoRALinear(nn.Module):
         h = F.linear(self.lora_dropout(x), a) * self.scaling
         return out + F.linear(h, b)
 
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        """The trainable factors ``(lora_A, lora_B)``."""
+        return (self.lora_A, self.lora_B)
+
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``ΔW = s · B A`` of shape ``(out, in)``, differentiable, in ``dtype``.
 
@@ -121,33 +171,6 @@ class LoRALinear(nn.Module):
         """
         dtype = self.lora_B.dtype if dtype is None else dtype
         return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``ΔW`` into ``base.weight`` (``W ← W + s B A``); no-op when merged.
-
-        The sum is formed in float32 (float64 for float64 weights) and rounded once to the
-        weight dtype, so ``unmerge`` restores fp32 weights to ~1 ulp; for bf16/fp16 weights
-        the round trip loses what that dtype cannot hold.
-        """
-        if self.merged:
-            return
-        self._add_delta(+1.0)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (``W ← W − s B A``); no-op when not merged."""
-        if not self.merged:
-            return
-        self._add_delta(-1.0)
-        self.merged = False
-
-    def _add_delta(self, sign: float) -> None:
-        weight = self.base.weight
-        cd = compute_dtype(weight.dtype)
-        delta = self.delta_weight(cd).to(weight.device)
-        weight.copy_((weight.to(cd) + sign * delta).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -198,6 +221,64 @@ def _matcher(selector: Selector, what: str) -> Callable[[str], bool]:
     )
 
 
+def select_linear_targets(
+    model: nn.Module,
+    target: Selector,
+    exclude: Selector | None,
+    r: int,
+) -> dict[int, tuple[str, nn.Linear, list[tuple[nn.Module, str]]]]:
+    """The ``nn.Linear`` submodules an adapter injection replaces (selection rule of
+    :func:`inject_lora`), each once: ``{id: (name, module, [(parent, attribute), ...])}`` in
+    ``named_modules`` order. The base layer of an adapter module (a class with
+    ``geolora_adapter = True``: :class:`LoRALinear`, ``ThreeFactorLinear``) is skipped.
+    Raises ``ValueError`` when nothing matches or ``r`` exceeds a target's size."""
+    all_linear = isinstance(target, str) and target == "all-linear"
+    select = (lambda name: True) if all_linear else _matcher(target, "target")
+    excluded = (lambda name: False) if exclude is None else _matcher(exclude, "exclude")
+
+    parents: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+    targets: dict[int, tuple[str, nn.Linear, list[tuple[nn.Module, str]]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, nn.Linear) or not select(name) or excluded(name):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = parents[parent_name] if name else None
+        if getattr(parent, "geolora_adapter", False):
+            continue
+        if isinstance(parent, nn.MultiheadAttention):
+            if all_linear:
+                continue
+            raise ValueError(
+                f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
+                "weight directly; LoRA cannot wrap it"
+            )
+        if parent is None:
+            raise ValueError(
+                "the model itself is an nn.Linear; wrap it in a container or use LoRALinear(...)"
+            )
+        entry = targets.setdefault(id(module), (name, module, []))
+        entry[2].append((parent, attr))
+    if not targets:
+        adapted = [
+            n
+            for n, m in model.named_modules()
+            if getattr(m, "geolora_adapter", False) and (all_linear or select(n)) and not excluded(n)
+        ]
+        if adapted:
+            raise ValueError(
+                f"target={target!r} selects only modules that are already adapted "
+                f"({type(dict(model.named_modules())[adapted[0]]).__name__}): {adapted[:5]}; an "
+                f"adapter was injected into this model before"
+            )
+        raise ValueError(
+            f"no nn.Linear module of the model matches target={target!r}"
+            + (f" (exclude={exclude!r})" if exclude is not None else "")
+        )
+    for name, module, _ in targets.values():
+        _check_rank(r, module, name)
+    return targets
+
+
 def inject_lora(
     model: nn.Module,
     target: Selector = "all-linear",
@@ -231,59 +312,46 @@ def inject_lora(
         ValueError: nothing matched (the message names the pattern), ``r <= 0``,
             ``r > min(in, out)`` for a target (the message names the module), bad hparams.
     """
+    return replace_linear_modules(
+        model,
+        target,
+        exclude,
+        r,
+        alpha,
+        dropout,
+        seed,
+        freeze_base,
+        lambda module, gen: LoRALinear(
+            module, r, alpha, dropout, dtype=dtype, init=init, generator=gen
+        ),
+    )
+
+
+def replace_linear_modules(
+    model: nn.Module,
+    target: Selector,
+    exclude: Selector | None,
+    r: int,
+    alpha: float,
+    dropout: float,
+    seed: int | None,
+    freeze_base: bool,
+    make: Callable[[nn.Linear, torch.Generator | None], nn.Module],
+) -> list[str]:
+    """Replace the selected ``nn.Linear`` modules (:func:`select_linear_targets`) by
+    ``make(module, generator)``, every target validated first; ``generator`` is seeded by
+    ``seed`` (``None``: the global RNG); with ``freeze_base`` only adapter factors stay
+    trainable. Returns the replaced modules' names (the engine of :func:`inject_lora`)."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be an int, got {type(r).__name__}")
     if r <= 0:
         raise ValueError(f"r must be positive, got r={r}")
     _check_hparams(alpha, dropout)
-    all_linear = isinstance(target, str) and target == "all-linear"
-    select = (lambda name: True) if all_linear else _matcher(target, "target")
-    excluded = (lambda name: False) if exclude is None else _matcher(exclude, "exclude")
-
-    parents: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
-    targets: dict[int, tuple[str, nn.Linear, list[tuple[nn.Module, str]]]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, nn.Linear) or not select(name) or excluded(name):
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = parents[parent_name] if name else None
-        if isinstance(parent, LoRALinear):
-            continue
-        if isinstance(parent, nn.MultiheadAttention):
-            if all_linear:
-                continue
-            raise ValueError(
-                f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
-                "weight directly; LoRA cannot wrap it"
-            )
-        if parent is None:
-            raise ValueError(
-                "the model itself is an nn.Linear; wrap it in a container or use LoRALinear(...)"
-            )
-        entry = targets.setdefault(id(module), (name, module, []))
-        entry[2].append((parent, attr))
-    if not targets:
-        adapted = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) and (all_linear or select(n)) and not excluded(n)
-        ]
-        if adapted:
-            raise ValueError(
-                f"target={target!r} selects only modules that are already adapted "
-                f"(LoRALinear): {adapted[:5]}; inject_lora was called on this model before"
-            )
-        raise ValueError(
-            f"no nn.Linear module of the model matches target={target!r}"
-            + (f" (exclude={exclude!r})" if exclude is not None else "")
-        )
-    for name, module, _ in targets.values():
-        _check_rank(r, module, name)
-
+    targets = select_linear_targets(model, target, exclude, r)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     replaced = []
     for name, module, sites in targets.values():
-        wrapped = LoRALinear(module, r, alpha, dropout, dtype=dtype, init=init, generator=generator)
+        wrapped = make(module, generator)
         for parent, attr in sites:
             setattr(parent, attr, wrapped)
         replaced.append(name)
@@ -298,7 +366,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def mark_only_lora_trainable(model: nn.Module, keep: Selector | None = None) -> None:
-    """Set ``requires_grad`` True on every ``lora_A`` / ``lora_B`` and False elsewhere.
+    """Set ``requires_grad`` True on the factors of every adapter module (``lora_A`` / ``lora_B``
+    of :class:`LoRALinear`; ``lora_U`` / ``lora_S`` / ``lora_V`` of a ``ThreeFactorLinear``) and
+    False elsewhere.
 
     ``keep`` selects modules (same rule as ``inject_lora``'s ``target``) whose own
     parameters stay trainable too, e.g. ``["classifier"]``.
@@ -310,9 +380,10 @@ def mark_only_lora_trainable(model: nn.Module, keep: Selector | None = None) -> 
         if kept(name):
             for p in module.parameters():
                 p.requires_grad_(True)
-    for module in lora_modules(model).values():
-        module.lora_A.requires_grad_(True)
-        module.lora_B.requires_grad_(True)
+    for module in model.modules():
+        if getattr(module, "geolora_adapter", False):
+            for p in module.adapter_parameters():
+                p.requires_grad_(True)
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ The template and its contract: :mod:`geolora.optim.base`; geometries and moves:
 
 from geolora.optim.base import LoRAOptimizer, PairOptimizer
 from geolora.optim.checkpoint import load_optimizer_state, save_optimizer_state
+from geolora.optim.dora import InvariantDoRA
 from geolora.optim.groups import lora_param_groups
 from geolora.optim.lifted import AdamS, LiftedOptimizer
 from geolora.optim.lifted_sgd import LiftedSGD
@@ -15,16 +16,19 @@ from geolora.optim.lora_rite import LoRARite
 from geolora.optim.loram import LoRAMBoundedRank, LoRAMFixedRank
 from geolora.optim.loraplus import LoRAPlus
 from geolora.optim.lracs import LRACS
+from geolora.optim.polar import PoLAR
 from geolora.optim.reflora import RefLoRA
 from geolora.optim.riemannian import ManifoldParameter, RiemannianAdam, RiemannianSGD
 from geolora.optim.riemannion import Riemannion
 from geolora.optim.scaled import RiemannianPreconditionedAdamW, ScaledGD
 from geolora.optim.shampoo import LiftedShampoo
+from geolora.optim.stella import StelLA, StelLAAdamW
 from geolora.optim.stiefel_lora import StiefelLoRA
 from geolora.optim.wrap import Lifted
 
 __all__ = [
     "AdamS",
+    "InvariantDoRA",
     "LRACS",
     "Lifted",
     "LiftedOptimizer",
@@ -37,6 +41,7 @@ __all__ = [
     "ManifoldParameter",
     "PairOptimizer",
     "RefLoRA",
+    "PoLAR",
     "RiemannianAdam",
     "RiemannianSGD",
     "Riemannion",
@@ -45,6 +50,8 @@ __all__ = [
     "LoRARite",
     "RiemannianPreconditionedAdamW",
     "ScaledGD",
+    "StelLA",
+    "StelLAAdamW",
     "load_optimizer_state",
     "lora_param_groups",
     "save_optimizer_state",

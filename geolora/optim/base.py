@@ -75,8 +75,11 @@ from geolora.optim.adamw import (
 )
 from geolora.optim.engine import StepEngine
 from geolora.optim.validation import (
+    GROUP_KIND_HINTS,
+    GROUP_KINDS,
     check_lr,
     check_range,
+    group_kind,
     matrix_view,
     param_label,
     validate_betas,
@@ -85,15 +88,18 @@ from geolora.optim.validation import (
 )
 
 __all__ = [
+    "GROUP_KINDS",
     "LoRAOptimizer",
     "NONFINITE_MODES",
     "PAIR_KEYS",
     "PairOptimizer",
     "StepContext",
+    "group_kind",
     "rank_deficient_product",
 ]
 
 PAIR_KEYS = frozenset({"params", "lora_pair", "scaling", "name", "adapter"})
+
 NONFINITE_MODES = ("raise", "skip")
 #: Entry policies of :meth:`LoRAOptimizer._entry_policy`.
 ENTRY_POLICIES = ("enter", "refactor", "robust")
@@ -136,6 +142,17 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     #: Hyperparameters a saved param group may lack (options added after states were saved;
     #: the optimizer treats their absence as the behaviour from before the option existed).
     optional_on_load: frozenset[str] = frozenset()
+
+    #: Group kinds other than LoRA pairs and ordinary groups that the optimizer trains, by the
+    #: group's flag key (``"lora_triple"``: a three-factor adapter; ``"dora_magnitude"``: a DoRA
+    #: magnitude linked to its pair). A handler has ``validate(optimizer, group)`` and
+    #: ``update(optimizer, group, label) -> PendingAdamW | None`` (the update computed on copies;
+    #: it is checked and written with the rest of the step), optionally
+    #: ``expected_state(optimizer, group, i, p, values)`` for ``load_state_dict``.
+    group_kinds: dict[str, Any] = {}
+
+    #: ``False`` for optimizers of other adapter shapes (three-factor), which refuse pair groups.
+    trains_pairs: bool = True
 
     def __init__(
         self,
@@ -269,7 +286,7 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
-        allowed = set(self.defaults) | PAIR_KEYS | {"param_names", "initial_lr"}
+        allowed = set(self.defaults) | PAIR_KEYS | {"param_names", "initial_lr"} | set(GROUP_KINDS)
         unknown = set(param_group) - allowed
         if unknown:
             label = param_group.get("name", "param group")
@@ -280,8 +297,22 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         param_group["params"] = params
+        kind = group_kind(param_group)
+        label = param_group.get("name", "param group")
+        if kind is not None and kind not in self.group_kinds:
+            raise ValueError(
+                f"{type(self).__name__} does not train {kind!r} groups ({label!r}): "
+                f"{GROUP_KIND_HINTS[kind]}"
+            )
         if param_group.get("lora_pair", False):
+            if not self.trains_pairs:
+                raise ValueError(
+                    f"{type(self).__name__} trains {sorted(self.group_kinds)} groups, not LoRA "
+                    f"pairs: got lora_pair group {label!r}"
+                )
             validate_pair(param_group)
+        elif kind is not None:
+            self.group_kinds[kind].validate(self, param_group)
         else:
             for i, p in enumerate(params):
                 if isinstance(p, Tensor) and p.device.type == "meta":
@@ -350,6 +381,10 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         :meth:`load_state_dict` before anything is loaded."""
         if not values:
             return {}
+        kind = group_kind(group)
+        if kind is not None:
+            check = getattr(self.group_kinds.get(kind), "expected_state", None)
+            return None if check is None else check(self, group, i, p, values)
         if not group.get("lora_pair", False):
             if "exp_avg" not in values and set(values) <= {"nonfinite_skips"}:
                 return {}

@@ -42,10 +42,11 @@ from torch import Tensor
 from geolora.linalg import compute_dtype
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.adamw import PendingAdamW, ordinary_group_update
-from geolora.optim.validation import check_lr, matrix_view, param_label
+from geolora.optim.validation import check_lr, group_kind, matrix_view, param_label
 
 if TYPE_CHECKING:
     from geolora.optim.base import LoRAOptimizer
+
 
 __all__ = ["StepEngine", "all_finite"]
 
@@ -240,9 +241,7 @@ class StepEngine:
             list(buckets.values()) if opt.foreach else [[it] for b in buckets.values() for it in b]
         )
         for g in other:
-            singles += self._single(
-                ordinary_group_update, g, opt.state, str(g.get("name") or "param group")
-            )
+            singles += self._other_update(g)
         clean = len(singles) == len([s for s in singles if s is not None])
         singles = [s for s in singles if s is not None]
         done, ran_clean = self._run([_Bucket.of(items) for items in runs], singles)
@@ -329,17 +328,25 @@ class StepEngine:
         stacked = [b.stacked_grads() for b in plan.buckets]
         if not all_finite([t for g in stacked for t in g] + grads):
             return False
-        opt = self.opt
         singles: list[PendingAdamW | None] = []
         for g in plan.other:
-            singles += self._single(
-                ordinary_group_update, g, opt.state, str(g.get("name") or "param group")
-            )
+            singles += self._other_update(g)
         kept = [s for s in singles if s is not None]
         done, clean = self._run(plan.buckets, kept, grads=stacked)
         if not clean or len(kept) != len(singles):
             self.plan = None
         return True
+
+    def _other_update(self, group: dict) -> list[PendingAdamW | None]:
+        """The update of a group that is not a pair: its kind's handler
+        (:attr:`~geolora.optim.base.LoRAOptimizer.group_kinds`) or AdamW."""
+        opt = self.opt
+        label = str(group.get("name") or "param group")
+        kind = group_kind(group)
+        if kind is not None:
+            handler = opt.group_kinds[kind]
+            return self._single(lambda g, lab: handler.update(opt, g, lab), group, label)
+        return self._single(ordinary_group_update, group, opt.state, label)
 
     def _single(self, compute, group: dict, *args) -> list[PendingAdamW | None]:
         """``[compute(group, *args)]`` (an AdamW update on copies; ``[]`` if it has nothing to

@@ -17,13 +17,25 @@ Recognised names:
   transposed update and the loss is a function of ``X``: autograd's gradients are exactly
   ``∇_B = ∇_X Aᵀ``, ``∇_A = Bᵀ ∇_X`` — the geolora convention, with ``ΔW = s Xᵀ``.
 
-Not supported as pairs, never silently trained as ordinary parameters: peft Conv1d/2d/3d LoRA
-factors (N-D), peft LoRA variants whose forward is not ``lora_B(lora_A(·))`` (DoRA and aLoRA
-are), peft's multi-expert ``ParamWrapper`` factors, and any other trainable ``lora_*`` or peft
-adapter parameter. ``unsupported="raise"`` (default) raises ``ValueError`` naming them;
-``unsupported="ordinary"`` trains them with AdamW in the ordinary group and warns
-(:class:`UnsupportedLoRAWarning`). peft's DoRA magnitude vectors (``lora_magnitude_vector``)
-are ordinary parameters with a warning: the pair optimizers do not treat them invariantly.
+* peft LoRA on ``nn.Conv1d/2d/3d``: ``lora_B.<adapter>.weight`` ``(out, r, 1, ...)`` and
+  ``lora_A.<adapter>.weight`` ``(r, in, k, ...)`` are a pair as they are; the optimizers work on
+  their matrix views ``B.view(out, r)``, ``A.view(r, in·k⋯)`` (no copies), and
+  ``ΔW = s B A`` is the convolution's kernel update;
+* peft DoRA magnitudes ``<module>.lora_magnitude_vector.<adapter>.weight`` ``(out,)``: ordinary
+  parameters by default (``dora="ordinary"``: every optimizer trains them with AdamW; a warning
+  says they are not treated with their pair); with ``dora="linked"`` each becomes the group
+  ``{"params": [m], "dora_magnitude": True, "name": "<module>", "adapter": ...}`` right after its
+  pair's group, for :class:`geolora.optim.InvariantDoRA`;
+* three-factor adapters (:class:`geolora.lora.ThreeFactorLinear`): ``<module>.lora_U``,
+  ``<module>.lora_S``, ``<module>.lora_V`` become ``{"params": [U, S, V], "lora_triple": True,
+  "scaling": s, "name": "<module>"}`` (for :class:`geolora.optim.PoLAR` and
+  :func:`geolora.optim.StelLA`).
+
+Not supported as pairs, never silently trained as ordinary parameters: peft LoRA variants whose
+forward is not ``lora_B(lora_A(·))`` (DoRA and aLoRA are), peft's multi-expert ``ParamWrapper``
+factors, and any other trainable ``lora_*`` or peft adapter parameter.
+``unsupported="raise"`` (default) raises ``ValueError`` naming them; ``unsupported="ordinary"``
+trains them with AdamW in the ordinary group and warns (:class:`UnsupportedLoRAWarning`).
 """
 
 from __future__ import annotations
@@ -43,6 +55,8 @@ _PEFT_EMB = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<factor>[AB])\.(?P<a
 _DORA = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector\.(?P<adapter>[^.]+)(?:\.weight)?$")
 _LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.(?P<adapter>[^.]+)\.bias$")
 _GEOLORA = re.compile(r"^(?:(?P<module>.+)\.)?lora_(?P<factor>[AB])$")
+_THREE = re.compile(r"^(?:(?P<module>.+)\.)?lora_(?P<factor>[USV])$")
+DORA_MODES = ("ordinary", "linked")
 _LORA_LIKE = re.compile(r"(?:^|\.)lora_\w*(?:\.(?P<adapter>[^.]+))?")
 #: peft LoRA variants whose forward uses the factors only as ``lora_B(lora_A(·))`` (DoRA with
 #: its detached weight norm, aLoRA on a subset of tokens): the gradients keep the pair form.
@@ -113,6 +127,7 @@ def lora_param_groups(
     other_weight_decay: float | None = None,
     adapter: str | Iterable[str] | None = None,
     unsupported: str = "raise",
+    dora: str = "ordinary",
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into LoRA-pair groups and one ordinary group.
 
@@ -128,6 +143,8 @@ def lora_param_groups(
         unsupported: what to do with trainable LoRA parameters that are not a supported pair
             (module docstring): ``"raise"`` a ``ValueError``, or ``"ordinary"``: train them
             with AdamW in the ordinary group and warn (:class:`UnsupportedLoRAWarning`).
+        dora: where peft DoRA magnitude vectors go: ``"ordinary"`` (the ordinary group, with a
+            warning) or ``"linked"`` (one ``dora_magnitude`` group after its pair's group).
 
     Returns:
         LoRA groups in order of first appearance of their factors, then the ordinary group
@@ -136,15 +153,19 @@ def lora_param_groups(
 
     Raises:
         ValueError: a factor without its trainable partner, mismatched ranks, non-2-D
-            geolora factors, an unsupported LoRA parameter (``unsupported="raise"``), or an
-            ``adapter`` that does not occur (messages name the parameter / module).
+            geolora factors, an unsupported LoRA parameter (``unsupported="raise"``), a linked
+            DoRA magnitude without its pair or of the wrong length, or an ``adapter`` that does
+            not occur (messages name the parameter / module).
 
     Warns:
-        UnsupportedLoRAWarning: DoRA magnitude vectors, and with ``unsupported="ordinary"`` the
-            unsupported parameters, trained as ordinary parameters (names in the message).
+        UnsupportedLoRAWarning: DoRA magnitude vectors (``dora="ordinary"``), and with
+            ``unsupported="ordinary"`` the unsupported parameters, trained as ordinary parameters
+            (names in the message).
     """
     if unsupported not in UNSUPPORTED_MODES:
         raise ValueError(f"unsupported must be one of {UNSUPPORTED_MODES}, got {unsupported!r}")
+    if dora not in DORA_MODES:
+        raise ValueError(f"dora must be one of {DORA_MODES}, got {dora!r}")
     model = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
     if model is not None:
         named = list(model.named_parameters())
@@ -165,7 +186,9 @@ def lora_param_groups(
     pairs: dict[tuple[str, str | None], dict[str, tuple[str, torch.Tensor]]] = {}
     others: list[torch.Tensor] = []
     rejected: list[tuple[str, torch.Tensor, str]] = []  # (name, tensor, why)
-    dora: list[str] = []
+    dora_names: list[str] = []
+    triples: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    magnitudes: dict[tuple[str, str], tuple[str, torch.Tensor]] = {}
     seen: set[int] = set()
     adapters_found: set[str] = set()
     for name, p in named:
@@ -174,6 +197,10 @@ def lora_param_groups(
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
+        three = _THREE.match(name)
+        if three is not None:
+            triples.setdefault(three["module"] or "", {})[three["factor"]] = (name, p)
+            continue
         match = _PEFT.match(name) or _PEFT_EMB.match(name) or _GEOLORA.match(name)
         other = None if match else (_DORA.match(name) or _LORA_BIAS.match(name))
         tuner = _tuner_layer(modules, name) if modules else None
@@ -187,8 +214,11 @@ def lora_param_groups(
                 continue
         if match is None:
             if other is not None and other.re is _DORA:
-                dora.append(name)
-                others.append(p)
+                if dora == "linked":
+                    magnitudes[(other["module"], other["adapter"])] = (name, p)
+                else:
+                    dora_names.append(name)
+                    others.append(p)
             elif other is None and (loose is not None or tuner is not None):
                 owner = (
                     f" of {type(tuner[1]).__module__}.{type(tuner[1]).__name__}"
@@ -207,8 +237,6 @@ def lora_param_groups(
                     f"LoRA factor {name!r} has shape {tuple(p.shape)}; only 2-D "
                     "(Linear) LoRA factors are supported"
                 )
-        elif p.dim() != 2:
-            why = f"peft Conv{p.dim() - 2}d LoRA factor of shape {tuple(p.shape)}"
         else:
             why = _variant_problem(modules.get(module_name), ad)
         if why is not None:
@@ -236,10 +264,11 @@ def lora_param_groups(
             stacklevel=2,
         )
         others.extend(t for _, t, _ in rejected)
-    if dora:
+    if dora_names:
         warnings.warn(
-            f"{len(dora)} DoRA magnitude vector(s) are trained as ordinary (AdamW) parameters, "
-            f"not invariantly with their pair: {dora[:6]}",
+            f"{len(dora_names)} DoRA magnitude vector(s) are trained as ordinary (AdamW) "
+            f"parameters, not invariantly with their pair (dora='linked' with InvariantDoRA "
+            f"does): {dora_names[:6]}",
             UnsupportedLoRAWarning,
             stacklevel=2,
         )
@@ -270,6 +299,12 @@ def lora_param_groups(
         if lr is not None:
             group["lr"] = lr
         groups.append(group)
+        if ad is not None and (module_name, ad) in magnitudes:
+            groups.append(_magnitude_group(magnitudes.pop((module_name, ad)), group, lr))
+    if magnitudes:
+        (m_name, _), *_ = magnitudes.values()
+        raise ValueError(f"DoRA magnitude {m_name!r} has no trainable LoRA pair (lora_A, lora_B)")
+    groups.extend(_triple_group(model, module_name, f, lr) for module_name, f in triples.items())
     if others:
         group = {"params": others, "name": "other"}
         if other_lr is not None:
@@ -278,3 +313,59 @@ def lora_param_groups(
             group["weight_decay"] = other_weight_decay
         groups.append(group)
     return groups
+
+
+def _magnitude_group(
+    entry: tuple[str, torch.Tensor], pair: dict[str, Any], lr: float | None
+) -> dict[str, Any]:
+    """The linked group of a DoRA magnitude vector ``m: (out,)`` of ``pair``."""
+    name, m = entry
+    out = pair["params"][0].shape[0]
+    if m.dim() != 1 or m.shape[0] != out:
+        raise ValueError(
+            f"DoRA magnitude {name!r} has shape {tuple(m.shape)}; expected ({out},), the output "
+            f"size of LoRA pair {pair['name']!r}"
+        )
+    group: dict[str, Any] = {
+        "params": [m],
+        "dora_magnitude": True,
+        "name": pair["name"],
+        "adapter": pair["adapter"],
+    }
+    if lr is not None:
+        group["lr"] = lr
+    return group
+
+
+def _triple_group(
+    model: nn.Module | None,
+    module_name: str,
+    factors: dict[str, tuple[str, torch.Tensor]],
+    lr: float | None,
+) -> dict[str, Any]:
+    """The ``lora_triple`` group ``[U, S, V]`` of a three-factor adapter, shapes checked."""
+    absent = [f"lora_{f}" for f in "USV" if f not in factors]
+    if absent:
+        ((present, _), *_) = factors.values()
+        raise ValueError(
+            f"three-factor factor {present!r} has no trainable {absent} (missing or frozen)"
+        )
+    (u_name, U), (s_name, S), (v_name, V) = factors["U"], factors["S"], factors["V"]
+    for nm, t in ((u_name, U), (v_name, V)):
+        if t.dim() != 2:
+            raise ValueError(f"three-factor factor {nm!r} must be 2-D, got {tuple(t.shape)}")
+    r = U.shape[1]
+    if V.shape[1] != r or tuple(S.shape) not in ((r, r), (r,)):
+        raise ValueError(
+            f"rank mismatch: {u_name!r} is {tuple(U.shape)} (out, r), {s_name!r} is "
+            f"{tuple(S.shape)} ((r, r) or (r,)), {v_name!r} is {tuple(V.shape)} (in, r)"
+        )
+    group: dict[str, Any] = {
+        "params": [U, S, V],
+        "lora_triple": True,
+        "scaling": _scaling(model, module_name, None),
+        "name": module_name,
+    }
+    if lr is not None:
+        group["lr"] = lr
+    return group

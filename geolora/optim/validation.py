@@ -18,13 +18,32 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GROUP_KINDS",
     "check_lr",
     "check_range",
+    "group_kind",
     "matrix_view",
     "param_label",
     "validate_betas",
     "validate_pair",
 ]
+
+
+#: Flag keys of the group kinds besides pairs and ordinary groups, with a hint for optimizers
+#: that do not train them (:attr:`LoRAOptimizer.group_kinds`).
+GROUP_KIND_HINTS = {
+    "lora_triple": "three-factor adapters train with PoLAR or StelLA",
+    "dora_magnitude": (
+        "linked DoRA magnitudes train with InvariantDoRA; build the groups with "
+        "lora_param_groups(model, dora='ordinary') for other optimizers"
+    ),
+}
+GROUP_KINDS = tuple(GROUP_KIND_HINTS)
+
+
+def group_kind(group: dict[str, Any]) -> str | None:
+    """The group's kind flag (:data:`GROUP_KINDS`) or ``None`` (a pair or an ordinary group)."""
+    return next((k for k in GROUP_KINDS if group.get(k, False)), None)
 
 
 def _is_number(value: Any) -> bool:
