@@ -250,5 +250,5 @@ def test_validation() -> None:
         InvariantDoRA([groups[0], dict(groups[3], name=groups[0]["name"])])
     with pytest.raises(ValueError, match="magnitude_metric"):
         InvariantDoRA(groups, magnitude_metric="spherical")
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="does not train 'dora_magnitude' groups"):
         AdamS(groups)  # the linked layout is for InvariantDoRA only

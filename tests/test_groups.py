@@ -134,7 +134,8 @@ def test_missing_partner_and_bad_input() -> None:
         lora_param_groups([("l.lora_A", a), ("l.lora_B", nn.Parameter(torch.zeros(10, 2)))])
     with pytest.raises(ValueError, match="2-D"):
         lora_param_groups([("c.lora_A", nn.Parameter(torch.zeros(3, 4, 1, 1)))])
-    with pytest.raises(ValueError, match="'c.lora_A.d.weight': peft Conv2d LoRA factor"):
+    # a peft convolution factor is a pair factor: alone, it lacks its partner
+    with pytest.raises(ValueError, match="'c.lora_A.d.weight' has no trainable lora_B partner"):
         lora_param_groups([("c.lora_A.d.weight", nn.Parameter(torch.zeros(3, 4, 1, 1)))])
     with pytest.raises(TypeError, match="'w'"):
         lora_param_groups([("w", 3.0)])  # type: ignore[list-item]
@@ -199,24 +200,34 @@ def test_peft_embedding_lora_is_a_pair_with_the_geolora_orientation() -> None:
     assert not torch.allclose(B @ A, X0)
 
 
-def test_peft_conv_lora_raises_or_warns_naming_the_module() -> None:
-    from geolora.optim.groups import UnsupportedLoRAWarning
+def test_peft_conv_lora_is_a_pair_of_matrix_views() -> None:
+    """peft Conv1d/Conv2d LoRA: ``lora_B (out, r, 1, ...)`` and ``lora_A (r, in, k, ...)`` form a
+    pair as they are (no copies), ``ΔW = s B A`` is the kernel update, autograd's gradients have
+    the pair form on the matrix views, and a pair optimizer trains them."""
+    from geolora.optim import AdamS
 
     model = _peft_mixed(["conv1", "conv2", "head"])
-    with pytest.raises(ValueError) as err:
-        lora_param_groups(model)
-    msg = str(err.value)
-    assert "conv1.lora_A.default.weight" in msg and "peft Conv1d LoRA factor" in msg
-    assert "conv2.lora_A.default.weight" in msg and "peft Conv2d LoRA factor" in msg
-    assert "unsupported='ordinary'" in msg
-    with pytest.warns(UnsupportedLoRAWarning, match="conv1.lora_A.default.weight"):
-        groups = lora_param_groups(model, unsupported="ordinary")
-    pairs = [g for g in groups if g.get("lora_pair")]
-    assert [g["name"] for g in pairs] == ["base_model.model.head"]
-    conv = [p for n, p in model.named_parameters() if ".conv" in n and p.requires_grad]
-    assert len(conv) == 4 and all(any(p is q for q in groups[-1]["params"]) for p in conv)
-    with pytest.raises(ValueError, match="unsupported must be one of"):
-        lora_param_groups(model, unsupported="ignore")
+    groups = lora_param_groups(model)
+    pairs = {g["name"].rpartition(".")[2]: g for g in groups if g.get("lora_pair")}
+    assert sorted(pairs) == ["conv1", "conv2", "head"]
+    for name, dim in (("conv1", 3), ("conv2", 4)):
+        B, A = pairs[name]["params"]
+        layer = getattr(model.base_model.model, name)
+        assert B is layer.lora_B["default"].weight and A is layer.lora_A["default"].weight
+        assert B.dim() == A.dim() == dim and B.shape[1] == A.shape[0] == 2
+        assert all(s == 1 for s in B.shape[2:])
+    ids = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(2))
+    model(ids).pow(2).sum().backward()
+    conv2 = model.base_model.model.conv2
+    B, A = pairs["conv2"]["params"]
+    Bm, Am = B.detach().view(B.shape[0], -1), A.detach().view(A.shape[0], -1)
+    # ∇_B = ∇_X Aᵀ and ∇_A = Bᵀ ∇_X for the matrix views: their cross products agree.
+    gB, gA = B.grad.view(Bm.shape), A.grad.view(Am.shape)
+    assert torch.allclose(Bm.T @ gB, gA @ Am.T, rtol=1e-10, atol=1e-12)
+    before = [t.detach().clone() for t in (B, A)]
+    AdamS(groups, lr=1e-2, robust_steps=0).step()
+    assert B.shape == before[0].shape and not torch.equal(B.detach(), before[0])
+    assert conv2.lora_B["default"].weight is B  # trained in place, same parameter
 
 
 def test_dora_magnitude_is_ordinary_with_a_warning() -> None:

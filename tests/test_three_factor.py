@@ -85,7 +85,7 @@ def test_injection_freezes_base_and_skips_adapted_layers() -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == [f"{i}.lora_{f}" for i in (0, 2) for f in "USV"]
     # a second injection (either kind) does not wrap the adapters' base layers
-    with pytest.raises(ValueError, match="no nn.Linear module"):
+    with pytest.raises(ValueError, match="already adapted \\(ThreeFactorLinear\\)"):
         inject_lora(model, r=2)
     model.append(nn.Linear(6, 4).double())
     inject_lora(model, target=["3"], r=2)

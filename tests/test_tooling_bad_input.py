@@ -104,14 +104,6 @@ CASES = [
         lambda tmp: save_lora(_model(), tmp / "a.safetensors", key=b""),
     ),
     Case(
-        "peft_conv_lora",
-        "`lora_param_groups` on a peft model with LoRA on an `nn.Conv2d`",
-        ValueError,
-        "'base_model.model.conv.lora_A.default.weight': peft Conv2d LoRA factor of shape "
-        "(2, 1, 3, 3)",
-        lambda tmp: lora_param_groups(_peft("LoraConfig", target_modules=["conv", "head"])),
-    ),
-    Case(
         "peft_other_tuner",
         "`lora_param_groups` on a peft LoHa model",
         ValueError,

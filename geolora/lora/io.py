@@ -207,8 +207,7 @@ def _read_container(
     :data:`FORMAT_VERSION`, a non-empty ``modules`` object. Returns ``(tensors, header)``."""
     if os.path.isdir(path):
         raise IsADirectoryError(
-            f"{path} is a directory, not an adapter file: pass the .safetensors file that was "
-            f"saved"
+            f"{path} is a directory, not a LoRA file: pass the .safetensors file that was saved"
         )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such LoRA file: {path}")

@@ -286,6 +286,8 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        # A copy: the caller's dict is neither filled with defaults nor changed by a rejection.
+        param_group = dict(param_group)
         allowed = set(self.defaults) | PAIR_KEYS | {"param_names", "initial_lr"} | set(GROUP_KINDS)
         unknown = set(param_group) - allowed
         if unknown:
