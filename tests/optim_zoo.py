@@ -5,21 +5,20 @@ Every geolora LoRA optimizer gets one :class:`ZooEntry`: a lower-case name, a fa
 on the tiny problems of the tests (``0.5‖s·B A − X*‖²`` with ``m, n ≈ 12``, ``r = 3``,
 ``X*`` of singular values in ``[1, 2]``) and flags the tests branch on.
 
-Optimizers are imported with :mod:`importlib` from their own modules: while a module does not
-exist yet its entry is simply absent from :data:`ZOO` (``test_zoo_complete`` lists what is
-missing). A module that exists but fails to import, or lacks the class, is recorded in
+The entries are the pair optimizers of :mod:`geolora.optim.registry` (the single table of names,
+classes and properties); this file adds only what the tests need: a learning rate for the tiny
+problems and per-entry test settings. An entry whose class fails to import is recorded in
 :data:`IMPORT_ERRORS` so the failure is visible instead of silently shrinking the zoo.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from geolora.optim import registry
 
 __all__ = ["EXPECTED_NAMES", "IMPORT_ERRORS", "ZOO", "ZooEntry", "zoo_ids"]
 
@@ -61,107 +60,60 @@ class ZooEntry:
         return self.cls(param_groups, **kw)
 
 
-@dataclass(frozen=True)
-class _Spec:
-    name: str
-    module: str
-    attr: str
-    lr: float
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    invariant: bool = False
-    robust_start: bool = True
-    needs_robust_start: bool = True
-    wrap: Callable[[Any], type] | None = None  # class factory, e.g. Lifted(torch.optim.Adam)
+#: Learning rates that work on the tiny test problems (``0.5‖s·B A − X*‖²``, ``m, n ≈ 12``,
+#: ``r = 3``, ``X*`` with singular values in ``[1, 2]``), and per-entry test settings.
+TINY_LR: dict[str, float] = {
+    "adams": 1e-2,
+    "lracs": 1e-2,
+    "lifted_sgd": 5e-2,
+    "lifted_shampoo": 5e-2,
+    "lifted_adam": 1e-2,
+    "lora_rite": 1e-2,
+    "scaled_gd": 5e-2,
+    "rpadamw": 1e-2,
+    "loraplus": 2e-3,
+    "loram_fr": 1e-3,
+    "loram_br": 1e-3,
+    "stiefel_lora": 1e-2,
+    "lora_pro": 1e-2,
+    "riemannion": 2e-2,
+    "reflora": 1e-2,
+    "invariant_dora": 1e-2,
+}
+#: RefLoRA is invariant with the balanced refactoring from step 1 (no AdamW warm-up).
+ZOO_KWARGS: dict[str, dict[str, Any]] = {"reflora": {"warmup_steps": 0}}
+ZOO_INVARIANT: dict[str, bool] = {"reflora": True}
 
-
-_SPECS: tuple[_Spec, ...] = (
-    _Spec("adams", "geolora.optim.lifted", "AdamS", 1e-2, invariant=True),
-    _Spec("lracs", "geolora.optim.lracs", "LRACS", 1e-2, invariant=True),
-    _Spec("lifted_sgd", "geolora.optim.lifted_sgd", "LiftedSGD", 5e-2, invariant=True),
-    _Spec("lifted_shampoo", "geolora.optim.shampoo", "LiftedShampoo", 5e-2, invariant=True),
-    _Spec(
-        "lifted_adam",
-        "geolora.optim.wrap",
-        "Lifted",
-        1e-2,
-        invariant=True,
-        wrap=lambda Lifted: Lifted(torch.optim.Adam),
-    ),
-    _Spec("lora_rite", "geolora.optim.lora_rite", "LoRARite", 1e-2, invariant=True),
-    _Spec("scaled_gd", "geolora.optim.scaled", "ScaledGD", 5e-2, invariant=True),
-    _Spec(
-        "riemannian_precond_adamw",
-        "geolora.optim.scaled",
-        "RiemannianPreconditionedAdamW",
-        1e-2,
-        needs_robust_start=False,  # damping 1e-6 by default
-    ),
-    _Spec("loraplus", "geolora.optim.loraplus", "LoRAPlus", 2e-3, needs_robust_start=False),
-    _Spec("loram_fr", "geolora.optim.loram", "LoRAMFixedRank", 1e-3, invariant=True),
-    _Spec(
-        "loram_br",
-        "geolora.optim.loram",
-        "LoRAMBoundedRank",
-        1e-3,
-        invariant=True,
-        needs_robust_start=False,
-    ),
-    _Spec(
-        "stiefel_lora", "geolora.optim.stiefel_lora", "StiefelLoRA", 1e-2, needs_robust_start=False
-    ),
-    # LoRA-Pro runs from B = 0 with the authors' damped formulas (no robust start needed).
-    _Spec("lora_pro", "geolora.optim.lora_pro", "LoRAPro", 1e-2, needs_robust_start=False),
-    _Spec("riemannion", "geolora.optim.riemannion", "Riemannion", 2e-2, invariant=True),
-    # Invariant with the balanced refactoring from step 1 (no AdamW warm-up).
-    _Spec(
-        "reflora",
-        "geolora.optim.reflora",
-        "RefLoRA",
-        1e-2,
-        kwargs={"warmup_steps": 0},
-        invariant=True,
-        needs_robust_start=False,
-    ),
-    # On plain pairs (no dora_magnitude groups) InvariantDoRA is AdamS; its magnitude part is
-    # tested in tests/test_dora.py. PoLAR and StelLA train three-factor adapters (lora_triple
-    # groups), not LoRA pairs, so they are not zoo entries (tests/test_polar.py, test_stella.py).
-    _Spec("invariant_dora", "geolora.optim.dora", "InvariantDoRA", 1e-2, invariant=True),
+#: The pair optimizers of the registry (variants with fixed kwargs are covered by their own
+#: tests; three-factor optimizers train other adapters: tests/test_polar.py, test_stella.py).
+EXPECTED_NAMES: tuple[str, ...] = tuple(
+    n for n in registry.names() if registry.get(n).adapter != "three_factor" and not registry.get(n).kwargs
 )
 
-EXPECTED_NAMES: tuple[str, ...] = tuple(s.name for s in _SPECS)
-"""Every optimizer the zoo must hold once all modules have landed."""
-
 IMPORT_ERRORS: dict[str, str] = {}
-"""``name -> reason`` for specs whose module exists but could not provide the class."""
+"""``name -> reason`` for entries whose module exists but could not provide the class."""
 
 
-def _load(spec: _Spec) -> ZooEntry | None:
+def _load(name: str) -> ZooEntry | None:
+    info = registry.get(name)
     try:
-        found = importlib.util.find_spec(spec.module)
-    except ModuleNotFoundError:
-        found = None
-    if found is None:
-        return None  # not written yet
-    try:
-        module = importlib.import_module(spec.module)
-        obj = getattr(module, spec.attr)
-        cls = spec.wrap(obj) if spec.wrap is not None else obj
+        cls = info.load()
     except Exception as exc:  # noqa: BLE001 - recorded and reported by test_zoo_complete
-        IMPORT_ERRORS[spec.name] = f"{spec.module}.{spec.attr}: {type(exc).__name__}: {exc}"
+        IMPORT_ERRORS[name] = f"{info.module}.{info.attr}: {type(exc).__name__}: {exc}"
         return None
     return ZooEntry(
-        spec.name,
+        name,
         cls,
-        spec.lr,
-        dict(spec.kwargs),
-        spec.invariant,
-        spec.robust_start,
-        spec.needs_robust_start,
+        TINY_LR[name],
+        dict(ZOO_KWARGS.get(name, {})),
+        ZOO_INVARIANT.get(name, info.invariant),
+        True,
+        info.needs_robust_start,
     )
 
 
-ZOO: list[ZooEntry] = [e for e in (_load(s) for s in _SPECS) if e is not None]
-"""The optimizers available now, in :data:`EXPECTED_NAMES` order."""
+ZOO: list[ZooEntry] = [e for e in (_load(n) for n in EXPECTED_NAMES) if e is not None]
+"""The optimizers available now, in registry order."""
 
 
 def zoo_ids(entries: list[ZooEntry]) -> list[str]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from geolora.manifolds.metrics import QuotientMetric
 from geolora.optim.base import PairOptimizer
+from geolora.optim.gauge import Rebalance
 from geolora.optim.geometry import (
     DECAY_MODES,
     Lift,
@@ -37,6 +38,17 @@ from geolora.optim.preconditioners import AdamPreconditioner, Preconditioner
 from geolora.optim.validation import check_choice, validate_betas
 
 __all__ = ["AdamS", "LiftedOptimizer", "balanced_representative_norm", "to_tangent"]
+
+
+def rebalance_hook(
+    geometry: QuotientGeometry, preconditioner: Any, every: int, threshold: float
+) -> Rebalance | None:
+    """The default gauge hook of the invariant lifted optimizers: :class:`Rebalance` when the
+    metric is invariant and the preconditioner declares how its state moves (else ``None``: the
+    representative is left alone)."""
+    if not geometry.metric.invariant or getattr(preconditioner, "gauge_rules", None) is None:
+        return None
+    return Rebalance(every, threshold)
 
 
 class LiftedOptimizer(PairOptimizer):
@@ -51,6 +63,9 @@ class LiftedOptimizer(PairOptimizer):
         decay: ``"decoupled"`` (≡ ``K + λI``) or ``"l2"`` (``ξ ← ξ + λX`` before preconditioning).
         damping: δ ≥ 0 for a metric given by name.
         qr_method: orthonormalisation for frames (``"auto"``, ``"householder"``, ``"cholesky"``).
+        rebalance_every, rebalance_threshold: function-preserving rebalancing of drifted pairs
+            (:class:`~geolora.optim.gauge.Rebalance`; invariant metrics only, where it leaves the
+            ``X`` trajectory unchanged to rounding); ``rebalance_every=0`` switches it off.
         extra_defaults: further per-group hyperparameters (the preconditioner's own ``defaults``
             are added automatically).
         **kwargs: :class:`~geolora.optim.base.LoRAOptimizer` options (``robust_steps``,
@@ -68,17 +83,21 @@ class LiftedOptimizer(PairOptimizer):
         decay: str = "decoupled",
         damping: float = 0.0,
         qr_method: str = "auto",
+        rebalance_every: int = 100,
+        rebalance_threshold: float = 10.0,
         extra_defaults: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         check_choice("decay", decay, DECAY_MODES)
+        geometry = QuotientGeometry(metric, damping=damping, qr_method=qr_method)
         super().__init__(
             params,
             preconditioner,
-            QuotientGeometry(metric, damping=damping, qr_method=qr_method),
+            geometry,
             Lift(),
             lr=lr,
             defaults={"weight_decay": weight_decay, "decay": decay, **(extra_defaults or {})},
+            gauge=rebalance_hook(geometry, preconditioner, rebalance_every, rebalance_threshold),
             **kwargs,
         )
 

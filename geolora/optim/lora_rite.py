@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from geolora.optim.base import PairOptimizer
+from geolora.optim.gauge import Rebalance
 from geolora.optim.geometry import OneSidedStep, QuotientGeometry
 from geolora.optim.preconditioners.rite import SECOND_MOMENT_MODES, RITEPreconditioner
 
@@ -76,6 +77,8 @@ class LoRARite(PairOptimizer):
         row_normalize: use ``ḡᵀḡ / rows`` as in the authors' PyTorch code (``False``: eq. 14).
         pinv: pseudo-inverses of ``R`` (runs from ``B = 0`` without robust start).
         qr_method: QR for the bases (see :func:`geolora.linalg.qr_pos`).
+        rebalance_every, rebalance_threshold: function-preserving rebalancing of drifted pairs
+            (:class:`~geolora.optim.gauge.Rebalance`); ``rebalance_every=0`` switches it off.
         **kwargs: :class:`~geolora.optim.base.LoRAOptimizer` options.
     """
 
@@ -93,6 +96,8 @@ class LoRARite(PairOptimizer):
         row_normalize: bool = True,
         pinv: bool = False,
         qr_method: str = "auto",
+        rebalance_every: int = 100,
+        rebalance_threshold: float = 10.0,
         **kwargs: Any,
     ) -> None:
         pre = RITEPreconditioner(
@@ -112,5 +117,6 @@ class LoRARite(PairOptimizer):
             OneSidedStep(weight_decay=weight_decay),
             lr=lr,
             defaults={"pinv": pinv},
+            gauge=Rebalance(rebalance_every, rebalance_threshold),
             **kwargs,
         )

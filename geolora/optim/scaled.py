@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from geolora.optim.base import PairOptimizer
+from geolora.optim.gauge import Rebalance
 from geolora.optim.geometry import FactorGeometry, FactorStep, scaled_gradients
 from geolora.optim.preconditioners.factor import FactorAdamW, FactorHeavyBall
 
@@ -44,6 +45,9 @@ class ScaledGD(PairOptimizer):
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: decoupled decay λ ≥ 0 of both factors.
         damping: δ ≥ 0.
+        rebalance_every, rebalance_threshold: function-preserving rebalancing of drifted pairs
+            (:class:`~geolora.optim.gauge.Rebalance`, the momentum moves with the factors);
+            ``rebalance_every=0`` switches it off.
         **kwargs: :class:`~geolora.optim.base.LoRAOptimizer` options.
     """
 
@@ -56,6 +60,8 @@ class ScaledGD(PairOptimizer):
         *,
         nesterov: bool = False,
         damping: float = 0.0,
+        rebalance_every: int = 100,
+        rebalance_threshold: float = 10.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -64,6 +70,7 @@ class ScaledGD(PairOptimizer):
             FactorGeometry("preconditioned", damping=damping),
             FactorStep(weight_decay=weight_decay),
             lr=lr,
+            gauge=Rebalance(rebalance_every, rebalance_threshold),
             **kwargs,
         )
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from geolora.manifolds.metrics import QuotientMetric, get_metric
 from geolora.optim.base import LoRAOptimizer, PairOptimizer
 from geolora.optim.geometry import Lift, QuotientGeometry
+from geolora.optim.lifted import rebalance_hook
 from geolora.optim.preconditioners.torch_wrapped import STATE_PREFIX, TorchOptimizerPreconditioner
 
 #: Constructor arguments of the wrapped optimizer that are not forwarded: implementation
@@ -105,6 +106,8 @@ class LiftedTorchOptimizer(PairOptimizer):
         *,
         metric: str | QuotientMetric | None = None,
         robust_steps: int = 0,
+        rebalance_every: int = 100,
+        rebalance_threshold: float = 10.0,
         **kwargs: Any,
     ) -> None:
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in OWN_OPTIONS}
@@ -128,14 +131,16 @@ class LiftedTorchOptimizer(PairOptimizer):
             damping=own.pop("damping", 0.0),
             qr_method=own.pop("qr_method", "auto"),
         )
+        pre = TorchOptimizerPreconditioner(self.wrapped, names, hp)
         super().__init__(
             params,
-            TorchOptimizerPreconditioner(self.wrapped, names, hp),
+            pre,
             geometry,
             # no decay of the template: weight_decay belongs to the wrapped optimizer
             Lift(decay=False),
             lr=lr,
             robust_steps=robust_steps,
+            gauge=rebalance_hook(geometry, pre, rebalance_every, rebalance_threshold),
             **own,
         )
 
