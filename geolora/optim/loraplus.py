@@ -65,6 +65,8 @@ class LoRAPlus(LoRAOptimizer):
         if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
             raise ValueError(f"invalid ratio: {ratio!r} (expected a finite number > 0)")
 
+    supports_row_shards = True  # element-wise: nothing to reduce
+
     def requires_full_rank(self, group: dict[str, Any]) -> bool:
         return False  # plain AdamW needs no full-rank factors: B = 0 needs no robust start
 

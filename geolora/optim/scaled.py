@@ -20,6 +20,7 @@ from geolora.linalg import compute_dtype, mm_t, spd_inverse, sym, transpose
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.adamw import adamw_update_
 from geolora.optim.base import LoRAOptimizer
+from geolora.optim.sharding import LOCAL, RowSum
 
 __all__ = [
     "RiemannianPreconditionedAdamW",
@@ -30,26 +31,37 @@ __all__ = [
 ]
 
 
-def _inv_gram(F: Tensor, damping: float) -> Tensor:
-    """``(FᵀF + δI)⁻¹`` in float64 by Cholesky, ``(..., k, r) -> (..., r, r)``; NaN where the
-    Gram matrix is not numerically positive definite (the caller's finiteness check raises)."""
-    wd = torch.float64
-    F64 = F.to(wd)
-    G = sym(transpose(F64) @ F64)
+def _gram64(F: Tensor) -> Tensor:
+    """``FᵀF`` in float64, ``(..., k, r) -> (..., r, r)`` (of the local rows when sharded)."""
+    F64 = F.to(torch.float64)
+    return transpose(F64) @ F64
+
+
+def _damped_inverse(G: Tensor, damping: float) -> Tensor:
+    """``(sym(G) + δI)⁻¹`` by Cholesky; NaN where it is not numerically positive definite (the
+    caller's finiteness check raises)."""
+    G = sym(G)
     if damping:
-        G = G + damping * torch.eye(G.shape[-1], dtype=wd, device=G.device)
+        G = G + damping * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     return spd_inverse(G)
 
 
-def scaled_gradients(x: FactorPoint, g: FactorTangent, damping: float = 0.0) -> FactorTangent:
+def scaled_gradients(
+    x: FactorPoint, g: FactorTangent, damping: float = 0.0, reduce: RowSum = LOCAL
+) -> FactorTangent:
     """``(∇_M (NᵀN + δI)⁻¹, ∇_N (MᵀM + δI)⁻¹)`` (Tong et al. 2021; Zhang & Pilanci 2024).
 
     Shapes: ``x.M, g.M: (..., m, r)``, ``x.N, g.N: (..., n, r)``; the r×r inverses are formed in
     float64, the result has ``g``'s dtype. With ``δ = 0`` it is gauge covariant: at
     ``(M R, N R⁻ᵀ)`` the result is ``(Ṁ R, Ṅ R⁻ᵀ)``.
+
+    Row-sharded factors (``x``, ``g`` the local rows): the two Grams are the only sums over
+    rows, reduced together in one round (``reduce``, :class:`~geolora.optim.sharding.RowSum`);
+    the rest is row-local.
     """
-    inv_N = _inv_gram(x.N, damping).to(g.M.dtype)
-    inv_M = _inv_gram(x.M, damping).to(g.N.dtype)
+    (G_M,), (G_N,) = reduce(M=[_gram64(x.M)], N=[_gram64(x.N)])
+    inv_N = _damped_inverse(G_N, damping).to(g.M.dtype)
+    inv_M = _damped_inverse(G_M, damping).to(g.N.dtype)
     return FactorTangent(mm_t(g.M, inv_N), mm_t(g.N, inv_M))
 
 
@@ -114,6 +126,7 @@ class ScaledGD(_DampedPairs):
             raise ValueError("nesterov=True requires momentum > 0 (got momentum=0)")
 
     functional_state = True  # _update_pairs only assigns new tensors to state keys
+    supports_row_shards = True  # Grams through self.shard_sum, the rest row-local
 
     def _init_pair_state(self, group, B: Tensor, A: Tensor) -> dict[str, Tensor]:
         if group["momentum"] == 0:
@@ -127,7 +140,7 @@ class ScaledGD(_DampedPairs):
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
-        d = scaled_gradients(x, g, group["damping"])
+        d = scaled_gradients(x, g, group["damping"], self.shard_sum)
         mu = group["momentum"]
         if mu:
             if "momentum_M" not in state:  # momentum switched on after the first step
@@ -197,6 +210,8 @@ class RiemannianPreconditionedAdamW(_DampedPairs):
         }
         super().__init__(params, defaults, **kwargs)
 
+    supports_row_shards = True  # Grams through self.shard_sum, AdamW element-wise
+
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
 
@@ -206,7 +221,7 @@ class RiemannianPreconditionedAdamW(_DampedPairs):
     def _update_pairs(
         self, group, x: FactorPoint, g: FactorTangent, state, step: int
     ) -> FactorPoint:
-        d = scaled_gradients(x, g, group["damping"])
+        d = scaled_gradients(x, g, group["damping"], self.shard_sum)
         lrs = (group["lr"], group["lr"])
         return adamw_pair_step(group, x, d, state, step, lrs)
 

@@ -278,7 +278,7 @@ def validate_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> No
                         f"shape {got}, expected {shape} (another rank or layer shape?)"
                     )
             if isinstance(v, Tensor) and v.is_floating_point() and not bool(
-                torch.isfinite(v).all()
+                torch.isfinite(getattr(v, "_local_tensor", v)).all()  # a DTensor: its shard
             ):
                 raise ValueError(
                     f"{name}.load_state_dict: state {key!r} of {param_label(g, i)} is not finite"
