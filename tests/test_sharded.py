@@ -66,8 +66,11 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "adams_gather": ("adams_gather", "gaussian", "rows", False),
 }
 RUNS: dict[int, list[str]] = {
-    4: ["loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default", "dcp_save"],
-    2: [*TRAIN, "bf16", "nan_grad", "nan_state", "refuse", "dcp_resume"],
+    4: [
+        "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default", "gram_qr",
+        "dcp_save",
+    ],
+    2: [*TRAIN, "bf16", "nan_grad", "nan_state", "refuse", "gram_qr", "dcp_resume"],
 }
 
 
@@ -279,6 +282,30 @@ def _run_refuse(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+def qr_inputs() -> dict[str, torch.Tensor]:
+    """Tall ``(2, 13, 3)`` stacks: well conditioned (1e3) and beyond plain CholeskyQR (1e11)."""
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for name, cond in (("cond1e3", 1e3), ("cond1e11", 1e11)):
+        U = torch.linalg.qr(torch.randn(2, 13, 3, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(2, 3, 3, generator=g, dtype=torch.float64))[0]
+        s = torch.tensor([1.0, cond**-0.5, 1.0 / cond], dtype=torch.float64)
+        out[name] = U * s @ V.mT
+    return out
+
+
+def _run_gram_qr(rank: int, world: int) -> dict[str, Any]:
+    """This rank's rows of ``Q`` and the ``R`` of :func:`gram_qr` over row shards."""
+    from geolora.optim.sharding import RowSum, gram_qr
+
+    out = {}
+    for name, F in qr_inputs().items():
+        rows = torch.arange(F.shape[-2]).chunk(world)[rank]
+        Q, R = gram_qr(F[:, rows], RowSum(dist.group.WORLD, m_rows=True), rows=F.shape[-2])
+        out[name] = (Q, R)
+    return out
+
+
 DCP_OPT, DCP_INIT = "rpadamw", "zero"
 
 
@@ -324,6 +351,8 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_nan(name[4:], rank, world)
                 elif name == "refuse":
                     results[name] = _run_refuse(rank, world)
+                elif name == "gram_qr":
+                    results[name] = _run_gram_qr(rank, world)
                 else:
                     results[name] = _run_dcp(name[4:], rank, world, ckpt)
             except Exception as exc:  # noqa: BLE001 - reported per case by the tests
@@ -453,3 +482,21 @@ def test_dcp_save_on_4_resume_on_2(runs) -> None:
     want = reference(DCP_OPT, DCP_INIT)
     err = _max_dev(got["params"], want)
     assert err <= TOL64, f"max |resumed − single 10 steps| = {err:.3g}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
+    from geolora.linalg import qr_pos
+
+    res = [_ok(r["gram_qr"]) for r in runs[world]]
+    for name, F in qr_inputs().items():
+        Q = torch.cat([r[name][0] for r in res], dim=-2)
+        R = res[0][name][1]
+        for r in res[1:]:
+            assert torch.equal(r[name][1], R), "ranks disagree on R"
+        Qh, Rh = qr_pos(F, "householder")
+        # (Q's column of the smallest singular value is itself ill conditioned: it may differ
+        # from Householder's by up to cond·u; the factorisation and R must not)
+        assert (Q @ R - F).abs().max() < 1e-14, name
+        assert (Q.mT @ Q - torch.eye(3, dtype=F.dtype)).abs().max() < 1e-14, name
+        assert (R - Rh).abs().max() / Rh.abs().max() < 1e-14, name
