@@ -78,21 +78,13 @@ class _Item:
     Am: Tensor
     state: dict
     shards: PairShards | None = None
-    fresh: bool = True  # Bm, Am were gathered for this step (the planning step)
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """``(B, A)`` as the step computes with them (gathered sides are gathered anew, except
-        in the step that gathered them to plan)."""
-        if self.shards is None or "gather" not in self.shards.sides or self.fresh:
-            self.fresh = False
-            return self.Bm, self.Am
-        return self.shards.math_factors()
+    fresh: bool = True  # Bm, Am are current (made in this step's planning)
 
     def grads(self) -> tuple[Tensor, Tensor]:
-        """The factor gradients as the step computes with them (zeros where missing)."""
+        """The factor gradients (local shards of sharded ones; zeros where missing)."""
         if self.shards is None:
             return matrix_view(_grad(self.B)), matrix_view(_grad(self.A))
-        return self.shards.math_grads()
+        return self.shards.local_grads()
 
     def targets(self) -> tuple[Tensor, Tensor]:
         """The tensors the new factors are written into (local shards of sharded ones)."""
@@ -129,7 +121,29 @@ class _Bucket:
         grads = [it.grads() for it in self.items]
         gB = [g[0] for g in grads]
         gA = [g[1] for g in grads]
+        shards = self.shards
+        if shards is not None and "gather" in shards.sides:  # one gather per side and bucket
+            gM = shards.math_stack(gB, 0)
+            gN = shards.math_stack(gA, 1).transpose(-1, -2).contiguous()
+            return FactorTangent(gM.to(cdt), gN.to(cdt))
         return FactorTangent(torch.stack(gB).to(cdt), _stack_transposed(gA).to(cdt))
+
+    def stacked_factors(self, cdt: torch.dtype) -> FactorPoint:
+        """``(M, N)`` stacked in the compute dtype: the plan's ``Bm``, ``Am`` (local rows, or
+        whole factors gathered in the step that made the plan), else gathered sides gathered
+        anew, one collective per side for the bucket."""
+        items = self.items
+        shards = self.shards
+        fresh = all(it.fresh for it in items)
+        for it in items:
+            it.fresh = False
+        if shards is None or "gather" not in shards.sides or fresh:
+            M = torch.stack([it.Bm for it in items]).to(cdt)
+            return FactorPoint(M, _stack_transposed([it.Am for it in items]).to(cdt))
+        local = [it.targets() for it in items]
+        M = shards.math_stack([t[0] for t in local], 0)
+        N = shards.math_stack([t[1] for t in local], 1).transpose(-1, -2).contiguous()
+        return FactorPoint(M.to(cdt), N.to(cdt))
 
     @property
     def shards(self) -> PairShards | None:
@@ -453,8 +467,9 @@ class StepEngine:
         while True:
             results = [t for p in pending if p is not None for t in p.results()]
             results += [t for s in singles for t in s.results()]
-            if None not in pending and self._all_finite(results):
+            if self._all_finite(results, None not in pending):
                 break
+            pending = self._agree_failed(pending)
             # exact test (a finite result may overflow its norm; DTensors take this path)
             bad_items, bad_singles = self._find_nonfinite(buckets, pending, singles)
             if not (bad_items or bad_singles):
@@ -488,18 +503,22 @@ class StepEngine:
     def _compute_all(
         self, buckets: list[_Bucket], grads: list[FactorTangent]
     ) -> list[_PendingBucket | None]:
-        """:meth:`_compute_or_mark` of every bucket; with sharded factors a bucket that failed on
-        one rank is marked failed on every rank (the ranks then split it alike)."""
-        pending = [self._compute_or_mark(b, g) for b, g in zip(buckets, grads)]
-        if self._comm.active:
-            ok = self._comm.all_true([p is not None for p in pending])
-            pending = [p if k else None for p, k in zip(pending, ok)]
-        return pending
+        """:meth:`_compute_or_mark` of every bucket."""
+        return [self._compute_or_mark(b, g) for b, g in zip(buckets, grads)]
 
-    def _all_finite(self, tensors: list[Tensor]) -> bool:
-        """:func:`all_finite` of the tensors (local shards of ``DTensor`` s), AND-ed over the
-        ranks when factors are sharded (a NaN on one rank stops every rank)."""
-        ok = all_finite([local_tensor(t) for t in tensors])
+    def _agree_failed(self, pending: list[_PendingBucket | None]) -> list[_PendingBucket | None]:
+        """With sharded factors: a bucket whose computation failed on one rank is marked failed
+        on every rank, so that all ranks split it alike (:meth:`_find_nonfinite`)."""
+        if not self._comm.active:
+            return pending
+        ok = self._comm.all_true([p is not None for p in pending])
+        return [p if k else None for p, k in zip(pending, ok)]
+
+    def _all_finite(self, tensors: list[Tensor], local_ok: bool = True) -> bool:
+        """:func:`all_finite` of the tensors (local shards of ``DTensor`` s) and ``local_ok``,
+        AND-ed over the ranks when factors are sharded (a NaN on one rank stops every rank):
+        one flag all-reduce."""
+        ok = local_ok and all_finite([local_tensor(t) for t in tensors])
         return self._comm.all_true([ok])[0] if self._comm.active else ok
 
     def _compute_or_mark(self, b: _Bucket, g: FactorTangent) -> _PendingBucket | None:
@@ -550,9 +569,7 @@ class StepEngine:
         states = [it.state for it in b.items]
         cdt = g.M.dtype
         keys = [k for k, v in states[0].items() if isinstance(v, Tensor) and k not in SCALAR_KEYS]
-        factors = [it.factors() for it in b.items]
-        M = torch.stack([f[0] for f in factors]).to(cdt)
-        N = _stack_transposed([f[1] for f in factors]).to(cdt)
+        M, N = b.stacked_factors(cdt)
         stacked, hits = self._stacked_state(b, states, [*keys, "step"])
         steps = stacked.pop("step")
         given = dict(stacked)
@@ -648,8 +665,10 @@ class StepEngine:
         cache = self._prev_stacks.get(b.key, {})
         entry: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
         owners: set[int] = set()
-        in_place = self._in_place(b.items[0].Bm)
         shards = b.shards
+        # row-sharded: copy into the kept buffers, so that their DTensor views stay valid (a
+        # DTensor wrapper per pair and key each step costs more than the copy)
+        in_place = self._in_place(b.items[0].Bm) or (shards is not None and not shards.whole)
         for k, v in work.items():
             if k in hits and v is given[k]:  # untouched cached buffer: views still valid
                 entry[k] = cache[k]

@@ -287,15 +287,56 @@ class PairShards:
 
     def math_grads(self) -> tuple[Tensor, Tensor]:
         """The factor gradients, like :meth:`math_factors` (zeros for a missing gradient)."""
+        gB, gA = self._grads()
+        return self._math(gB, 0), self._math(gA, 1)
+
+    def local_grads(self) -> tuple[Tensor, Tensor]:
+        """The local shards of the factor gradients (zeros for a missing gradient)."""
+        gB, gA = self._grads()
+        return gB._local_tensor, gA._local_tensor
+
+    def _grads(self) -> tuple[Tensor, Tensor]:
         out = []
-        for i, p in enumerate((self.B, self.A)):
+        for p in (self.B, self.A):
             g = p.grad
             if g is None:
                 g = torch.zeros_like(p)
-            elif is_dtensor(g) and tuple(g.placements) != tuple(p.placements):
+            elif not is_dtensor(g):
+                raise TypeError(
+                    f"the gradient of a sharded LoRA factor {tuple(p.shape)} is not a DTensor"
+                )
+            elif tuple(g.placements) != tuple(p.placements):
                 g = g.redistribute(p.device_mesh, p.placements)
-            out.append(self._math(g, i))
+            out.append(g)
         return out[0], out[1]
+
+    def math_stack(self, local: list[Tensor], i: int) -> Tensor:
+        """The stacked math views of factor ``i`` (0: ``B``, 1: ``A``, or their gradients) of a
+        bucket from the pairs' local shards: stacked as they are for ``"rows"``/``"full"``
+        sides, gathered whole in *one* collective for the bucket for ``"gather"`` sides."""
+        stack = torch.stack(local)
+        if self.sides[i] != "gather":
+            return stack
+        p = (self.B, self.A)[i]
+        ((mesh_dim, dim),) = _shards_of(p)
+        mesh = p.device_mesh
+        world = mesh.size(mesh_dim)
+        # DTensor's (and FSDP2's) shards are torch.chunk's: equal chunks, the last ones shorter
+        sizes = [len(c) for c in torch.arange(p.shape[dim]).chunk(world)]
+        sizes += [0] * (world - len(sizes))
+        d = dim + 1  # the stack's leading dim
+        pad = max(sizes) - stack.shape[d]
+        if pad:
+            shape = list(stack.shape)
+            shape[d] = pad
+            stack = torch.cat([stack, stack.new_zeros(shape)], dim=d)
+        parts = [torch.empty_like(stack) for _ in range(world)]
+        dist.all_gather(parts, stack.contiguous(), group=mesh.get_group(mesh_dim))
+        full = torch.cat([t.narrow(d, 0, n) for t, n in zip(parts, sizes)], dim=d)
+        if self.stats is not None:
+            self.stats.gather_calls += 1
+            self.stats.gather_bytes += full.numel() * full.element_size()
+        return full
 
     def _math(self, t: Tensor, i: int) -> Tensor:
         if self.sides[i] != "gather":
