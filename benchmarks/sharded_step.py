@@ -54,7 +54,7 @@ def _optimizer(name: str, groups: list[dict], sharded: bool) -> torch.optim.Opti
         return ScaledGD(groups, lr=1e-4, momentum=0.9)
     if name == "rpadamw":
         return RiemannianPreconditionedAdamW(groups, lr=1e-4)
-    return LRACS(groups, lr=1e-4, sharded="gather" if sharded else "auto")
+    return LRACS(groups, lr=1e-4, robust_steps=0, sharded="gather" if sharded else "auto")
 
 
 def _pairs(layout: str, r: int) -> tuple[list[dict], list[tuple[torch.Tensor, ...]]]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from optim_zoo import ZOO, ZooEntry, zoo_ids  # noqa: E402
 
 from geolora.lora import inject_lora, mark_only_lora_trainable
 from geolora.optim import AdamS, LoRAPlus, RiemannianPreconditionedAdamW, ScaledGD
@@ -70,7 +75,7 @@ RUNS: dict[int, list[str]] = {
         "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default", "gram_qr",
         "dcp_save",
     ],
-    2: [*TRAIN, "bf16", "nan_grad", "nan_state", "refuse", "gram_qr", "dcp_resume"],
+    2: [*TRAIN, "bf16", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo", "dcp_resume"],
 }
 
 
@@ -214,7 +219,16 @@ def _set_closed_form_grads(mod: _Pairs) -> None:
             p.grad = g
 
 
-def closed_form_run(dtype: torch.dtype, world: int = 1, opt_name: str = "rpadamw") -> dict:
+def closed_form_run(
+    dtype: torch.dtype,
+    world: int = 1,
+    opt_name: str = "rpadamw",
+    factory: Any = None,
+    steps: int = STEPS,
+) -> dict:
+    """``STEPS`` steps of the two bare pairs with the closed-form gradients (sharded with
+    ``lora_A`` along dim 1 when ``world > 1``); ``factory(groups)`` builds the optimizer
+    (default: ``OPTIMIZERS[opt_name]``)."""
     mod = _Pairs(dtype)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -225,8 +239,8 @@ def closed_form_run(dtype: torch.dtype, world: int = 1, opt_name: str = "rpadamw
             return Shard(1) if p.shape[0] == 3 else None
 
         fully_shard(mod, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=placement)
-    opt = OPTIMIZERS[opt_name](mod.groups())
-    for _ in range(STEPS):
+    opt = (factory or OPTIMIZERS[opt_name])(mod.groups())
+    for _ in range(steps):
         _set_closed_form_grads(mod)
         opt.step()
     return {"params": {n: _whole(p).clone() for n, p in mod.named_parameters()},
@@ -306,6 +320,29 @@ def _run_gram_qr(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+ZOO_STEPS = 4  # one robust step, three of the optimizer's own
+
+
+def zoo_run(entry: ZooEntry, world: int = 1, **kw: Any) -> dict:
+    return closed_form_run(
+        torch.float64, world, steps=ZOO_STEPS,
+        factory=lambda g: entry.factory(g, robust_steps=1, **kw),
+    )
+
+
+def _run_zoo(rank: int, world: int) -> dict[str, Any]:
+    """Every zoo optimizer on the bare sharded pairs: ``"auto"`` (refused unless it has a
+    row-sharded step) and ``sharded="gather"`` (its factors after the steps)."""
+    out: dict[str, Any] = {}
+    for e in ZOO:
+        for mode in ("auto", "gather"):
+            try:
+                out[f"{e.name}:{mode}"] = zoo_run(e, world, sharded=mode)["params"]
+            except Exception as exc:  # noqa: BLE001 - reported per optimizer by the test
+                out[f"{e.name}:{mode}"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 DCP_OPT, DCP_INIT = "rpadamw", "zero"
 
 
@@ -353,6 +390,8 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_refuse(rank, world)
                 elif name == "gram_qr":
                     results[name] = _run_gram_qr(rank, world)
+                elif name == "zoo":
+                    results[name] = _run_zoo(rank, world)
                 else:
                     results[name] = _run_dcp(name[4:], rank, world, ckpt)
             except Exception as exc:  # noqa: BLE001 - reported per case by the tests
@@ -500,3 +539,30 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
         assert (Q @ R - F).abs().max() < 1e-14, name
         assert (Q.mT @ Q - torch.eye(3, dtype=F.dtype)).abs().max() < 1e-14, name
         assert (R - Rh).abs().max() / Rh.abs().max() < 1e-14, name
+
+
+ROW_SHARDED = {"loraplus", "scaled_gd", "riemannian_precond_adamw"}
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
+def test_every_optimizer_runs_sharded_or_refuses_and_gathers(entry: ZooEntry, runs) -> None:
+    """``"auto"``: the row-shardable optimizers step (== one process, 1e-12); the others refuse
+    with a ``NotImplementedError`` naming the optimizer. ``sharded="gather"``: every optimizer
+    steps on the gathered whole pairs, bitwise equal to one process."""
+    res = [_ok(r["zoo"]) for r in runs[2]]
+    want = zoo_run(entry)["params"]
+    auto = res[0][f"{entry.name}:auto"]
+    if entry.name in ROW_SHARDED:
+        assert not isinstance(auto, str), auto
+        assert _max_dev(auto, want) <= TOL64
+    else:
+        cls = entry.cls.__name__
+        assert isinstance(auto, str) and auto.startswith(
+            f"NotImplementedError: {cls} does not run on sharded LoRA factors"
+        ), auto
+        assert res[1][f"{entry.name}:auto"] == auto
+    for r in res:
+        got = r[f"{entry.name}:gather"]
+        assert not isinstance(got, str), got
+        for n, w in want.items():
+            assert torch.equal(got[n], w), f"{n}: max dev {(got[n] - w).abs().max().item():.3g}"

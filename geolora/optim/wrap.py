@@ -56,6 +56,7 @@ OWN_OPTIONS = frozenset(
     {
         "nonfinite",
         "foreach",
+        "sharded",
         "robust_steps",
         "robust_betas",
         "robust_eps",
