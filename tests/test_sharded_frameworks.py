@@ -38,6 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 pytestmark = pytest.mark.slow
 
+#: Forked workers inherit the imported torch (a spawned one spends seconds importing it again,
+#: most of this file's run time); no process group exists in the parent.
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -100,9 +104,10 @@ def _force_fsdp(accelerator: Any, plugin: Any) -> None:
 
 
 def _reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (a forked worker inherits the parent's)."""
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _run_accelerate(rank: int, presharded: bool) -> dict[str, Any]:
@@ -230,7 +235,7 @@ def runs(tmp_path_factory) -> list[dict[str, Any]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD)
+    mp.start_processes(_worker, args=(port, str(out)), nprocs=WORLD, start_method=START_METHOD)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
