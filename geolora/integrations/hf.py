@@ -15,6 +15,10 @@ optimizers read ``group["lr"]`` at every step (LoRA pairs, the robust start and 
 group), so the schedule applies to all of them; an explicit ``other_lr`` is a fixed number and is
 not scheduled. ``args.learning_rate`` is not used: the optimizer's own ``lr`` is the peak.
 
+With FSDP (``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``) the Trainer refuses
+``optimizers=(opt, None)`` and creates the optimizer itself: :func:`trainer_class` makes a
+Trainer subclass whose ``create_optimizer`` is :func:`create_optimizer` (docs/distributed.md).
+
 This module does not import ``transformers``: the optimizer is a plain ``torch.optim.Optimizer``.
 """
 

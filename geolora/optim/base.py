@@ -27,7 +27,10 @@ groups, batching of same-shape pairs, step plans, atomic commit — is shared):
   per round (one all-reduce for the whole bucket; the identity when nothing is sharded). All
   other work must be row-local or on the reduced ``r x r`` matrices, and every rank must take
   the same branches (decide on reduced quantities only). :meth:`_state_side` says which state
-  tensors hold a factor's rows. Other optimizers refuse sharded pairs unless ``sharded="gather"``.
+  tensors hold a factor's rows. For such pairs :meth:`_entry_policy` and :meth:`_robust_update`
+  receive the ``DTensor`` factors (the default AdamW robust start is element-wise and runs on
+  them as is). Other optimizers refuse sharded pairs unless ``sharded="gather"``, where they see
+  the whole pair as ordinary tensors in every phase.
 
 The step itself is run by :class:`~geolora.optim.engine.StepEngine`: it computes every update
 (robust, bucketed pairs, ordinary groups), checks that all results are finite, and only then
