@@ -99,3 +99,24 @@ def test_fsdp2_placement_shards_lora_a_along_dim_1_when_even() -> None:
     assert fn(model[2].lora_A) is None  # in = 13: uneven along dim 1, FSDP2's default
     assert fn(model[0].lora_B) is None
     assert fn(model[0].base.weight) is None
+
+
+def test_trainer_class_builds_the_geolora_optimizer() -> None:
+    from geolora.integrations.hf import trainer_class
+
+    class FakeTrainer:  # the two attributes create_optimizer reads
+        def __init__(self, model: nn.Module) -> None:
+            self.model, self.optimizer = model, None
+
+    model = nn.Sequential(nn.Linear(6, 8))
+    inject_lora(model, "all-linear", r=2, init="gaussian", seed=0)
+    cls = trainer_class(FakeTrainer, "scaledgd", lr=1e-2, momentum=0.9)
+    assert issubclass(cls, FakeTrainer) and cls.__name__ == "GeoloraFakeTrainer"
+    trainer = cls(model)
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, ScaledGD) and opt.param_groups[0]["momentum"] == 0.9
+    assert trainer.create_optimizer() is opt  # created once
+    with pytest.raises(ValueError, match="nope"):
+        trainer_class(FakeTrainer, "nope")
+    with pytest.raises(TypeError, match="Trainer class"):
+        trainer_class("transformers.Trainer")  # type: ignore[arg-type]

@@ -72,23 +72,25 @@ SHARDED_MODES = ("auto", "rows", "gather")
 #: Reasons why an optimizer's step does not run on row-sharded factors yet (shown in the error;
 #: the r×r reductions each would need are listed in docs/distributed.md).
 ROW_SHARD_REFUSALS: dict[str, str] = {
-    "AdamS": "its lift needs the QR factors of M and N (Gram-Cholesky R, then an r×r solve "
-    "against the lifted gradient)",
-    "LRACS": "its lift needs the QR factors of M and N",
-    "LiftedSGD": "its lift needs the QR factors of M and N",
-    "LiftedShampoo": "its lift needs the QR factors of M and N",
-    "LoRARite": "its basis change needs the QR factors of M and N and the cross products with "
-    "the previous step's bases",
-    "LoRAMFixedRank": "it stores orthonormal SVD factors U, V whose retraction needs a QR of "
-    "m×2r and n×2r blocks",
-    "LoRAMBoundedRank": "its retraction needs a QR of the n×2r block [V, V̇p]",
-    "StiefelLoRA": "its retraction orthonormalises the Stiefel factor (a QR or polar factor of "
-    "the whole factor)",
-    "LoRAPro": "its closed form needs the Grams and pseudo-inverses of both factors and a "
-    "Sylvester solve on gathered r×r products",
-    "Riemannion": "its retraction needs QR factors of m×2r and n×2r blocks",
-    "RefLoRA": "its refactoring needs the Grams of both factors and an r×r eigendecomposition "
-    "per step",
+    "AdamS": "its Adam moments are dense m×n matrices: a row-sharded step needs V and Vp whole "
+    "on every rank and a reduce-scatter of Ẋᵀ U (n×r), not only r×r sums",
+    "LRACS": "its row-sharded step (QR frames from Gram–Cholesky, two r×r reductions per power "
+    "iteration) is not written yet",
+    "LiftedSGD": "its row-sharded step (QR frames from Gram–Cholesky, the projected gradient's "
+    "core from Grams) is not written yet",
+    "LiftedShampoo": "its row-sharded step (QR frames, the Frequent-Directions sketch Grams) is "
+    "not written yet, and its exact statistics (sketch_rank=None) are m×m and n×n",
+    "LoRARite": "its row-sharded step (QR frames and basis transports UᵀU_old, VᵀV_old from "
+    "Grams) is not written yet",
+    "LoRAMFixedRank": "its retraction (QR of the m×2r and n×2r blocks [U Up], [V Vp]) has no "
+    "row-sharded form yet",
+    "LoRAMBoundedRank": "its retraction (QR of V + cV̇p and of K⁺) has no row-sharded form yet",
+    "StiefelLoRA": "its Stiefel retraction of B (a QR or polar factor of the whole factor) has no "
+    "row-sharded form yet",
+    "LoRAPro": "its Adam moments are dense m×n matrices (as AdamS)",
+    "Riemannion": "its retraction (QR of [U Up], [V Vp], the 2r×2r polar core) has no "
+    "row-sharded form yet",
+    "RefLoRA": "its row-sharded step (the balanced gauge from the two Grams) is not written yet",
 }
 
 
@@ -497,7 +499,11 @@ def pair_shards(
         if kinds == ["full", "full"]:
             sides = ("full", "full")
         else:
-            why = ROW_SHARD_REFUSALS.get(cls, "its step has no row-sharded form yet")
+            why = ROW_SHARD_REFUSALS.get(cls) or (
+                "it runs the wrapped torch optimizer on a dense m×n shadow of X"
+                if hasattr(opt, "wrapped")
+                else "its step has no row-sharded form yet"
+            )
             raise NotImplementedError(
                 f"{cls} does not run on sharded LoRA factors ({label!r}: lora_B {B.placements}, "
                 f"lora_A {A.placements}): {why}. Pass sharded='gather' to gather each pair "
