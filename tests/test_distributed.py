@@ -9,8 +9,8 @@
   (or 1e-6), not a fixed tolerance.
 * FSDP2 (``fully_shard``): the base model and the ordinary trainable head sharded, the LoRA
   factors left out (``ignored_params``) and replicated, their gradients averaged with one
-  ``all_reduce`` before ``step()`` — same checks (Gaussian init). See docs/distributed.md for
-  what does not work (sharded LoRA factors).
+  ``all_reduce`` before ``step()`` — same checks (Gaussian init). Sharded LoRA factors:
+  tests/test_sharded.py.
 
 The optimizer math is per pair and deterministic, so data parallelism only needs the gradients
 to be averaged over ranks before ``step()``.

@@ -34,10 +34,17 @@ TESTED_ELSEWHERE = {
 #: Pages whose code cannot run in one test process, and why.
 NOT_RUNNABLE = {
     "distributed.md": "needs an initialised torch.distributed process group "
-    "(tests/test_distributed.py runs the same setups with 2 processes)",
+    "(tests/test_distributed.py, test_sharded.py and test_sharded_frameworks.py run the same "
+    "setups with 2 and 4 processes)",
 }
 #: Pages that may hold no ```python block at all (tables and results).
-CODE_FREE = {"bad_input.md", "benchmarks.md", "benchmarks/perf_notes.md", "benchmarks/gpu.md"}
+CODE_FREE = {
+    "bad_input.md",
+    "benchmarks.md",
+    "benchmarks/perf_notes.md",
+    "benchmarks/gpu.md",
+    "benchmarks/sharded.md",
+}
 #: Pages listed in the nav that other parts of the project write; they may not exist yet.
 #: Trim this set once they do.
 PENDING_PAGES: set[str] = set()

@@ -1,5 +1,5 @@
 """Integrations of geolora optimizers with training frameworks (Hugging Face ``transformers``)."""
 
-from geolora.integrations.hf import create_optimizer
+from geolora.integrations.hf import create_optimizer, trainer_class
 
-__all__ = ["create_optimizer"]
+__all__ = ["create_optimizer", "trainer_class"]

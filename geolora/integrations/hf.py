@@ -15,6 +15,10 @@ optimizers read ``group["lr"]`` at every step (LoRA pairs, the robust start and 
 group), so the schedule applies to all of them; an explicit ``other_lr`` is a fixed number and is
 not scheduled. ``args.learning_rate`` is not used: the optimizer's own ``lr`` is the peak.
 
+With FSDP (``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``) the Trainer refuses
+``optimizers=(opt, None)`` and creates the optimizer itself: :func:`trainer_class` makes a
+Trainer subclass whose ``create_optimizer`` is :func:`create_optimizer` (docs/distributed.md).
+
 This module does not import ``transformers``: the optimizer is a plain ``torch.optim.Optimizer``.
 """
 
@@ -31,7 +35,7 @@ from geolora.optim.groups import lora_param_groups
 if TYPE_CHECKING:
     from geolora.bench.registry import OptimizerRegistry
 
-__all__ = ["create_optimizer"]
+__all__ = ["create_optimizer", "trainer_class"]
 
 
 def _registry() -> OptimizerRegistry:
@@ -95,3 +99,32 @@ def create_optimizer(
             "peft.get_peft_model) or unfreeze some parameters"
         )
     return spec.build(groups, lr, **kw)
+
+
+def trainer_class(base: type, name: str = "adams", lr: float | None = None, **kw: Any) -> type:
+    """A subclass of the ``transformers.Trainer`` class ``base`` whose ``create_optimizer``
+    builds the geolora optimizer ``name`` (:func:`create_optimizer` with ``lr`` and ``kw``).
+
+    Needed with FSDP (``TrainingArguments(fsdp=..., fsdp_config={"version": 2})``), where the
+    Trainer refuses ``optimizers=(opt, None)``: it creates the optimizer itself, from the
+    unwrapped model, and ``accelerate`` then swaps its parameters for the sharded ``DTensor`` s
+    (see docs/distributed.md)::
+
+        Trainer = trainer_class(transformers.Trainer, "scaledgd", lr=1e-2, momentum=0.9)
+        Trainer(model=peft_model, args=args, train_dataset=ds).train()
+    """
+    if not isinstance(base, type):
+        raise TypeError(f"base must be a Trainer class, got {type(base).__name__}")
+    _registry().get(name)  # ValueError listing the known names, before any training starts
+
+    def create_optimizer_(self: Any, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            target = self.model if model is None else model
+            self.optimizer = create_optimizer(target, name, lr, **kw)
+        return self.optimizer
+
+    return type(
+        f"Geolora{base.__name__}",
+        (base,),
+        {"create_optimizer": create_optimizer_, "__doc__": f"{base.__name__} with {name}."},
+    )

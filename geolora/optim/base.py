@@ -19,6 +19,18 @@ groups, batching of same-shape pairs, step plans, atomic commit — is shared):
   start until ``X`` is well conditioned), :meth:`_entry_policy` (optimizers that own a manifold
   point decide how a pair enters it), :attr:`functional_state`.
 * :meth:`_validate_hyperparameters` for the subclass's own hyperparameters (call ``super()``).
+* Sharded factors (FSDP2 ``DTensor`` s, :mod:`geolora.optim.sharding`): an optimizer whose
+  step runs on row shards sets :attr:`supports_row_shards`. Its ``_update_pairs`` then receives
+  the *local rows* of ``M`` and ``N`` (and of their gradients and ``_M``/``_N`` states) and must
+  take every sum over rows — ``MᵀM``, ``NᵀN``, ``Mᵀ∇_M``, cross products with stored factors —
+  through :attr:`shard_sum`: ``(sums_M, sums_N) = self.shard_sum(M=[...], N=[...])``, one call
+  per round (one all-reduce for the whole bucket; the identity when nothing is sharded). All
+  other work must be row-local or on the reduced ``r x r`` matrices, and every rank must take
+  the same branches (decide on reduced quantities only). :meth:`_state_side` says which state
+  tensors hold a factor's rows. For such pairs :meth:`_entry_policy` and :meth:`_robust_update`
+  receive the ``DTensor`` factors (the default AdamW robust start is element-wise and runs on
+  them as is). Other optimizers refuse sharded pairs unless ``sharded="gather"``, where they see
+  the whole pair as ordinary tensors in every phase.
 
 The step itself is run by :class:`~geolora.optim.engine.StepEngine`: it computes every update
 (robust, bucketed pairs, ordinary groups), checks that all results are finite, and only then
@@ -74,6 +86,14 @@ from geolora.optim.adamw import (
     robust_pair_update,
 )
 from geolora.optim.engine import StepEngine
+from geolora.optim.sharding import (
+    LOCAL,
+    SHARDED_MODES,
+    RowSum,
+    dtensor_gram,
+    gram_sqrt,
+    is_dtensor,
+)
 from geolora.optim.validation import (
     GROUP_KIND_HINTS,
     GROUP_KINDS,
@@ -123,6 +143,12 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         foreach: batch same-shape LoRA pairs (default) or update them one at a time.
         robust_betas, robust_eps, robust_weight_decay: AdamW hyperparameters of the robust
             start (its learning rate is the pair's ``lr``).
+        sharded: pairs whose factors are sharded ``DTensor`` s (FSDP2): ``"auto"`` (default)
+            steps on row shards when the optimizer can (:attr:`supports_row_shards`; a factor
+            sharded along its rank dimension is gathered every step) and refuses otherwise;
+            ``"rows"`` never gathers (refuses rank-split factors); ``"gather"`` gathers every
+            sharded factor each step, so any optimizer runs (its pair state then replicated).
+            See :func:`~geolora.optim.sharding.pair_shards`.
         other_lr, other_betas, other_eps, other_weight_decay: AdamW hyperparameters of the
             ordinary groups (``other_lr=None`` means "same as ``lr``").
     """
@@ -154,6 +180,16 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     #: ``False`` for optimizers of other adapter shapes (three-factor), which refuse pair groups.
     trains_pairs: bool = True
 
+    #: ``True`` if :meth:`_update_pairs` runs on row shards of ``M`` and ``N``, taking every sum
+    #: over rows through :attr:`shard_sum` (module docstring); ``False``: sharded pairs are
+    #: refused (or gathered whole with ``sharded="gather"``).
+    supports_row_shards: bool = False
+
+    #: The sums over the row shards of the bucket being computed, set by the engine around each
+    #: :meth:`_update_pairs` call (:class:`~geolora.optim.sharding.RowSum`; the identity when the
+    #: factors are not sharded).
+    shard_sum: RowSum = LOCAL
+
     def __init__(
         self,
         params: Iterable,
@@ -165,6 +201,7 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         robust_betas: tuple[float, float] = ROBUST_DEFAULTS["robust_betas"],
         robust_eps: float = ROBUST_DEFAULTS["robust_eps"],
         robust_weight_decay: float = ROBUST_DEFAULTS["robust_weight_decay"],
+        sharded: str = "auto",
         **adamw_options: Any,
     ) -> None:
         unknown = set(adamw_options) - set(ADAMW_DEFAULTS)
@@ -177,6 +214,8 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if not isinstance(foreach, bool):
             raise TypeError(f"foreach must be a bool, got {foreach!r}")
+        if sharded not in SHARDED_MODES:
+            raise ValueError(f"sharded must be one of {SHARDED_MODES}, got {sharded!r}")
         _check_robust_steps(robust_steps)
         validate_betas("robust_betas", robust_betas)
         check_range("robust_eps", robust_eps, 0.0)
@@ -192,6 +231,7 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         )
         self.nonfinite = nonfinite
         self.foreach = foreach
+        self.sharded = sharded
         self.engine = StepEngine(self)
         #: The hyperparameters every param group holds (a saved group must hold them too).
         self.hyperparameter_names = frozenset(all_defaults)
@@ -259,6 +299,18 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             f"{type(self).__name__}._entry_policy returned 'refactor' but the optimizer does not "
             f"own a manifold point"
         )
+
+    def _state_side(self, key: str) -> str | None:
+        """Which factor's rows a pair state tensor ``key`` holds along dim 0: ``"M"`` (``m``
+        rows, like ``B``), ``"N"`` (``n`` rows, like ``Aᵀ``) or ``None`` (anything else: ``r x
+        r`` statistics, scalars). Decides how the state of sharded factors is stored (a
+        ``DTensor`` with the factor's placements for ``"M"``/``"N"``). Default: keys ending in
+        ``_M`` / ``_N``; override for other names."""
+        if key.endswith("_M"):
+            return "M"
+        if key.endswith("_N"):
+            return "N"
+        return None
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         """Check the subclass's hyperparameters; override and call ``super()``."""
@@ -400,6 +452,8 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 expected[f"robust_exp_avg_{nm}"] = tuple(t.shape)
                 expected[f"robust_exp_avg_sq_{nm}"] = tuple(t.shape)
         if values.get("pair"):
+            if is_dtensor(B):  # the global shapes, from plain tensors of those shapes
+                B, A = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (B, A))
             fresh = self._init_pair_state(group, B.detach(), A.detach())
             for k, v in fresh.items():
                 expected[k] = tuple(v.shape) if isinstance(v, Tensor) else None
@@ -448,9 +502,15 @@ def rank_deficient_product(B: Tensor, A: Tensor) -> bool:
     Lifts divide by X's small singular values, so a pair leaves the AdamW phase only once
     ``X`` is reasonably conditioned (e.g. after a zero-initialised ``B`` has grown). The test
     uses the singular values of the core ``W = R_B R_Aᵀ`` (those of ``X``), so it does not
-    depend on the factor gauge and keeps optimizers invariant.
+    depend on the factor gauge and keeps optimizers invariant. For sharded (``DTensor``)
+    factors ``R`` is replaced by the square roots ``S`` of the reduced Grams (``SᵀS = BᵀB``,
+    ``A Aᵀ``): ``S_B S_Aᵀ`` has the singular values of ``X`` too.
     """
     dt = torch.float64
+    if is_dtensor(B) or is_dtensor(A):  # sharded factors: from the reduced Grams
+        sm, sn = gram_sqrt(dtensor_gram(B, 0)), gram_sqrt(dtensor_gram(A, 1))
+        s = torch.linalg.svdvals(sm @ sn.T)
+        return not (bool(s[0] > 0) and bool(s[-1] > 1e-3 * s[0]))
     rb = torch.linalg.qr(B.detach().to(dt), mode="r")[1]
     ra = torch.linalg.qr(A.detach().T.to(dt), mode="r")[1]
     s = torch.linalg.svdvals(rb @ ra.T)
@@ -554,6 +614,17 @@ class PairOptimizer(LoRAOptimizer):
         """Every part declares that it never modifies a state tensor in place."""
         return all(bool(getattr(p, "functional_state", False)) for p in self._parts())
 
+    @property
+    def supports_row_shards(self) -> bool:  # type: ignore[override]
+        """Every part declares ``row_shards``: its sums over rows go through the reducer the
+        point carries. A gauge hook needs the whole factors: one that is only maintenance
+        (``skip_when_sharded``, :class:`~geolora.optim.gauge.Rebalance`) is skipped for
+        row-sharded pairs, any other (RefLoRA's refactoring) makes the optimizer gather."""
+        parts = [self.geometry, self.move, self.preconditioner]
+        if self.gauge is not None and not getattr(self.gauge, "skip_when_sharded", False):
+            return False
+        return all(bool(getattr(p, "row_shards", False)) for p in parts)
+
     def requires_full_rank(self, group: dict[str, Any]) -> bool:
         return bool(self.geometry.requires_full_rank(group))
 
@@ -599,9 +670,12 @@ class PairOptimizer(LoRAOptimizer):
         """The template (module docstring): gauge, point, gradient, precondition, move."""
         geometry, pre = self.geometry, self.preconditioner
         extra: dict[str, Any] = {}
-        if self.gauge is not None:
+        reduce = self.shard_sum
+        if self.gauge is not None and not reduce.sharded:
+            # (a gauge change needs the whole factors; supports_row_shards admits only a
+            # maintenance hook, which row-sharded pairs skip)
             x, g, extra = self.gauge.apply(x, g, state, group, step)
-        point = geometry.point(x, state, group, step)
+        point = geometry.point(x, state, group, step, reduce)
         grad = geometry.gradient(point, g, group, step, getattr(pre, "wants", "tangent"))
         m, r = x.M.shape[-2:]
         ctx = StepContext(geometry, point, group, m, x.N.shape[-2], r, extra)

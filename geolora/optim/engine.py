@@ -42,6 +42,14 @@ from torch import Tensor
 from geolora.linalg import compute_dtype
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.adamw import PendingAdamW, ordinary_group_update
+from geolora.optim.sharding import (
+    LOCAL,
+    CommStats,
+    PairShards,
+    StepComm,
+    local_tensor,
+    pair_shards,
+)
 from geolora.optim.validation import check_lr, group_kind, matrix_view, param_label
 
 if TYPE_CHECKING:
@@ -59,7 +67,10 @@ GROUP_LABEL_KEYS = frozenset({"params", "name", "adapter", "param_names"})
 @dataclass
 class _Item:
     """One LoRA pair of a bucket: its group, parameters, their matrix views and its state dict
-    as the step uses it (the stored dict, or a new one when the step adds or removes keys)."""
+    as the step uses it (the stored dict, or a new one when the step adds or removes keys).
+
+    For sharded factors (``shards``, :mod:`geolora.optim.sharding`) ``Bm``/``Am`` are the
+    tensors the math sees when the plan is made (local rows, or gathered whole factors)."""
 
     group: dict
     B: Tensor
@@ -67,6 +78,23 @@ class _Item:
     Bm: Tensor
     Am: Tensor
     state: dict
+    shards: PairShards | None = None
+    fresh: bool = True  # Bm, Am are current (made in this step's planning)
+
+    def grads(self) -> tuple[Tensor, Tensor]:
+        """The factor gradients (local shards of sharded ones; zeros where missing)."""
+        if self.shards is None:
+            return matrix_view(_grad(self.B)), matrix_view(_grad(self.A))
+        return self.shards.local_grads()
+
+    def targets(self) -> tuple[Tensor, Tensor]:
+        """The tensors the new factors are written into (local shards of sharded ones)."""
+        if self.shards is None:
+            return self.Bm, self.Am
+        return self.shards.local_factors()
+
+    def side(self, opt: Any, key: str) -> str | None:
+        return None if self.shards is None else opt._state_side(key)
 
 
 @dataclass
@@ -91,9 +119,37 @@ class _Bucket:
         contiguous A gradients stacked as they are, then one transposing copy — stacking
         transposed views would copy each with its own strided kernel on CUDA)."""
         cdt = compute_dtype(self.items[0].Bm.dtype)
-        gB = [matrix_view(_grad(it.B)) for it in self.items]
-        gA = [matrix_view(_grad(it.A)) for it in self.items]
+        grads = [it.grads() for it in self.items]
+        gB = [g[0] for g in grads]
+        gA = [g[1] for g in grads]
+        shards = self.shards
+        if shards is not None and "gather" in shards.sides:  # one gather per side and bucket
+            gM = shards.math_stack(gB, 0)
+            gN = shards.math_stack(gA, 1).transpose(-1, -2).contiguous()
+            return FactorTangent(gM.to(cdt), gN.to(cdt))
         return FactorTangent(torch.stack(gB).to(cdt), _stack_transposed(gA).to(cdt))
+
+    def stacked_factors(self, cdt: torch.dtype) -> FactorPoint:
+        """``(M, N)`` stacked in the compute dtype: the plan's ``Bm``, ``Am`` (local rows, or
+        whole factors gathered in the step that made the plan), else gathered sides gathered
+        anew, one collective per side for the bucket."""
+        items = self.items
+        shards = self.shards
+        fresh = all(it.fresh for it in items)
+        for it in items:
+            it.fresh = False
+        if shards is None or "gather" not in shards.sides or fresh:
+            M = torch.stack([it.Bm for it in items]).to(cdt)
+            return FactorPoint(M, _stack_transposed([it.Am for it in items]).to(cdt))
+        local = [it.targets() for it in items]
+        M = shards.math_stack([t[0] for t in local], 0)
+        N = shards.math_stack([t[1] for t in local], 1).transpose(-1, -2).contiguous()
+        return FactorPoint(M.to(cdt), N.to(cdt))
+
+    @property
+    def shards(self) -> PairShards | None:
+        """The layout shared by the bucket's pairs (``None``: ordinary tensors)."""
+        return self.items[0].shards
 
 
 @dataclass
@@ -129,6 +185,9 @@ class StepEngine:
 
     def __init__(self, opt: LoRAOptimizer) -> None:
         self.opt = opt
+        #: What the steps communicated when factors are sharded (reset it to measure a step).
+        self.comm_stats = CommStats()
+        self._comm = StepComm(())
         self.reset()
 
     def reset(self) -> None:
@@ -142,6 +201,10 @@ class StepEngine:
     def step(self) -> None:
         self._prev_stacks = self._stacks
         self._stacks = {}
+        # the ranks this step agrees with (none unless some parameter is a DTensor)
+        self._comm = StepComm(
+            [p for g in self.opt.param_groups for p in g["params"]], self.comm_stats
+        )
         plan = self._valid_plan()
         if plan is None or not self._planned_step(plan):
             self.plan = self._planning_step()
@@ -176,21 +239,25 @@ class StepEngine:
                         f"parameter shape {tuple(p.shape)}"
                     )
                 grads.append(p.grad)
-        if all_finite(grads):
+        if self._all_finite(grads):
             return set()
         skip: set[int] = set()
-        for group in opt.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if not bool(torch.isfinite(p.grad).all()):
-                    if opt.nonfinite == "raise":
-                        raise FloatingPointError(
-                            f"non-finite gradient (NaN or inf) in parameter "
-                            f"{param_label(group, i)}; nothing was updated. Use "
-                            f"nonfinite='skip' to skip such steps instead."
-                        )
-                    skip.add(id(group))
+        entries = [
+            (group, i, p)
+            for group in opt.param_groups
+            for i, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        flags = self._comm.all_true([_finite(p.grad) for _, _, p in entries])
+        for (group, i, _), ok in zip(entries, flags):
+            if not ok:
+                if opt.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"non-finite gradient (NaN or inf) in parameter "
+                        f"{param_label(group, i)}; nothing was updated. Use "
+                        f"nonfinite='skip' to skip such steps instead."
+                    )
+                skip.add(id(group))
         return skip
 
     def _planning_step(self) -> _StepPlan | None:
@@ -219,24 +286,47 @@ class StepEngine:
                 idle.append((B, A))
                 continue
             reusable = reusable and B.grad is not None and A.grad is not None
-            Bm, Am = matrix_view(B), matrix_view(A)
+            shards = pair_shards(opt, group, B, A, self.comm_stats)
+            if shards is None:
+                Bm, Am = matrix_view(B), matrix_view(A)
+                dB, dA = Bm, Am
+            elif shards.whole:  # gathered: the optimizer sees plain tensors in every phase
+                Bm, Am = shards.math_factors()
+                dB, dA = Bm, Am
+            else:  # row-sharded: decisions and the (element-wise) robust start on the DTensors
+                dB, dA = B, A
             st = opt.state[B]
-            kind, staged = opt._pair_decision(group, Bm, Am, st)
+            kind, staged = opt._pair_decision(group, dB, dA, st)
             label = str(group.get("name", "<unnamed>"))
             if kind == "robust":
-                grads = (_view_or_none(B.grad), _view_or_none(A.grad))
-                one = self._single(opt._robust_update, group, st, (Bm, Am), grads, label)
+                if shards is not None and shards.whole:
+                    one = self._single(
+                        opt._robust_update, group, st, (Bm, Am), shards.math_grads(), label
+                    )
+                    one = [None if q is None else shards.retarget(q, Bm, Am) for q in one]
+                else:
+                    grads = (_view_or_none(B.grad), _view_or_none(A.grad))
+                    one = self._single(opt._robust_update, group, st, (dB, dA), grads, label)
                 singles += one
                 reusable = False
                 continue
-            work = _work_state(opt, group, Bm, Am, st, staged)
+            if shards is not None and not shards.whole:  # local rows, gathered other sides
+                Bm, Am = shards.math_factors()
+            work = _work_state(opt, group, Bm, Am, st, staged, shards)
             if kind == "refactor":
-                singles.append(opt._refactor_update(group, Bm, Am, work, st, label))
+                if shards is not None and not shards.whole:
+                    raise NotImplementedError(
+                        f"{type(opt).__name__}: the manifold entry ('refactor') of {label!r} "
+                        f"does not run on row-sharded factors; use sharded='gather'"
+                    )
+                q = opt._refactor_update(group, Bm, Am, work, st, label)
+                singles.append(q if shards is None else shards.retarget(q, Bm, Am))
                 reusable = False
                 continue
             key = (tuple(Bm.shape), tuple(Am.shape), Bm.dtype, Bm.device)
             key += (int(work["step"].item()), self.hyperparameter_key(group))
-            buckets[key].append(_Item(group, B, A, Bm, Am, work))
+            key += (None if shards is None else shards.key,)
+            buckets[key].append(_Item(group, B, A, Bm, Am, work, shards))
         runs = (
             list(buckets.values()) if opt.foreach else [[it] for b in buckets.values() for it in b]
         )
@@ -326,7 +416,7 @@ class StepEngine:
                         return False
                     grads.append(q.grad)
         stacked = [b.stacked_grads() for b in plan.buckets]
-        if not all_finite([t for g in stacked for t in g] + grads):
+        if not self._all_finite([t for g in stacked for t in g] + grads):
             return False
         singles: list[PendingAdamW | None] = []
         for g in plan.other:
@@ -380,12 +470,13 @@ class StepEngine:
         clean = True
         if grads is None:
             grads = [b.stacked_grads() for b in buckets]
-        pending = [self._compute_or_mark(b, g) for b, g in zip(buckets, grads)]
+        pending = self._compute_all(buckets, grads)
         while True:
             results = [t for p in pending if p is not None for t in p.results()]
             results += [t for s in singles for t in s.results()]
-            if None not in pending and all_finite(results):
+            if self._all_finite(results, None not in pending):
                 break
+            pending = self._agree_failed(pending)
             # exact test (a finite result may overflow its norm; DTensors take this path)
             bad_items, bad_singles = self._find_nonfinite(buckets, pending, singles)
             if not (bad_items or bad_singles):
@@ -409,12 +500,33 @@ class StepEngine:
                     kept.append(_Bucket.of(items))
             buckets = kept
             grads = [b.stacked_grads() for b in buckets]
-            pending = [self._compute_or_mark(b, g) for b, g in zip(buckets, grads)]
+            pending = self._compute_all(buckets, grads)
         for s in singles:
             s.commit()
         for p in pending:
             self._commit_bucket(p)
         return buckets, clean
+
+    def _compute_all(
+        self, buckets: list[_Bucket], grads: list[FactorTangent]
+    ) -> list[_PendingBucket | None]:
+        """:meth:`_compute_or_mark` of every bucket."""
+        return [self._compute_or_mark(b, g) for b, g in zip(buckets, grads)]
+
+    def _agree_failed(self, pending: list[_PendingBucket | None]) -> list[_PendingBucket | None]:
+        """With sharded factors: a bucket whose computation failed on one rank is marked failed
+        on every rank, so that all ranks split it alike (:meth:`_find_nonfinite`)."""
+        if not self._comm.active:
+            return pending
+        ok = self._comm.all_true([p is not None for p in pending])
+        return [p if k else None for p, k in zip(pending, ok)]
+
+    def _all_finite(self, tensors: list[Tensor], local_ok: bool = True) -> bool:
+        """:func:`all_finite` of the tensors (local shards of ``DTensor`` s) and ``local_ok``,
+        AND-ed over the ranks when factors are sharded (a NaN on one rank stops every rank):
+        one flag all-reduce."""
+        ok = local_ok and all_finite([local_tensor(t) for t in tensors])
+        return self._comm.all_true([ok])[0] if self._comm.active else ok
 
     def _compute_or_mark(self, b: _Bucket, g: FactorTangent) -> _PendingBucket | None:
         """:meth:`_compute_bucket`, with a linear-algebra failure (e.g. ``eigh`` of a NaN
@@ -437,6 +549,7 @@ class StepEngine:
         """The pairs and single updates whose results are not finite (exact per-tensor test;
         a bucket whose computation failed is split into single pairs to find the culprits)."""
         bad: list[_Item] = []
+        checks: list[tuple[_Item, bool]] = []
         for b, p in zip(buckets, pending):
             if p is None:
                 if len(b.items) == 1:
@@ -445,15 +558,14 @@ class StepEngine:
                 for it in b.items:
                     one = _Bucket.of([it])
                     q = self._compute_or_mark(one, one.stacked_grads())
-                    if q is None or not _finite_rows(q.results(), 0):
-                        bad.append(it)
+                    checks.append((it, q is not None and _finite_rows(q.results(), 0)))
                 continue
             for i, it in enumerate(b.items):
-                if not _finite_rows(p.results(), i):
-                    bad.append(it)
-        bad_singles = [
-            s for s in singles if not all(bool(torch.isfinite(t).all()) for t in s.results())
-        ]
+                checks.append((it, _finite_rows(p.results(), i)))
+        local = [ok for _, ok in checks] + [all(_finite(t) for t in s.results()) for s in singles]
+        flags = self._comm.all_true(local)  # the same culprits on every rank
+        bad += [it for (it, _), ok in zip(checks, flags) if not ok]
+        bad_singles = [s for s, ok in zip(singles, flags[len(checks) :]) if not ok]
         return bad, bad_singles
 
     def _compute_bucket(self, b: _Bucket, g: FactorTangent) -> _PendingBucket:
@@ -464,8 +576,7 @@ class StepEngine:
         states = [it.state for it in b.items]
         cdt = g.M.dtype
         keys = [k for k, v in states[0].items() if isinstance(v, Tensor) and k not in SCALAR_KEYS]
-        M = torch.stack([it.Bm for it in b.items]).to(cdt)
-        N = _stack_transposed([it.Am for it in b.items]).to(cdt)
+        M, N = b.stacked_factors(cdt)
         stacked, hits = self._stacked_state(b, states, [*keys, "step"])
         steps = stacked.pop("step")
         given = dict(stacked)
@@ -474,7 +585,12 @@ class StepEngine:
             for k in hits & work.keys():  # fresh stacks are private copies already
                 work[k] = stacked[k].clone()
         step = int(states[0]["step"].item()) + 1
-        new = opt._update_pairs(b.items[0].group, FactorPoint(M, N), g, work, step)
+        shards = b.shards
+        opt.shard_sum = LOCAL if shards is None else shards.row_sum()
+        try:
+            new = opt._update_pairs(b.items[0].group, FactorPoint(M, N), g, work, step)
+        finally:
+            opt.shard_sum = LOCAL
         return _PendingBucket(b, new, work, given, hits, steps)
 
     def _stacked_state(
@@ -495,6 +611,11 @@ class StepEngine:
             if entry is not None and all(st.get(k) is v for st, v in zip(states, entry[1])):
                 stacked[k] = entry[0]
                 hits.add(k)
+            elif b.shards is not None:  # stored DTensors (or whole tensors): the local parts
+                side = self.opt._state_side(k)
+                stacked[k] = _stack_like(
+                    [it.shards.local_state(side, it.state[k]) for it in b.items]
+                )
             else:
                 stacked[k] = _stack_like([st[k] for st in states])
         return stacked, hits
@@ -524,10 +645,14 @@ class StepEngine:
         are the pairs' ``state["step"]``), states; a state dict the step rebuilt (new or removed
         keys) replaces the stored one."""
         b = p.bucket
-        Bs = [it.Bm for it in b.items]
-        As = [it.Am for it in b.items]
-        torch._foreach_copy_(Bs, self._write_back_views(b, "M", p.new.M, Bs[0]))
-        torch._foreach_copy_(As, self._write_back_views(b, "A", p.new.N.mT, As[0]))
+        targets = [it.targets() for it in b.items]
+        Bs = [t[0] for t in targets]
+        As = [t[1] for t in targets]
+        new_B, new_A = p.new.M, p.new.N.mT
+        if b.shards is not None:  # a gathered side: this rank writes its shard
+            new_B, new_A = b.shards.local_part(new_B, 0), b.shards.local_part(new_A, 1)
+        torch._foreach_copy_(Bs, self._write_back_views(b, "M", new_B, Bs[0]))
+        torch._foreach_copy_(As, self._write_back_views(b, "A", new_A, As[0]))
         p.given["step"] = p.steps
         p.work["step"] = p.steps.add_(1) if "step" in p.hits else p.steps + 1
         self._commit_state(b, p.work, p.given, p.hits)
@@ -547,7 +672,10 @@ class StepEngine:
         cache = self._prev_stacks.get(b.key, {})
         entry: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
         owners: set[int] = set()
-        in_place = self._in_place(b.items[0].Bm)
+        shards = b.shards
+        # row-sharded: copy into the kept buffers, so that their DTensor views stay valid (a
+        # DTensor wrapper per pair and key each step costs more than the copy)
+        in_place = self._in_place(b.items[0].Bm) or (shards is not None and not shards.whole)
         for k, v in work.items():
             if k in hits and v is given[k]:  # untouched cached buffer: views still valid
                 entry[k] = cache[k]
@@ -562,6 +690,9 @@ class StepEngine:
                 v = _owning_copy(v)
             owners.add(id(v))
             views = v.unbind(0)
+            if shards is not None and not shards.whole:  # row-sharded sides: DTensors
+                side = self.opt._state_side(k) if k not in SCALAR_KEYS else None
+                views = tuple(it.shards.wrap_state(side, t, k) for it, t in zip(b.items, views))
             for st, view in zip(states, views):
                 st[k] = view
             entry[k] = (v, views)
@@ -593,11 +724,18 @@ class StepEngine:
 
 
 def _work_state(
-    opt: LoRAOptimizer, group: dict, Bm: Tensor, Am: Tensor, st: dict, staged: dict
+    opt: LoRAOptimizer,
+    group: dict,
+    Bm: Tensor,
+    Am: Tensor,
+    st: dict,
+    staged: dict,
+    shards: PairShards | None = None,
 ) -> dict:
     """The state dict a bucketed pair steps with: the stored one, or — when the step adds keys
     (``staged``, a first visit's zero state, a new ``step`` counter) or drops the robust start's
-    — a new dict that replaces it only when the step is written."""
+    — a new dict that replaces it only when the step is written. A fresh state of row-sharded
+    factors is created from the local shards ``Bm``, ``Am`` and stored as ``DTensor`` s."""
     from geolora.optim.adamw import ROBUST_STATE_KEYS
 
     fresh = "pair" not in st
@@ -610,7 +748,13 @@ def _work_state(
     work.setdefault("robust_step", torch.tensor(0.0))
     if fresh:
         work["pair"] = True
-        work.update(opt._init_pair_state(group, Bm, Am))
+        init = opt._init_pair_state(group, Bm, Am)
+        if shards is not None and not shards.whole:
+            init = {
+                k: shards.wrap_state(opt._state_side(k), v, k) if isinstance(v, Tensor) else v
+                for k, v in init.items()
+            }
+        work.update(init)
     return work
 
 
@@ -635,9 +779,8 @@ def _nonfinite_error(
     listed = ", ".join(names) or "<unknown>"
     cls = type(opt).__name__
     factors_ok = all(
-        p is not None and all(bool(torch.isfinite(t).all()) for t in (p.new.M, p.new.N))
-        for p in pending
-    ) and all(bool(torch.isfinite(v).all()) for s in bad_singles for v in s.values)
+        p is not None and all(_finite(t) for t in (p.new.M, p.new.N)) for p in pending
+    ) and all(_finite(v) for s in bad_singles for v in s.values)
     if factors_ok:
         return FloatingPointError(
             f"{cls}: the optimizer state of {listed} would become non-finite (a gradient too "
@@ -649,6 +792,12 @@ def _nonfinite_error(
         f"factors, or a too large learning rate?); nothing was updated. Use robust_steps > 0 "
         f"or damping > 0, a smaller lr, or nonfinite='skip'."
     )
+
+
+def _finite(t: Tensor) -> bool:
+    """No NaN/inf in ``t`` (in this rank's shard of a ``DTensor``: the caller AND-s the flags
+    over the ranks; a ``DTensor``'s own ``.all()`` would stay a per-rank partial result)."""
+    return bool(torch.isfinite(local_tensor(t)).all())
 
 
 def _finite_rows(tensors: list[Tensor], i: int) -> bool:

@@ -349,6 +349,9 @@ class Rebalance(GaugeHook):
     hyperparameters ``rebalance_every`` (default 100) and ``rebalance_threshold`` (default 10:
     factor norms ≈ 4.5× those of the balanced pair)."""
 
+    #: maintenance, not part of the algorithm: skipped for row-sharded pairs
+    skip_when_sharded = True
+
     def __init__(self, every: int = 100, threshold: float = 10.0) -> None:
         super().__init__()
         self.defaults = {"rebalance_every": every, "rebalance_threshold": threshold}

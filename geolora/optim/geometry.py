@@ -31,7 +31,7 @@ Moves:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,6 +54,7 @@ from geolora.optim.preconditioners.base import (
     OneSided,
     Products,
 )
+from geolora.optim.sharding import LOCAL, RowSum
 from geolora.optim.validation import check_bool, check_choice, check_range
 
 __all__ = [
@@ -152,7 +153,9 @@ class QuotientGeometry:
     def init_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
         return {}
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int) -> QuotientPoint:
+    def point(
+        self, x: FactorPoint, state: dict, group: dict, step: int, reduce: RowSum = LOCAL
+    ) -> QuotientPoint:
         U, RM = qr_pos(x.M, self.qr_method, sign_fix=self.sign_fix)
         V, RN = qr_pos(x.N, self.qr_method, sign_fix=self.sign_fix)
         return QuotientPoint(x, Frame(U, RM, V, RN), self)
@@ -342,31 +345,49 @@ class OneSidedStep:
         return FactorPoint(M, N)
 
 
-def _inv_gram(F: Tensor, damping: float) -> Tensor:
-    """``(FᵀF + δI)⁻¹`` in float64 by Cholesky, ``(..., k, r) -> (..., r, r)``; NaN where the
-    Gram matrix is not numerically positive definite (the step's finiteness check raises)."""
+def _gram64(F: Tensor) -> Tensor:
+    """``FᵀF`` in float64, ``(..., k, r) -> (..., r, r)`` (of the local rows when sharded)."""
+    F64 = F.to(torch.float64)
+    return transpose(F64) @ F64
+
+
+def _damped_inverse(G: Tensor, damping: float) -> Tensor:
+    """``(sym(G) + δI)⁻¹`` by Cholesky; NaN where it is not numerically positive definite (the
+    step's finiteness check raises)."""
     from geolora.linalg import spd_inverse
 
-    wd = torch.float64
-    F64 = F.to(wd)
-    G = sym(transpose(F64) @ F64)
+    G = sym(G)
     if damping:
-        G = G + damping * torch.eye(G.shape[-1], dtype=wd, device=G.device)
+        G = G + damping * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     return spd_inverse(G)
 
 
-def scaled_gradients(x: FactorPoint, g: FactorTangent, damping: float = 0.0) -> FactorTangent:
+def scaled_gradients(
+    x: FactorPoint, g: FactorTangent, damping: float = 0.0, reduce: RowSum = LOCAL
+) -> FactorTangent:
     """``(∇_M (NᵀN + δI)⁻¹, ∇_N (MᵀM + δI)⁻¹)`` — the Riemannian gradient of the preconditioned
     metric (Tong et al. 2021; Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models", ICML 2024, arXiv:2402.02347).
 
     Shapes: ``x.M, g.M: (..., m, r)``, ``x.N, g.N: (..., n, r)``; the r×r inverses are formed in
     float64, the result has ``g``'s dtype. With ``δ = 0`` it is gauge covariant: at
-    ``(M R, N R⁻ᵀ)`` the result is ``(Ṁ R, Ṅ R⁻ᵀ)``.
+    ``(M R, N R⁻ᵀ)`` the result is ``(Ṁ R, Ṅ R⁻ᵀ)``. Row-sharded factors (``x``, ``g`` the local
+    rows): the two Grams are the only sums over rows, reduced together in one round
+    (``reduce``, :class:`~geolora.optim.sharding.RowSum`); the rest is row-local.
     """
-    inv_N = _inv_gram(x.N, damping).to(g.M.dtype)
-    inv_M = _inv_gram(x.M, damping).to(g.N.dtype)
+    (G_M,), (G_N,) = reduce(M=[_gram64(x.M)], N=[_gram64(x.N)])
+    inv_N = _damped_inverse(G_N, damping).to(g.M.dtype)
+    inv_M = _damped_inverse(G_M, damping).to(g.N.dtype)
     return FactorTangent(mm_t(g.M, inv_N), mm_t(g.N, inv_M))
+
+
+class FactorPair(NamedTuple):
+    """The point of :class:`FactorGeometry`: the factors and the row-shard reducer of the
+    bucket."""
+
+    M: Tensor
+    N: Tensor
+    reduce: RowSum = LOCAL
 
 
 FACTOR_METRICS = ("euclidean", "preconditioned")
@@ -379,6 +400,7 @@ class FactorGeometry:
     rank-deficient pair takes the robust start)."""
 
     functional_state = True
+    row_shards = True  # the only sums over rows are the two Grams, through the reducer
 
     def __init__(self, metric: str = "euclidean", *, damping: float = 0.0) -> None:
         check_choice("metric", metric, FACTOR_METRICS)
@@ -391,20 +413,22 @@ class FactorGeometry:
     def init_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
         return {}
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int) -> FactorPoint:
-        return x
+    def point(
+        self, x: FactorPoint, state: dict, group: dict, step: int, reduce: RowSum = LOCAL
+    ) -> FactorPair:
+        return FactorPair(x.M, x.N, reduce)
 
     def gradient(
-        self, x: FactorPoint, g: FactorTangent, group: dict, step: int, wants: str = "tangent"
+        self, x: FactorPair, g: FactorTangent, group: dict, step: int, wants: str = "tangent"
     ) -> FactorTangent:
         if self.metric == "preconditioned":
-            return scaled_gradients(x, g, group["damping"])
+            return scaled_gradients(x, g, group["damping"], x.reduce)
         return g
 
     def project(self, x: FactorPoint, d: Any) -> Any:
         return d  # every factor direction is tangent to the total space
 
-    def norm(self, x: FactorPoint, t: FactorTangent, group: dict | None = None) -> Tensor:
+    def norm(self, x: FactorPair, t: FactorTangent, group: dict | None = None) -> Tensor:
         """``sqrt(tr(G_N ṀᵀṀ) + tr(G_M ṄᵀṄ))`` (preconditioned, δ added to the Grams) or the
         Frobenius norm (Euclidean), batch shape."""
         if self.metric == "euclidean":
@@ -425,6 +449,7 @@ class FactorStep:
     the factors is ``torch.optim.AdamW`` to the bit."""
 
     functional_state = True
+    row_shards = True  # element-wise
 
     def __init__(self, *, weight_decay: float = 0.0) -> None:
         self.defaults: dict[str, Any] = {"weight_decay": weight_decay}

@@ -470,7 +470,7 @@ class FixedRankGeometry(_OwnedPoint):
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
         return FactorPoint(state["U"] * state["S"].unsqueeze(-2), state["V"])
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int) -> FixedRankPair:
+    def point(self, x: FactorPoint, state: dict, group: dict, step: int, reduce: Any = None) -> FixedRankPair:
         pt = FixedRankPoint(state["U"], state["S"], state["V"])
         m, r = pt.U.shape[-2:]
         return FixedRankPair(pt, x, m, pt.V.shape[-2], r)
@@ -589,7 +589,7 @@ class BoundedRankGeometry(_OwnedPoint):
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
         return FactorPoint(state["K"], state["V"])
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int) -> BoundedRankPair:
+    def point(self, x: FactorPoint, state: dict, group: dict, step: int, reduce: Any = None) -> BoundedRankPair:
         pt = BoundedRankPoint(state["K"], state["V"])
         m, r = pt.K.shape[-2:]
         return BoundedRankPair(pt, x, pt.K.norm(dim=-2), m, pt.V.shape[-2], r)
@@ -701,7 +701,7 @@ class StiefelGeometry(_OwnedPoint):
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
         return FactorPoint(state["B"], state["N"])
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int) -> StiefelPair:
+    def point(self, x: FactorPoint, state: dict, group: dict, step: int, reduce: Any = None) -> StiefelPair:
         q = state["B"]
         m, r = q.shape[-2:]
         return StiefelPair(q, state["N"], x, Stiefel(m, r, retraction=group["retraction"]))

@@ -296,9 +296,18 @@ def validate_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> No
                         f"{name}.load_state_dict: state {key!r} of {param_label(g, i)} has "
                         f"shape {got}, expected {shape} (another rank or layer shape?)"
                     )
-            if isinstance(v, Tensor) and v.is_floating_point() and not bool(
-                torch.isfinite(v).all()
-            ):
+            if isinstance(v, Tensor) and v.is_floating_point() and not _finite_everywhere(v):
                 raise ValueError(
                     f"{name}.load_state_dict: state {key!r} of {param_label(g, i)} is not finite"
                 )
+
+
+def _finite_everywhere(v: Tensor) -> bool:
+    """No NaN/inf in ``v``; for a sharded ``DTensor`` on any rank's shard (every rank loads the
+    same state, so every rank takes this collective and raises alike)."""
+    from geolora.optim.sharding import StepComm, is_dtensor
+
+    if not is_dtensor(v):
+        return bool(torch.isfinite(v).all())
+    ok = bool(torch.isfinite(v._local_tensor).all())
+    return StepComm([v]).all_true([ok])[0]

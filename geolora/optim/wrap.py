@@ -54,6 +54,7 @@ OWN_OPTIONS = frozenset(
     {
         "nonfinite",
         "foreach",
+        "sharded",
         "robust_steps",
         "robust_betas",
         "robust_eps",

@@ -51,6 +51,7 @@ class FactorAdamW:
     #: gradients are covectors: m moves like ∇ (× R⁻ᵀ, × R), v by the squared rule
     gauge_rules = {"exp_avg_M": "M", "exp_avg_N": "N", "exp_avg_sq_M": "M2", "exp_avg_sq_N": "N2"}
     functional_state = True
+    row_shards = True  # element-wise
 
     def __init__(
         self,
@@ -117,6 +118,7 @@ class FactorHeavyBall:
     #: on the preconditioned metric's gradient, a vector: b moves like M (× R) and N (× R⁻ᵀ)
     gauge_rules = {"momentum_M": "MV", "momentum_N": "NV"}
     functional_state = True
+    row_shards = True  # element-wise
 
     def __init__(self, *, momentum: float = 0.0, nesterov: bool = False) -> None:
         self.defaults: dict[str, Any] = {"momentum": momentum, "nesterov": nesterov}

@@ -1,0 +1,122 @@
+"""Single-process checks of :mod:`geolora.optim.sharding` (the multi-process behaviour is in
+tests/test_sharded.py): the Gram-based QR against Householder QR in float64, its shifted
+fallback, the identity reducer, the ``sharded`` option and the FSDP2 placement function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from geolora.linalg import qr_pos
+from geolora.lora import inject_lora
+from geolora.optim import AdamS, ScaledGD
+from geolora.optim.groups import lora_param_groups
+from geolora.optim.sharding import (
+    LOCAL,
+    RowSum,
+    fsdp2_shard_placement,
+    gram_qr,
+    gram_sqrt,
+    pair_shards,
+)
+
+
+def _matrix(m: int, r: int, cond: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(3, m, r, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(3, r, r, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), r, dtype=torch.float64)
+    return U * s @ V.mT
+
+
+def test_gram_qr_equals_householder_qr() -> None:
+    F = _matrix(40, 5, 1e4)
+    Q, R = gram_qr(F, LOCAL)
+    Qh, Rh = qr_pos(F, "householder")
+    assert (Q - Qh).abs().max() < 1e-10
+    assert (R - Rh).abs().max() < 1e-10
+    assert torch.all(torch.diagonal(R, dim1=-2, dim2=-1) > 0)
+
+
+def test_gram_qr_shifted_fallback_on_ill_conditioned_factor() -> None:
+    F = _matrix(40, 5, 1e11)  # the plain Gram is not numerically positive definite
+    assert bool((torch.linalg.cholesky_ex(F.mT @ F)[1] != 0).any())
+    calls = []
+
+    def counting(**kw):
+        calls.append(kw)
+        return LOCAL(**kw)
+
+    Q, R = gram_qr(F, counting)
+    assert len(calls) == 3  # shifted CholeskyQR3: three rounds of reductions
+    eye = torch.eye(5, dtype=torch.float64)
+    assert (Q.mT @ Q - eye).abs().max() < 1e-10
+    assert ((Q @ R - F).abs().max() / F.abs().max()) < 1e-12
+
+
+def test_gram_qr_rank_deficient_is_nan() -> None:
+    F = _matrix(20, 4, 10.0)
+    F[..., 3] = 0.0
+    Q, R = gram_qr(F, LOCAL)
+    assert torch.isnan(Q).all() and torch.isnan(R).all()
+
+
+def test_gram_sqrt_gives_singular_values_of_the_product() -> None:
+    M, N = _matrix(30, 4, 1e3, 1), _matrix(20, 4, 1e2, 2)
+    s = torch.linalg.svdvals(gram_sqrt(M.mT @ M) @ gram_sqrt(N.mT @ N).mT)
+    assert (s - torch.linalg.svdvals(M @ N.mT)[..., :4]).abs().max() < 1e-12
+
+
+def test_local_row_sum_is_identity() -> None:
+    a, b = torch.randn(2, 3, 3), torch.randn(3, 3)
+    M, N = LOCAL(M=[a], N=[b])
+    assert M[0] is a and N[0] is b
+    assert not LOCAL.sharded and RowSum(None, m_rows=True).sharded
+
+
+def test_plain_tensors_have_no_layout_and_option_is_validated() -> None:
+    model = nn.Sequential(nn.Linear(6, 8))
+    inject_lora(model, "all-linear", r=2, init="gaussian", seed=0)
+    groups = lora_param_groups(model)
+    opt = ScaledGD(groups, lr=1e-2)
+    assert opt.sharded == "auto" and opt.supports_row_shards
+    assert not AdamS(lora_param_groups(model), lr=1e-2).supports_row_shards
+    B, A = groups[0]["params"]
+    assert pair_shards(opt, groups[0], B, A) is None
+    with pytest.raises(ValueError, match="sharded must be one of"):
+        ScaledGD(lora_param_groups(model), lr=1e-2, sharded="yes")
+
+
+def test_fsdp2_placement_shards_lora_a_along_dim_1_when_even() -> None:
+    from torch.distributed.tensor import Shard
+
+    model = nn.Sequential(nn.Linear(12, 8), nn.Linear(8, 13), nn.Linear(13, 4))
+    inject_lora(model, "all-linear", r=2, init="gaussian", seed=0)
+    fn = fsdp2_shard_placement(model, shard_size=4)
+    assert fn(model[0].lora_A) == Shard(1)  # in = 12
+    assert fn(model[1].lora_A) == Shard(1)  # in = 8
+    assert fn(model[2].lora_A) is None  # in = 13: uneven along dim 1, FSDP2's default
+    assert fn(model[0].lora_B) is None
+    assert fn(model[0].base.weight) is None
+
+
+def test_trainer_class_builds_the_geolora_optimizer() -> None:
+    from geolora.integrations.hf import trainer_class
+
+    class FakeTrainer:  # the two attributes create_optimizer reads
+        def __init__(self, model: nn.Module) -> None:
+            self.model, self.optimizer = model, None
+
+    model = nn.Sequential(nn.Linear(6, 8))
+    inject_lora(model, "all-linear", r=2, init="gaussian", seed=0)
+    cls = trainer_class(FakeTrainer, "scaledgd", lr=1e-2, momentum=0.9)
+    assert issubclass(cls, FakeTrainer) and cls.__name__ == "GeoloraFakeTrainer"
+    trainer = cls(model)
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, ScaledGD) and opt.param_groups[0]["momentum"] == 0.9
+    assert trainer.create_optimizer() is opt  # created once
+    with pytest.raises(ValueError, match="nope"):
+        trainer_class(FakeTrainer, "nope")
+    with pytest.raises(TypeError, match="Trainer class"):
+        trainer_class("transformers.Trainer")  # type: ignore[arg-type]
