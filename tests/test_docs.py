@@ -30,6 +30,7 @@ TESTED_ELSEWHERE = {
     "geometry.md": "tests/test_docs_geometry.py",
     "peft.md": "tests/test_docs_lora.py",
     "custom_model.md": "tests/test_docs_lora.py",
+    "howto/optimizer.md": "tests/test_docs_geometry.py",
 }
 #: Pages whose code cannot run in one test process, and why.
 NOT_RUNNABLE = {

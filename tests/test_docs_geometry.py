@@ -114,3 +114,14 @@ def test_runner_rejects_pages_without_code_and_unclosed_fences(tmp_path: Path) -
         run_markdown_blocks(empty)
     with pytest.raises(ValueError, match="unclosed code fence opened at line 2"):
         extract_blocks("x\n```python\nprint(1)\n")
+
+
+def test_add_an_optimizer_page_builds_an_invariant_optimizer() -> None:
+    """docs/howto/optimizer.md: the 40-line LiftedLion is invariant, trains, validates its lr
+    and resumes exactly."""
+    ns = run_markdown_blocks(ROOT / "docs" / "howto" / "optimizer.md")
+    assert ns["res"].max_deviation < 1e-10
+    B, A, loss = ns["B"], ns["A"], ns["loss"]
+    assert loss(B, A).item() < 1e-2 * ns["first"]
+    assert ns["opt"].param_groups[0]["betas"] == (0.9, 0.99)
+    assert torch.equal(B, ns["B2"]) and torch.equal(A, ns["A2"])
