@@ -314,3 +314,20 @@ def test_conv_factors_train_like_their_matrix_views(entry: ZooEntry) -> None:
     assert torch.equal(B4.detach().view(out, r), B2.detach())
     assert torch.equal(A4.detach().view(r, -1), A2.detach())
     assert bool(torch.isfinite(B4.detach()).all())
+
+
+def test_bad_input_page_lists_the_step_and_load_cases() -> None:
+    """docs/bad_input.md's step/load table names every case tested here."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "bad_input.md").read_text()
+    section = text.split("## During a step and at load time")[1].split("## LoRA tooling")[0]
+    rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")}
+    expected = set(CORRUPTIONS) | {
+        "nan_lr_schedule",
+        "overflowing_lr",
+        "state_overflow",
+        "other_rank",
+        "truncated_file",
+    }
+    assert rows - {"case", "---"} == expected
