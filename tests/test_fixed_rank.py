@@ -129,7 +129,8 @@ def test_projection_identities():
 
 
 def test_project_factored_matches_autograd_trick():
-    """loram.txt Alg. 2: W = A Vᵀ + U Bᵀ, A = U S, B = 0; A.grad = ∇f V, B.grad = ∇fᵀ U."""
+    """LoRAM Alg. 2 (Jiang, Wang & Stich, ICLR 2025 Workshop on Sparsity in LLMs, OpenReview
+    6cLPObfitT): W = A Vᵀ + U Bᵀ, A = U S, B = 0; A.grad = ∇f V, B.grad = ∇fᵀ U."""
     F, x, _, g = setup(2)
     target = torch.randn(M_, N_, dtype=DT, generator=g)
 

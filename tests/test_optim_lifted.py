@@ -2,7 +2,8 @@
 
 * invariance: the ``X = B A`` trajectory from ``(B, A)`` equals the one from ``(B R, R⁻¹ A)``;
 * exactness: step-by-step agreement with dense single-pair references written here from the
-  algorithm boxes (lora-s.txt Alg. 2, 3, 4; Gupta et al. 2018 for Shampoo);
+  algorithm boxes (Zheng & Wu, "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester
+  Equation", ICLR 2026, OpenReview Guo2XGgxZA, Alg. 2, 3, 4; Gupta et al. 2018 for Shampoo);
 * convergence on planted low-rank matrix sensing and a stochastic LoRA least-squares problem;
 * batched (``foreach=True``) == per-pair (``foreach=False``), state round trips, validation.
 """
@@ -157,7 +158,7 @@ def ref_tangent_projection(M: np.ndarray, N: np.ndarray, Z: np.ndarray) -> np.nd
 
 
 def ref_lift(M: np.ndarray, N: np.ndarray, Xd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """lora-s.txt Alg. 1 lines 3–5 verbatim (Sylvester eq. 9 by scipy, explicit inverses)."""
+    """LoRA-S Alg. 1 lines 3–5 verbatim (Sylvester eq. 9 by scipy, explicit inverses)."""
     GM, GN = M.T @ M, N.T @ N
     S = GM @ GN
     K = scipy.linalg.solve_sylvester(S, S, M.T @ Xd @ N)

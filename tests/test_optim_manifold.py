@@ -1,10 +1,12 @@
 """Retraction-based optimizers: LoRAM-FR / LoRAM-BR, Stiefel-LoRA, RiemannianAdam / SGD.
 
-The LoRAM references below are written straight from the algorithm boxes of papers/loram.txt
-(Alg. 1–4 and 5–8) with dense matrices and explicit SVD / QR; with ``BOX`` (second moment left in
-place, no momentum bound) the optimizers must follow them step by step. The defaults add the
-second-moment rules of :mod:`geolora.optim.loram` (masking, cluster averaging, transport, Adam's
-bound), tested below against their own invariants and with negative controls.
+The LoRAM references below are written straight from the algorithm boxes of Jiang, Wang & Stich,
+"LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR 2025 Workshop on Sparsity in
+LLMs, OpenReview 6cLPObfitT (Alg. 1–4 and 5–8) with dense matrices and explicit SVD / QR; with
+``BOX`` (second moment left in place, no momentum bound) the optimizers must follow them step by
+step. The defaults add the second-moment rules of :mod:`geolora.optim.loram` (masking, cluster
+averaging, transport, Adam's bound), tested below against their own invariants and with negative
+controls.
 """
 
 import copy
@@ -33,7 +35,7 @@ from geolora.optim.stiefel_lora import StiefelLoRA
 
 f64 = torch.float64
 M_, N_, R_ = 12, 10, 3
-BOX = {"second_moment_transport": "none", "momentum_bound": False}  # loram.txt verbatim
+BOX = {"second_moment_transport": "none", "momentum_bound": False}  # LoRAM's boxes verbatim
 
 
 def planted(m=M_, n=N_, r=R_, seed=0, sv=(2.0, 1.5, 1.0)):
@@ -78,7 +80,7 @@ def svd_r(X, r):
 
 
 def reference_loram_fr(X0, target, steps, lr, betas=(0.9, 0.999), eps=1e-8):
-    """loram.txt Alg. 1 with Alg. 2 (gradient), 3 (retraction), 4 (transport), dense."""
+    """LoRAM Alg. 1 with Alg. 2 (gradient), 3 (retraction), 4 (transport), dense."""
     b1, b2 = betas
     m, n = X0.shape
     r = R_
@@ -107,7 +109,7 @@ def reference_loram_fr(X0, target, steps, lr, betas=(0.9, 0.999), eps=1e-8):
 
 
 def reference_loram_br(X0, target, steps, lr, lam, alpha=0.5, betas=(0.9, 0.999), eps=1e-8):
-    """loram.txt Alg. 5 with Alg. 6 (gradient), 7 (Q-factor retraction, nuclear norm), 8."""
+    """LoRAM Alg. 5 with Alg. 6 (gradient), 7 (Q-factor retraction, nuclear norm), 8."""
     b1, b2 = betas
     m, n = X0.shape
     r = R_

@@ -6,7 +6,7 @@ NamedTuples of tensors (e.g. ``FixedRankPoint(U, S, V)``). Every method accepts 
 dimensions: a stack of same-shape points is processed in one call.
 
 The optimizers only talk to a manifold through this seam, so a new manifold costs nothing in the
-optimizers (STYLE.md).
+optimizers.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 One geolora optimizer trains a whole model: groups without ``lora_pair`` are updated with AdamW
 (the arithmetic of ``torch.optim.AdamW`` with ``foreach=False``, so the results are the same to the
 bit), and a LoRA pair whose factors are rank deficient (e.g. ``B = 0``) or still inside its first
-``robust_steps`` steps takes AdamW steps on its factors (the "robust start" of Zhang et al.,
-"LoRA-S", 2025, appendix A.16).
+``robust_steps`` steps takes AdamW steps on its factors (the "robust start" of Zheng & Wu,
+"LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview
+Guo2XGgxZA, appendix A.16).
 
 Both are computed *before* anything is written (:class:`PendingAdamW`): the step computes every
 update — robust, pair buckets, ordinary groups —, checks that all results are finite, and only

@@ -113,7 +113,7 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             all of them are ordinary parameters).
         defaults: the subclass's hyperparameters (``lr`` required).
         robust_steps: number of initial steps during which a LoRA pair is updated with AdamW on
-            its factors (Zhang et al., "LoRA-S", 2025, A.16 "robust start"); a pair whose
+            its factors (LoRA-S, A.16 "Robust training"); a pair whose
             factors are rank deficient (e.g. ``B = 0``) also takes the AdamW path until they
             have full rank (:meth:`requires_full_rank`).
         nonfinite: ``"raise"`` (default): a NaN/inf gradient, or an update or optimizer state

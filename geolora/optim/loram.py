@@ -1,7 +1,8 @@
 """LoRAM: Riemannian Adam on fixed-rank (LoRAM-FR) and bounded-rank (LoRAM-BR) matrices.
 
-Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR
-2025 (Algorithms 1–8). Each is a short declaration of the template (:mod:`geolora.optim.base`):
+Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR 2025
+Workshop on Sparsity in LLMs, OpenReview 6cLPObfitT (Algorithms 1–8). Each is a short declaration of
+the template (:mod:`geolora.optim.base`):
 
 * LoRAM-FR = ``(ManifoldAdam, FixedRankGeometry, Retraction)``;
 * LoRAM-BR = ``(ManifoldAdam, BoundedRankGeometry, Retraction)``.

@@ -7,14 +7,17 @@ gradient ``∇f(x)``::
     g  = egrad2rgrad(x, ∇f(x) + λ x)                     (λ: L2 weight decay, tensor points only)
     m  ← β₁ m + (1 − β₁) g                                (a tangent vector at x)
     v  ← β₂ v + (1 − β₂) ‖g‖²_x        (norm-based, default; one number per point)
-    v  ← β₂ v + (1 − β₂) g ⊙ g         (coordinate_wise=True; LoRAM's choice, loram.txt Alg. 1)
+    v  ← β₂ v + (1 − β₂) g ⊙ g         (coordinate_wise=True; LoRAM's choice, Alg. 1)
     d  = (m / (1 − β₁ᵗ)) / (sqrt(v / (1 − β₂ᵗ)) + ε)
     x⁺, m ← retr_transp(x, −lr d, m)                      (momentum transported to T_{x⁺})
 
-The optimizers only use the manifold seam (``egrad2rgrad``, ``inner``, ``retr``,
-``retr_transp``); the functional cores :func:`adam_direction`, :func:`riemannian_adam_update` and
-:func:`riemannian_sgd_update` take leading batch dimensions and (Named)tuple points, and are
-shared with the LoRA optimizers (:mod:`geolora.optim.loram`, :mod:`geolora.optim.stiefel_lora`).
+The coordinate-wise second moment is the choice of LoRAM (Jiang, Wang & Stich, "LoRAM: Low-Rank
+Adaptation of Large Language Models on Manifold", ICLR 2025 Workshop on Sparsity in LLMs,
+OpenReview 6cLPObfitT, Alg. 1). The optimizers only use the manifold seam (``egrad2rgrad``,
+``inner``, ``retr``, ``retr_transp``); the functional cores :func:`adam_direction`,
+:func:`riemannian_adam_update` and :func:`riemannian_sgd_update` take leading batch dimensions
+and (Named)tuple points, and are shared with the LoRA optimizers (:mod:`geolora.optim.loram`,
+:mod:`geolora.optim.stiefel_lora`).
 
 Parameters and groups of :class:`RiemannianAdam` / :class:`RiemannianSGD` (plain
 ``torch.optim.Optimizer`` subclasses, one point at a time):
@@ -180,7 +183,7 @@ def _egrad2rgrad_tuple(manifold: Any, x: tuple, grads: tuple[Tensor, ...]) -> tu
 
     FixedRank: ``f(U diag(S) Vᵀ)`` gives ``∂f/∂U = ∇f V diag(S)``, ``∂f/∂V = ∇fᵀ U diag(S)``, so
     ``∇f V`` and ``∇fᵀ U`` are these divided by ``S > 0`` (``∂f/∂S`` is redundant) and feed
-    ``project_factored`` (loram.txt Alg. 2). Other manifolds (BoundedRank, FactorQuotient) take the
+    ``project_factored`` (LoRAM Alg. 2). Other manifolds (BoundedRank, FactorQuotient) take the
     tuple of factor gradients in ``egrad2rgrad`` directly.
     """
     from geolora.manifolds.fixed_rank import FixedRank
@@ -260,7 +263,7 @@ def riemannian_adam_update(
     ``x⁺, m ← retr_transp(x, −lr · direction, m)``.
 
     Returns ``(x⁺, exp_avg at x⁺, exp_avg_sq, max_exp_avg_sq)``. With
-    ``coordinate_wise=True, bias_correction=False`` this is exactly loram.txt Alg. 1 (lines 5–12).
+    ``coordinate_wise=True, bias_correction=False`` this is exactly LoRAM Alg. 1 (lines 5–12).
     """
     d, m, v, vmax = adam_direction(
         manifold,
@@ -438,7 +441,7 @@ class RiemannianAdam(_RiemannianOptimizer):
             geoopt; it vanishes on Stiefel, whose points have fixed norm); tensor points only.
         amsgrad: use ``max(v)`` (RAMSGrad, Alg. 1 of the paper).
         coordinate_wise: element-wise second moment on the tangent coordinates instead of the
-            norm-based ``‖g‖²_x`` (it is not transported; loram.txt Alg. 1 does the same).
+            norm-based ``‖g‖²_x`` (it is not transported; LoRAM Alg. 1 does the same).
 
     State per point (on its first tensor): ``step`` (tensor), ``exp_avg`` (tangent vector, its
     fields as ``exp_avg.<field>`` for tuple points), ``exp_avg_sq`` (likewise, or one number per
