@@ -22,15 +22,6 @@ F64 = torch.float64
 M_, N_, R_ = 9, 7, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (badly so on busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

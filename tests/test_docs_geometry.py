@@ -7,7 +7,6 @@ import traceback
 from pathlib import Path
 
 import pytest
-import torch
 
 try:
     from docs_runner import extract_blocks, extract_python_blocks, run_markdown_blocks
@@ -17,15 +16,6 @@ except ImportError:  # tests/ imported as a package
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "geometry.md"
 EXAMPLE = ROOT / "docs" / "examples" / "bounded_rank_completion.py"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (badly so on busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_geometry_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -33,15 +33,6 @@ from geolora.optim.wrap import Lifted
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: thread start-up dominates and the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pair(B: torch.Tensor, A: torch.Tensor, name: str) -> dict:
     return {"params": [B, A], "lora_pair": True, "scaling": 1.0, "name": name}
 

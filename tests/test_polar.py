@@ -23,14 +23,6 @@ from geolora.optim import PoLAR, lora_param_groups
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def near_stiefel(n: int, r: int, d: float, gen: torch.Generator) -> torch.Tensor:
     x = qf(torch.randn(n, r, dtype=F64, generator=gen))
     return x + d * torch.randn(n, r, dtype=F64, generator=gen) / (n * r) ** 0.5
