@@ -36,6 +36,7 @@ __all__ = [
     "solve_lyapunov_core",
     "tri_solve_right",
     "check_finite",
+    "rank_deficient",
 ]
 
 
@@ -95,6 +96,17 @@ def check_finite(name: str, *tensors: Tensor) -> None:
     for t in tensors:
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def rank_deficient(t: Tensor, rtol: float | None = None) -> bool:
+    """``True`` if the matrix ``t: (p, k)`` is numerically rank deficient: ``σ_min(t) ≤ rtol ·
+    σ_max(t)`` or ``t = 0``. Singular values in ``t``'s compute dtype; ``rtol`` defaults to 1e-12
+    in float64 and 1e-6 otherwise."""
+    t = t.detach().to(compute_dtype(t.dtype))
+    if rtol is None:
+        rtol = 1e-12 if t.dtype == torch.float64 else 1e-6
+    s = torch.linalg.svdvals(t)
+    return not (bool(s[0] > 0) and bool(s[-1] > rtol * s[0]))
 
 
 def _sign_fix(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:

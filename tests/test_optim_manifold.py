@@ -692,6 +692,22 @@ def test_manifold_parameter_copy_pickle_and_validation():
     assert torch.equal(p.detach(), before)
 
 
+def test_riemannian_rejected_group_leaves_optimizer_and_dict_unchanged():
+    st = Stiefel(6, 2)
+    opt = RiemannianSGD([ManifoldParameter(st.random_point(), st)], lr=0.1)
+    q = torch.zeros(3, requires_grad=True)
+    bad = {"params": q, "momentum": 1.5}
+    with pytest.raises(ValueError, match="momentum"):
+        opt.add_param_group(bad)
+    assert len(opt.param_groups) == 1 and bad == {"params": q, "momentum": 1.5}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['betaz'\] in 'extra'"):
+        opt.add_param_group({"params": [q], "betaz": 0.9, "name": "extra"})
+    q.grad = torch.ones(3).to_sparse()
+    opt.add_param_group({"params": [q], "name": "extra"})
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\] \(extra\): sparse"):
+        opt.step()
+
+
 def test_loram_groups_saved_without_the_second_moment_options_resume_the_box():
     # A checkpoint from before the options existed: its groups lack the keys; it resumes the
     # algorithm it was saved with (the box), here step for step against the box reference.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from geolora.linalg import addmm_t as addmm
@@ -32,18 +31,6 @@ class Frame(NamedTuple):
     def W(self) -> Tensor:
         """Core ``W = R_M R_Nᵀ`` with ``X = U W Vᵀ``."""
         return self.RM @ transpose(self.RN)
-
-    def rank_deficient(self, rtol: float | None = None) -> Tensor:
-        """Boolean batch mask: ``R_M`` or ``R_N`` numerically singular (relative to its largest
-        diagonal entry), e.g. a zero-initialised LoRA factor."""
-        if rtol is None:
-            rtol = 1e-12 if self.U.dtype == torch.float64 else 1e-6
-        bad = torch.zeros(self.RM.shape[:-2], dtype=torch.bool, device=self.RM.device)
-        for r in (self.RM, self.RN):
-            d = torch.diagonal(r, dim1=-2, dim2=-1).abs()
-            top = d.amax(dim=-1)
-            bad = bad | (d.amin(dim=-1) <= rtol * top) | (top == 0)
-        return bad
 
 
 def make_frame(M: Tensor, N: Tensor, qr_method: str = "auto") -> Frame:

@@ -125,7 +125,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from geolora.linalg import addmm_t, compute_dtype, mm_t, polar, qr_pos, svd_small, transpose
+from geolora.linalg import (
+    addmm_t,
+    compute_dtype,
+    mm_t,
+    polar,
+    qr_pos,
+    rank_deficient,
+    svd_small,
+    transpose,
+)
 from geolora.manifolds.bounded_rank import BoundedRank
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.stiefel import Stiefel
@@ -174,15 +183,6 @@ __all__ = [
     "right_solve",
     "tangent_msign",
 ]
-
-def rank_deficient(t: Tensor) -> bool:
-    """``True`` if ``t: (p, k)`` (p ≥ k) is numerically rank deficient: ``σ_min ≤ tol σ_max`` or
-    ``t = 0`` (tol 1e-12 in float64, 1e-6 otherwise, as the base class's robust-start test)."""
-    t = t.detach().to(compute_dtype(t.dtype))
-    s = torch.linalg.svdvals(t)
-    tol = 1e-12 if t.dtype == torch.float64 else 1e-6
-    return not (bool(s[0] > 0) and bool(s[-1] > tol * s[0]))
-
 
 def right_solve(b: Tensor, c: Tensor) -> Tensor:
     """``b c⁻¹`` for ``b: (..., p, r)``, ``c: (..., r, r)``, solved in float64, ``b``'s dtype."""

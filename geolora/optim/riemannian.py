@@ -44,8 +44,8 @@ from torch import Tensor
 
 from geolora.manifolds.base import Manifold, tree_leaves, tree_map
 from geolora.manifolds.euclidean import Euclidean
+from geolora.optim.validation import check_gradients, prepare_group, validate_betas
 from geolora.optim.validation import check_range as _check_range
-from geolora.optim.validation import validate_betas
 
 __all__ = [
     "ManifoldParameter",
@@ -314,18 +314,10 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
     """Groups of manifold points, validation and gradient checks shared by Adam and SGD."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
-        allowed = set(self.defaults) | {"params", "manifold", "name", "param_names", "initial_lr"}
-        unknown = set(param_group) - allowed
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; valid options: "
-                f"{sorted(set(self.defaults) | {'manifold'})}"
-            )
+        param_group = prepare_group(
+            self, param_group, ("params", "manifold", "name"), shown=("manifold",)
+        )
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        param_group["params"] = params
         manifold = param_group.get("manifold")
         if manifold is not None and not (
             isinstance(manifold, Manifold) or _is_geoopt_manifold(manifold)
@@ -353,12 +345,16 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
                 )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_hyperparameters(group)
-        if ptype is not None and group.get("weight_decay", 0.0):
-            raise ValueError(
-                f"weight_decay must be 0 for a group on {manifold!r} (L2 decay of the point's "
-                "fields has no meaning there)"
-            )
+        try:
+            self._validate_hyperparameters(group)
+            if ptype is not None and group.get("weight_decay", 0.0):
+                raise ValueError(
+                    f"weight_decay must be 0 for a group on {manifold!r} (L2 decay of the point's "
+                    "fields has no meaning there)"
+                )
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer unchanged
+            raise
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_range("lr", group["lr"], 0.0)
@@ -375,19 +371,7 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
             yield [p], resolve_manifold(p, gm), None
 
     def _check_grads(self) -> None:
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                label = f"param_groups[{gi}]['params'][{i}]"
-                if group.get("name") is not None:
-                    label += f" ({group['name']})"
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{label}: sparse gradients are not supported")
-                if not bool(torch.isfinite(p.grad).all()):
-                    raise FloatingPointError(
-                        f"non-finite gradient (NaN or inf) in {label}; nothing was updated"
-                    )
+        check_gradients(self.param_groups, _point_label)
 
     @staticmethod
     def _gather(
@@ -414,6 +398,11 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
     def _write(params: list[Tensor], x_new: Any) -> None:
         for p, t in zip(params, tree_leaves(x_new)):
             p.copy_(t)
+
+
+def _point_label(gi: int, group: dict[str, Any], i: int) -> str:
+    label = f"param_groups[{gi}]['params'][{i}]"
+    return label if group.get("name") is None else f"{label} ({group['name']})"
 
 
 def _load_tangent(state: dict, prefix: str, like: Any) -> Any:
