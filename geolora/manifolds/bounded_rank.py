@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import qf, transpose
-from geolora.manifolds.base import Manifold, check_finite_tree, check_shape
+from geolora.manifolds.base import Manifold, check_finite_tree, check_shape, first_shape_error
 from geolora.manifolds.types import BoundedRankPoint, BoundedRankTangent
 from geolora.retractions.bounded_rank import (
     NUCLEAR_MODES,
@@ -270,10 +270,9 @@ class BoundedRank(Manifold):
         rank deficient), ``K = B (A V)``. ``B = 0`` (standard LoRA init) gives ``K = 0``, a valid
         point; so does ``A = 0`` (then ``V`` is the QR's orthonormal completion).
         """
-        for pname, t, shape in (("B", B, (self.m, self.r)), ("A", A, (self.r, self.n))):
-            err = check_shape(pname, t, shape)
-            if err:
-                raise ValueError(err)
+        err = first_shape_error(("B", B, (self.m, self.r)), ("A", A, (self.r, self.n)))
+        if err:
+            raise ValueError(err)
         if B.shape[:-2] != A.shape[:-2]:
             raise ValueError(
                 f"B and A have different batch shapes {tuple(B.shape[:-2])} and {tuple(A.shape[:-2])}"
@@ -311,10 +310,9 @@ class BoundedRank(Manifold):
             x = self._point(x)
         except TypeError as e:
             return False, str(e)
-        for pname, t, shape in (("K", x.K, (self.m, self.r)), ("V", x.V, (self.n, self.r))):
-            err = check_shape(pname, t, shape)
-            if err:
-                return False, err
+        err = first_shape_error(("K", x.K, (self.m, self.r)), ("V", x.V, (self.n, self.r)))
+        if err:
+            return False, err
         if x.K.shape[:-2] != x.V.shape[:-2]:
             return (
                 False,
@@ -336,10 +334,9 @@ class BoundedRank(Manifold):
             u = self._tangent(u)
         except TypeError as e:
             return False, str(e)
-        for pname, t, shape in (("K", u.K, (self.m, self.r)), ("Vp", u.Vp, (self.n, self.r))):
-            err = check_shape(pname, t, shape)
-            if err:
-                return False, err
+        err = first_shape_error(("K", u.K, (self.m, self.r)), ("Vp", u.Vp, (self.n, self.r)))
+        if err:
+            return False, err
         try:
             check_finite_tree("u", u)
         except ValueError as e:

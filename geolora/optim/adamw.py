@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype
+from geolora.linalg import compute_dtype, transpose
 
 __all__ = [
     "ADAMW_DEFAULTS",
@@ -100,6 +100,16 @@ class PendingAdamW:
     targets: list[Tensor] = field(default_factory=list)
     values: list[Tensor] = field(default_factory=list)
     states: list[tuple[dict, dict[str, Tensor], tuple[str, ...]]] = field(default_factory=list)
+
+    @classmethod
+    def pair_write(
+        cls, group: dict, label: str, B: Tensor, A: Tensor, new: Any, st: dict, state: dict
+    ) -> PendingAdamW:
+        """The write of a pair's new factors ``new = (M, N)`` into ``B = M``, ``A = Nᵀ`` (in
+        their dtypes) and of ``state`` into its state dict ``st``, the robust-start moments
+        dropped."""
+        values = [new.M.to(B.dtype), transpose(new.N).to(A.dtype)]
+        return cls([group], label, [B, A], values, [(st, state, ROBUST_STATE_KEYS)])
 
     def results(self) -> list[Tensor]:
         """Everything the step would write: new parameter values and new state tensors."""

@@ -146,7 +146,7 @@ from geolora.manifolds.types import (
     FixedRankPoint,
     FixedRankTangent,
 )
-from geolora.optim.adamw import ROBUST_STATE_KEYS, PendingAdamW
+from geolora.optim.adamw import PendingAdamW
 from geolora.optim.preconditioners.factor import adamw_moments
 from geolora.optim.riemannian import adam_direction
 from geolora.optim.validation import check_bool, check_choice, check_range
@@ -420,14 +420,7 @@ class _OwnedPoint:
     ) -> PendingAdamW:
         """Enter the manifold without an update: the point's factors (same ``X``) are written to
         ``B``, ``A`` and its state stored, when the step is committed."""
-        f = self.point_factors(work)
-        return PendingAdamW(
-            [group],
-            label,
-            targets=[B, A],
-            values=[f.M.to(B.dtype), transpose(f.N).to(A.dtype)],
-            states=[(st, work, ROBUST_STATE_KEYS)],
-        )
+        return PendingAdamW.pair_write(group, label, B, A, self.point_factors(work), st, work)
 
     def project(self, p: Any, d: Any) -> Any:
         return d  # directions are tangent vectors of the manifold already

@@ -373,6 +373,33 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
     def _check_grads(self) -> None:
         check_gradients(self.param_groups, _point_label)
 
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One step over all points (``closure`` re-evaluates the loss): for each point with a
+        gradient, its Riemannian gradient and :meth:`_update_point`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            for params, manifold, ptype in self._points(group):
+                got = self._gather(params, ptype, group["weight_decay"])
+                if got is None:
+                    continue
+                x, g = got
+                rgrad = self._rgrad(manifold, x, g, ptype)
+                st = self.state[params[0]]
+                self._write(params, self._update_point(group, manifold, x, rgrad, st))
+        return loss
+
+    def _update_point(
+        self, group: dict[str, Any], manifold: Any, x: Any, rgrad: Any, st: dict
+    ) -> Any:
+        """The new point from the Riemannian gradient ``rgrad`` at ``x``; updates the point's
+        state ``st`` (its first tensor's)."""
+        raise NotImplementedError
+
     @staticmethod
     def _gather(
         params: list[Tensor], ptype: type | None, weight_decay: float
@@ -467,52 +494,38 @@ class RiemannianAdam(_RiemannianOptimizer):
             if not isinstance(group[key], bool):
                 raise ValueError(f"invalid {key}: {group[key]!r} (expected a bool)")
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        """One step over all points (``closure`` re-evaluates the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_grads()
-        for group in self.param_groups:
-            cw, ams = group["coordinate_wise"], group["amsgrad"]
-            for params, manifold, ptype in self._points(group):
-                got = self._gather(params, ptype, group["weight_decay"])
-                if got is None:
-                    continue
-                x, g = got
-                rgrad = self._rgrad(manifold, x, g, ptype)
-                st = self.state[params[0]]
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0)
-                    zeros = tree_map(torch.zeros_like, rgrad)
-                    _store_tangent(st, "exp_avg", zeros)
-                    sq = zeros if cw else torch.zeros_like(_inner_keepdim(manifold, x, rgrad))
-                    _store_tangent(st, "exp_avg_sq", sq)
-                    if ams:
-                        _store_tangent(st, "max_exp_avg_sq", sq)
-                st["step"] += 1
-                sq_like = rgrad if cw else st["exp_avg_sq"]
-                x_new, m, v, vmax = riemannian_adam_update(
-                    manifold,
-                    x,
-                    rgrad,
-                    _load_tangent(st, "exp_avg", rgrad),
-                    _load_tangent(st, "exp_avg_sq", sq_like),
-                    step=int(st["step"].item()),
-                    lr=group["lr"],
-                    betas=group["betas"],
-                    eps=group["eps"],
-                    coordinate_wise=cw,
-                    max_exp_avg_sq=_load_tangent(st, "max_exp_avg_sq", sq_like) if ams else None,
-                )
-                self._write(params, x_new)
-                _store_tangent(st, "exp_avg", m)
-                _store_tangent(st, "exp_avg_sq", v)
-                if ams:
-                    _store_tangent(st, "max_exp_avg_sq", vmax)
-        return loss
+    def _update_point(
+        self, group: dict[str, Any], manifold: Any, x: Any, rgrad: Any, st: dict
+    ) -> Any:
+        cw, ams = group["coordinate_wise"], group["amsgrad"]
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0)
+            zeros = tree_map(torch.zeros_like, rgrad)
+            _store_tangent(st, "exp_avg", zeros)
+            sq = zeros if cw else torch.zeros_like(_inner_keepdim(manifold, x, rgrad))
+            _store_tangent(st, "exp_avg_sq", sq)
+            if ams:
+                _store_tangent(st, "max_exp_avg_sq", sq)
+        st["step"] += 1
+        sq_like = rgrad if cw else st["exp_avg_sq"]
+        x_new, m, v, vmax = riemannian_adam_update(
+            manifold,
+            x,
+            rgrad,
+            _load_tangent(st, "exp_avg", rgrad),
+            _load_tangent(st, "exp_avg_sq", sq_like),
+            step=int(st["step"].item()),
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            coordinate_wise=cw,
+            max_exp_avg_sq=_load_tangent(st, "max_exp_avg_sq", sq_like) if ams else None,
+        )
+        _store_tangent(st, "exp_avg", m)
+        _store_tangent(st, "exp_avg_sq", v)
+        if ams:
+            _store_tangent(st, "max_exp_avg_sq", vmax)
+        return x_new
 
 
 class RiemannianSGD(_RiemannianOptimizer):
@@ -560,36 +573,22 @@ class RiemannianSGD(_RiemannianOptimizer):
                 f"{group['momentum']}, dampening={group['dampening']}"
             )
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        """One step over all points (``closure`` re-evaluates the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_grads()
-        for group in self.param_groups:
-            mu = group["momentum"]
-            for params, manifold, ptype in self._points(group):
-                got = self._gather(params, ptype, group["weight_decay"])
-                if got is None:
-                    continue
-                x, g = got
-                rgrad = self._rgrad(manifold, x, g, ptype)
-                st = self.state[params[0]]
-                has_buf = any(k.startswith("momentum_buffer") for k in st)
-                buf = _load_tangent(st, "momentum_buffer", rgrad) if (mu and has_buf) else None
-                x_new, b = riemannian_sgd_update(
-                    manifold,
-                    x,
-                    rgrad,
-                    buf,
-                    lr=group["lr"],
-                    momentum=mu,
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                )
-                self._write(params, x_new)
-                if b is not None:
-                    _store_tangent(st, "momentum_buffer", b)
-        return loss
+    def _update_point(
+        self, group: dict[str, Any], manifold: Any, x: Any, rgrad: Any, st: dict
+    ) -> Any:
+        mu = group["momentum"]
+        has_buf = any(k.startswith("momentum_buffer") for k in st)
+        buf = _load_tangent(st, "momentum_buffer", rgrad) if (mu and has_buf) else None
+        x_new, b = riemannian_sgd_update(
+            manifold,
+            x,
+            rgrad,
+            buf,
+            lr=group["lr"],
+            momentum=mu,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+        )
+        if b is not None:
+            _store_tangent(st, "momentum_buffer", b)
+        return x_new
