@@ -22,6 +22,7 @@ __all__ = [
     "GROUP_KINDS",
     "check_gradients",
     "check_lr",
+    "check_positive",
     "check_range",
     "group_kind",
     "matrix_view",
@@ -63,6 +64,12 @@ def check_range(
     if not ok:
         rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {rng})")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``ValueError`` unless ``value`` is a finite number ``> 0`` (not a bool)."""
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"invalid {name}: {value!r} (expected a finite number > 0)")
 
 
 def check_lr(name: str, value: Any, where: str = "") -> None:
