@@ -3,7 +3,7 @@
 Every routine accepts leading batch dimensions ``(..., m, r)`` so that same-shape LoRA layers
 can be stacked and processed in one call. Small ``r x r`` problems (Sylvester / Lyapunov solves,
 eigendecompositions) run in float64 by default: they are cheap and their conditioning is the
-square of the factors' (DESIGN.md, "Numerics and speed").
+square of the factors' (``docs/design.md``, "Small r × r problems in float64").
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "solve_lyapunov_core",
     "tri_solve_right",
     "check_finite",
+    "rank_deficient",
 ]
 
 
@@ -97,6 +98,17 @@ def check_finite(name: str, *tensors: Tensor) -> None:
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
+def rank_deficient(t: Tensor, rtol: float | None = None) -> bool:
+    """``True`` if the matrix ``t: (p, k)`` is numerically rank deficient: ``σ_min(t) ≤ rtol ·
+    σ_max(t)`` or ``t = 0``. Singular values in ``t``'s compute dtype; ``rtol`` defaults to 1e-12
+    in float64 and 1e-6 otherwise."""
+    t = t.detach().to(compute_dtype(t.dtype))
+    if rtol is None:
+        rtol = 1e-12 if t.dtype == torch.float64 else 1e-6
+    s = torch.linalg.svdvals(t)
+    return not (bool(s[0] > 0) and bool(s[-1] > rtol * s[0]))
+
+
 def _sign_fix(q: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     # Make diag(R) >= 0 so the factorization is unique and continuous in A.
     d = torch.diagonal(r, dim1=-2, dim2=-1)
@@ -109,10 +121,10 @@ def cholesky_qr2(a: Tensor) -> tuple[Tensor, Tensor]:
 
     ``AᵀA = LLᵀ``, ``Q₁ = A L⁻ᵀ``; repeat on ``Q₁``; ``R = R₂ R₁``. It needs only an ``r x r``
     Cholesky factorization and a triangular solve, which on GPUs is ~25x faster than batched
-    Householder QR of tall factors (DESIGN.md). Unconditionally stable for cond(A) ≲ 1e7 in fp64
-    (≲ 1e3 in fp32); batches whose Cholesky fails fall back to ``torch.linalg.qr``.
-    Returns ``(Q, R)`` with ``Q: (..., m, r)`` orthonormal, ``R: (..., r, r)`` upper triangular,
-    ``diag(R) > 0``.
+    Householder QR of tall factors (``docs/design.md``, "GPU costs"). Unconditionally stable for
+    cond(A) ≲ 1e7 in fp64 (≲ 1e3 in fp32); batches whose Cholesky fails fall back to
+    ``torch.linalg.qr``. Returns ``(Q, R)`` with ``Q: (..., m, r)`` orthonormal, ``R: (..., r, r)``
+    upper triangular, ``diag(R) > 0``.
     """
     wd = torch.float64
     a64 = a.to(wd)
@@ -212,7 +224,9 @@ def _sylvester_gram_route(ga: Tensor, gb: Tensor, c: Tensor, left: bool) -> Tens
 
 
 def solve_sylvester_gram(g_m: Tensor, g_n: Tensor, c: Tensor, damping: float = 0.0) -> Tensor:
-    """Solve ``A K + K A = C`` with ``A = G_M G_N`` (LoRA-S eq. 9), batched, no Python loop.
+    """Solve ``A K + K A = C`` with ``A = G_M G_N``, batched, no Python loop (Zheng & Wu,
+    "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026,
+    OpenReview Guo2XGgxZA, eq. 9).
 
     ``A`` is similar to a symmetric positive definite matrix: with the Cholesky factorization
     ``G_N = L Lᵀ`` and ``Lᵀ G_M L = Q Λ Qᵀ``, ``P = L⁻ᵀ Q`` gives ``A = P Λ P⁻¹`` with
@@ -252,7 +266,7 @@ def solve_lyapunov_core(
 ) -> Tensor:
     """Solve ``W Wᵀ K' + K' W Wᵀ = S Wᵀ`` for the gauge-free Sylvester matrix ``K'``.
 
-    This is LoRA-S eq. 9 in orthonormal coordinates (DESIGN.md "Gauge-free lift"): with
+    This is LoRA-S eq. 9 in orthonormal coordinates (``docs/design.md``, "Gauge-free lift"): with
     ``M = U R_M``, ``N = V R_N``, core ``W = R_M R_Nᵀ``, ``S = Uᵀ Ẋ V`` and
     ``K = R_Mᵀ K' R_M⁻ᵀ``. With the SVD ``W = Φ Σ Ψᵀ``:
     ``K' = Φ [(Φᵀ S Ψ Σ) / (σ_i² + σ_j² + 2δ)] Φᵀ``. Its conditioning depends on the singular
@@ -306,7 +320,7 @@ def lyapunov_sequence(
 ) -> SignIteration:
     """The ``C``-independent part of the sign-function iteration for ``A X + X A = C``.
 
-    ``sign([[A, −C], [0, −A]]) = [[I, −2X], [0, −I]]`` (DESIGN.md "Numerics and speed"; with
+    ``sign([[A, −C], [0, −A]]) = [[I, −2X], [0, −I]]`` (``docs/design.md``, "GPU costs"; with
     ``T = [[I, X], [0, I]]``, ``[[A, −C], [0, −A]] = T diag(A, −A) T⁻¹``). Both iterations keep the
     block-triangular form ``[[P, Q], [0, −P]]`` and the ``P`` sequence does not depend on ``C``,
     so it is computed once here and reused by every right-hand side

@@ -1,6 +1,8 @@
-"""Test-session settings: one intra-op thread per worker (tiny r x r kernels are dominated by
-thread start-up; `make test` runs two xdist workers on two cores instead), and the ``device``
-fixture of the device-parametrized tests (:mod:`devices`: CPU, plus CUDA where available)."""
+"""Test-session settings: one intra-op thread per worker for every test (tiny r x r kernels are
+dominated by thread start-up, `make test` runs two xdist workers on two cores instead, and one
+thread keeps reductions in a fixed order, which the bitwise-resume tests rely on), and the
+``device`` fixture of the device-parametrized tests (:mod:`devices`: CPU, plus CUDA where
+available)."""
 
 import sys
 from pathlib import Path

@@ -27,10 +27,12 @@ def assert_resume_exact(
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     split: int,
     total: int = 10,
+    check_loaded: Callable[[dict, torch.optim.Optimizer], None] | None = None,
 ) -> None:
     """Train ``split`` steps, copy the parameters and a deep copy of ``state_dict()`` into a
     fresh ``make()``, then continue both for ``total − split`` steps: the parameters must be
-    bitwise equal. ``make() -> (B, A, optimizer)``; ``loss(B, A)`` the training loss."""
+    bitwise equal. ``make() -> (B, A, optimizer)``; ``loss(B, A)`` the training loss;
+    ``check_loaded(saved_state_dict, resumed_optimizer)`` runs right after the load."""
 
     def step(B, A, opt):
         opt.zero_grad()
@@ -46,6 +48,8 @@ def assert_resume_exact(
         B2.copy_(B)
         A2.copy_(A)
     opt2.load_state_dict(sd)
+    if check_loaded is not None:
+        check_loaded(sd, opt2)
     for _ in range(total - split):
         step(B, A, opt)
         step(B2, A2, opt2)

@@ -1,4 +1,8 @@
-"""BoundedRank: metric, gradient, Q-factor retraction, nuclear-norm term, transport (float64)."""
+"""BoundedRank: metric, gradient, Q-factor retraction, nuclear-norm term, transport (float64).
+
+Algorithm numbers refer to Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language
+Models on Manifold", ICLR 2025 Workshop on Sparsity in LLMs, OpenReview 6cLPObfitT.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +20,6 @@ from geolora.retractions.bounded_rank import (
 
 F64 = torch.float64
 M_, N_, R_ = 9, 7, 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (badly so on busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -234,7 +229,7 @@ def test_nuclear_subgradient_mode(man: BoundedRank) -> None:
     u = man.random_tangent(x, g)
     lam = 0.05
     y = man.retr(x, u, nuclear_lambda=lam)
-    # exactly the plain retraction along u − λ (polar(K), 0)   (loram.txt Alg. 7, line 4)
+    # exactly the plain retraction along u − λ (polar(K), 0)   (LoRAM Alg. 7, line 4)
     Q = polar(x.K)
     y_ref = man.retr(x, BoundedRankTangent(u.K - lam * Q, u.Vp))
     assert rel(y.K, y_ref.K) < 1e-13 and rel(y.V, y_ref.V) < 1e-13
@@ -310,7 +305,7 @@ def test_transport_is_projection_and_tangent(man: BoundedRank) -> None:
     y, w = man.retr_transp(x, u, v)
     man.check_tangent(y, w)
     assert float((y.V.T @ w.Vp).abs().max()) < 1e-12
-    # = metric projection of the ambient (Ẋ, Ṗ) of v onto T_y (loram.txt Alg. 8)
+    # = metric projection of the ambient (Ẋ, Ṗ) of v onto T_y (LoRAM Alg. 8)
     assert tree_rel(w, man.proj_ambient(y, man.embed_tangent(x, v))) < 1e-12
     # transport x → x is the identity
     assert tree_rel(man.transp(x, x, v), v) < 1e-12

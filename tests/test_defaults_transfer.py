@@ -13,7 +13,9 @@ learning rate, and checks that the iterates agree:
   and ``B`` preconditioned with the new ``A``) — equal to first order in ``lr``;
 * ScaledGD: their ``SGDr`` with ``reg=1e-6``;
 * LoRA+: peft's ``create_loraplus_optimizer`` with ``torch.optim.AdamW`` (called, not copied);
-* LoRAM-FR: the first step of loram.txt Algorithm 1 (Alg. 2 gradient, Alg. 3 retraction);
+* LoRAM-FR: the first step of Algorithm 1 (Alg. 2 gradient, Alg. 3 retraction) of Jiang, Wang &
+  Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR 2025 Workshop on
+  Sparsity in LLMs, OpenReview 6cLPObfitT;
 * Stiefel-LoRA: geoopt's ``RiemannianAdam`` on the Stiefel manifold for ``B`` and
   ``torch.optim.AdamW`` for ``A`` (called, not copied).
 """
@@ -248,7 +250,7 @@ def test_loraplus_defaults_equal_peft_create_loraplus_optimizer() -> None:
 
 
 def test_loram_fr_first_step_is_the_paper_box() -> None:
-    """The first ``LoRAMFixedRank()`` step from a full-rank pair is loram.txt Algorithm 1's:
+    """The first ``LoRAMFixedRank()`` step from a full-rank pair is LoRAM Algorithm 1's:
     ``m = (1 − β₁) g``, ``v = (1 − β₂) g ⊙ g`` on ``g = (M, Up, Vp)`` (Alg. 2),
     ``X⁺ = trunc_r(X − lr m / (√v + ε))`` (Alg. 3), no bias correction."""
     B0, A0, grad_X = _problem(scale=1.0)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 try:
     from docs_runner import extract_python_blocks, run_markdown_blocks
@@ -56,15 +55,6 @@ def _pages() -> list[str]:
 
 
 RUN_PAGES = [p for p in _pages() if p not in TESTED_ELSEWHERE and p not in NOT_RUNNABLE]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (badly so on busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --- every page runs -----------------------------------------------------------------------------

@@ -19,15 +19,6 @@ PAGE = ROOT / "docs" / "geometry.md"
 EXAMPLE = ROOT / "docs" / "examples" / "bounded_rank_completion.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (badly so on busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_geometry_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # the page saves gradient_check.png in the working directory
     ns = run_markdown_blocks(PAGE)

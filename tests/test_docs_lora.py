@@ -18,14 +18,10 @@ DOCS = ROOT / "docs"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """Tiny models: one intra-op thread; never touch the hub; run in a scratch directory."""
+def _offline_scratch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Never touch the hub; run in a scratch directory."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_peft_page_runs(capsys: pytest.CaptureFixture[str]) -> None:

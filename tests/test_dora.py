@@ -27,14 +27,6 @@ from geolora.optim.dora import magnitude_adam_update  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dora_mlp(dtype=torch.float32, *, full_rank_b: bool = False, seed: int = 0, dora: bool = True):
     from peft import LoraConfig, get_peft_model
 

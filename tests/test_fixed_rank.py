@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from pymanopt.manifolds import FixedRankEmbedded
 from pymanopt.manifolds.fixed_rank import _FixedRankTangentVector
 
+from geolora.checks import fit_slope
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.types import FixedRankPoint, FixedRankTangent
 from geolora.retractions import (
@@ -26,15 +25,6 @@ TS = [10.0 ** (-3 + 0.5 * k) for k in range(5)]  # 1e-3 ... 1e-1
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def loglog_slope(ts: list[float], errs: list[float]) -> float:
-    """Least-squares slope of log(err) against log(t)."""
-    lx = [math.log(t) for t in ts]
-    ly = [math.log(e) for e in errs]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    num = sum((a - mx) * (b - my) for a, b in zip(lx, ly))
-    return num / sum((a - mx) ** 2 for a in lx)
 
 
 def maxdiff(a, b) -> float:
@@ -129,7 +119,8 @@ def test_projection_identities():
 
 
 def test_project_factored_matches_autograd_trick():
-    """loram.txt Alg. 2: W = A Vᵀ + U Bᵀ, A = U S, B = 0; A.grad = ∇f V, B.grad = ∇fᵀ U."""
+    """LoRAM Alg. 2 (Jiang, Wang & Stich, ICLR 2025 Workshop on Sparsity in LLMs, OpenReview
+    6cLPObfitT): W = A Vᵀ + U Bᵀ, A = U S, B = 0; A.grad = ∇f V, B.grad = ∇fᵀ U."""
     F, x, _, g = setup(2)
     target = torch.randn(M_, N_, dtype=DT, generator=g)
 
@@ -218,8 +209,8 @@ def test_retraction_second_order():
     ys = [F.to_matrix(F.retr(x, scale(u, t))) for t in TS]
     e1 = [float((y - X - t * D).norm()) for y, t in zip(ys, TS)]
     e2 = [float((y - X - t * D - t * t * curv).norm()) for y, t in zip(ys, TS)]
-    assert 1.9 <= loglog_slope(TS, e1) <= 2.1
-    assert loglog_slope(TS, e2) >= 2.9
+    assert 1.9 <= fit_slope(TS, e1, window_length=len(TS)).slope <= 2.1
+    assert fit_slope(TS, e2, window_length=len(TS)).slope >= 2.9
 
 
 def test_retraction_degenerate_cases():

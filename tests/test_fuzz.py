@@ -45,14 +45,6 @@ def fuzz_settings(n: int):
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # --- random problems ------------------------------------------------------------------------
 @st.composite
 def lift_cases(draw, max_dim: int = 64):

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from tiny_models import tiny_bert
 from torch import nn
 
 from geolora.lora import inject_lora, lora_modules, mark_only_lora_trainable
@@ -25,19 +26,9 @@ def geolora_model() -> nn.Sequential:
 
 def peft_bert():
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"])
-    return get_peft_model(BertModel(cfg), config)
+    return get_peft_model(tiny_bert(), config)
 
 
 def test_geolora_pairs_and_other_group() -> None:

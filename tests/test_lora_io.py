@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_models import tiny_bert
 from torch import nn
 
 from geolora.lora import (
@@ -36,19 +37,8 @@ def mlp(r: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Seq
     return model
 
 
-def tiny_bert(seed: int):
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    model = BertModel(cfg).eval()
+def lora_bert(seed: int):
+    model = tiny_bert().eval()
     inject_lora(model, ["query", "value", "dense"], r=4, alpha=8, init="gaussian", seed=seed)
     return model
 
@@ -86,7 +76,7 @@ def test_roundtrip_bitwise_sequential(tmp_path: Path) -> None:
 
 
 def test_roundtrip_bitwise_tiny_bert(tmp_path: Path) -> None:
-    src, dst = tiny_bert(1), tiny_bert(2)
+    src, dst = lora_bert(1), lora_bert(2)
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
     path = tmp_path / "bert.safetensors"
     save_lora(src, path)

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_bert
 from torch import nn
 
 from geolora.lora import (
@@ -32,19 +33,6 @@ def mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6)).to(dtype)
 
 
-def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return BertModel(cfg).eval()
 
 
 # ----------------------------------------------------------------------------- layer
@@ -255,7 +243,7 @@ def test_mark_only_lora_trainable_keep() -> None:
 
 
 def test_tiny_bert_injection() -> None:
-    model = tiny_bert()
+    model = tiny_bert().eval()
     base = copy.deepcopy(model)
     names = inject_lora(model, ["query", "value"], r=4, alpha=8, seed=0)
     assert len(names) == 4 and all(n.endswith((".query", ".value")) for n in names)
@@ -264,8 +252,8 @@ def test_tiny_bert_injection() -> None:
         assert torch.equal(
             model(input_ids=ids).last_hidden_state, base(input_ids=ids).last_hidden_state
         )
-    assert len(inject_lora(tiny_bert(), r=2)) == 13
-    assert len(inject_lora(tiny_bert(), r=2, exclude=["pooler.dense"])) == 12
+    assert len(inject_lora(tiny_bert().eval(), r=2)) == 13
+    assert len(inject_lora(tiny_bert().eval(), r=2, exclude=["pooler.dense"])) == 12
     # merge exactness on the transformer as a whole
     for m in lora_modules(model).values():
         init_lora_(m, "gaussian", std=0.2, generator=torch.Generator().manual_seed(1))

@@ -42,21 +42,27 @@ def train(opt, pairs, others, targets, steps):
         opt.step()
 
 
+def assert_follows_adamw(opt, ref_opt, pairs, others, others_ref, targets, steps):
+    """Train ``opt`` on the model and ``ref_opt`` (a ``torch.optim.AdamW``) on copies
+    ``others_ref`` of the ordinary parameters under the same loss: they must agree to 1e-12."""
+    for _ in range(steps):
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        loss_fn(pairs, others, targets).backward()
+        w, b = others_ref
+        ((w.sum(1) + b - 1.0) ** 2).sum().backward()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(others, others_ref):
+        assert (p - q).abs().max().item() < 1e-12
+
+
 def test_ordinary_params_follow_torch_adamw_exactly():
     pairs, others, targets = make_model()
     others_ref = [p.detach().clone().requires_grad_() for p in others]
     opt = AdamS(groups(pairs, others), lr=1e-2, robust_steps=0, other_weight_decay=0.05)
     ref = torch.optim.AdamW(others_ref, lr=1e-2, weight_decay=0.05, foreach=False)
-    for _ in range(15):
-        opt.zero_grad()
-        ref.zero_grad()
-        loss_fn(pairs, others, targets).backward()
-        w, b = others_ref
-        ((w.sum(1) + b - 1.0) ** 2).sum().backward()
-        opt.step()
-        ref.step()
-    for p, q in zip(others, others_ref):
-        assert (p - q).abs().max().item() < 1e-12
+    assert_follows_adamw(opt, ref, pairs, others, others_ref, targets, steps=15)
 
 
 def test_batched_equals_per_pair_reference():
@@ -163,16 +169,7 @@ def test_ordinary_group_own_adamw_settings_are_honoured():
     gs = groups(pairs, [])[:-1] + [{"params": others, "weight_decay": 0.5, "betas": (0.8, 0.99)}]
     opt = AdamS(gs, lr=1e-2, robust_steps=0)
     tref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.5, betas=(0.8, 0.99), foreach=False)
-    for _ in range(5):
-        opt.zero_grad()
-        tref.zero_grad()
-        loss_fn(pairs, others, targets).backward()
-        w, b = ref
-        ((w.sum(1) + b - 1.0) ** 2).sum().backward()
-        opt.step()
-        tref.step()
-    for p, q in zip(others, ref):
-        assert (p - q).abs().max().item() < 1e-12
+    assert_follows_adamw(opt, tref, pairs, others, ref, targets, steps=5)
 
 
 @pytest.mark.parametrize("foreach", [True, False])

@@ -2,7 +2,8 @@
 
 * invariance: the ``X = B A`` trajectory from ``(B, A)`` equals the one from ``(B R, R⁻¹ A)``;
 * exactness: step-by-step agreement with dense single-pair references written here from the
-  algorithm boxes (lora-s.txt Alg. 2, 3, 4; Gupta et al. 2018 for Shampoo);
+  algorithm boxes (Zheng & Wu, "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester
+  Equation", ICLR 2026, OpenReview Guo2XGgxZA, Alg. 2, 3, 4; Gupta et al. 2018 for Shampoo);
 * convergence on planted low-rank matrix sensing and a stochastic LoRA least-squares problem;
 * batched (``foreach=True``) == per-pair (``foreach=False``), state round trips, validation.
 """
@@ -30,15 +31,6 @@ from geolora.optim.shampoo import LiftedShampoo, fd_update
 from geolora.optim.wrap import Lifted
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: thread start-up dominates and the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def pair(B: torch.Tensor, A: torch.Tensor, name: str) -> dict:
@@ -157,7 +149,7 @@ def ref_tangent_projection(M: np.ndarray, N: np.ndarray, Z: np.ndarray) -> np.nd
 
 
 def ref_lift(M: np.ndarray, N: np.ndarray, Xd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """lora-s.txt Alg. 1 lines 3–5 verbatim (Sylvester eq. 9 by scipy, explicit inverses)."""
+    """LoRA-S Alg. 1 lines 3–5 verbatim (Sylvester eq. 9 by scipy, explicit inverses)."""
     GM, GN = M.T @ M, N.T @ N
     S = GM @ GN
     K = scipy.linalg.solve_sylvester(S, S, M.T @ Xd @ N)

@@ -1,10 +1,12 @@
 """Retraction-based optimizers: LoRAM-FR / LoRAM-BR, Stiefel-LoRA, RiemannianAdam / SGD.
 
-The LoRAM references below are written straight from the algorithm boxes of papers/loram.txt
-(Alg. 1–4 and 5–8) with dense matrices and explicit SVD / QR; with ``BOX`` (second moment left in
-place, no momentum bound) the optimizers must follow them step by step. The defaults add the
-second-moment rules of :mod:`geolora.optim.loram` (masking, cluster averaging, transport, Adam's
-bound), tested below against their own invariants and with negative controls.
+The LoRAM references below are written straight from the algorithm boxes of Jiang, Wang & Stich,
+"LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR 2025 Workshop on Sparsity in
+LLMs, OpenReview 6cLPObfitT (Alg. 1–4 and 5–8) with dense matrices and explicit SVD / QR; with
+``BOX`` (second moment left in place, no momentum bound) the optimizers must follow them step by
+step. The defaults add the second-moment rules of :mod:`geolora.optim.loram` (masking, cluster
+averaging, transport, Adam's bound), tested below against their own invariants and with negative
+controls.
 """
 
 import copy
@@ -33,7 +35,7 @@ from geolora.optim.stiefel_lora import StiefelLoRA
 
 f64 = torch.float64
 M_, N_, R_ = 12, 10, 3
-BOX = {"second_moment_transport": "none", "momentum_bound": False}  # loram.txt verbatim
+BOX = {"second_moment_transport": "none", "momentum_bound": False}  # LoRAM's boxes verbatim
 
 
 def planted(m=M_, n=N_, r=R_, seed=0, sv=(2.0, 1.5, 1.0)):
@@ -78,7 +80,7 @@ def svd_r(X, r):
 
 
 def reference_loram_fr(X0, target, steps, lr, betas=(0.9, 0.999), eps=1e-8):
-    """loram.txt Alg. 1 with Alg. 2 (gradient), 3 (retraction), 4 (transport), dense."""
+    """LoRAM Alg. 1 with Alg. 2 (gradient), 3 (retraction), 4 (transport), dense."""
     b1, b2 = betas
     m, n = X0.shape
     r = R_
@@ -107,7 +109,7 @@ def reference_loram_fr(X0, target, steps, lr, betas=(0.9, 0.999), eps=1e-8):
 
 
 def reference_loram_br(X0, target, steps, lr, lam, alpha=0.5, betas=(0.9, 0.999), eps=1e-8):
-    """loram.txt Alg. 5 with Alg. 6 (gradient), 7 (Q-factor retraction, nuclear norm), 8."""
+    """LoRAM Alg. 5 with Alg. 6 (gradient), 7 (Q-factor retraction, nuclear norm), 8."""
     b1, b2 = betas
     m, n = X0.shape
     r = R_
@@ -688,6 +690,22 @@ def test_manifold_parameter_copy_pickle_and_validation():
     with pytest.raises(FloatingPointError, match="non-finite"):
         RiemannianAdam([p]).step()
     assert torch.equal(p.detach(), before)
+
+
+def test_riemannian_rejected_group_leaves_optimizer_and_dict_unchanged():
+    st = Stiefel(6, 2)
+    opt = RiemannianSGD([ManifoldParameter(st.random_point(), st)], lr=0.1)
+    q = torch.zeros(3, requires_grad=True)
+    bad = {"params": q, "momentum": 1.5}
+    with pytest.raises(ValueError, match="momentum"):
+        opt.add_param_group(bad)
+    assert len(opt.param_groups) == 1 and bad == {"params": q, "momentum": 1.5}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['betaz'\] in 'extra'"):
+        opt.add_param_group({"params": [q], "betaz": 0.9, "name": "extra"})
+    q.grad = torch.ones(3).to_sparse()
+    opt.add_param_group({"params": [q], "name": "extra"})
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\] \(extra\): sparse"):
+        opt.step()
 
 
 def test_loram_groups_saved_without_the_second_moment_options_resume_the_box():

@@ -2,7 +2,9 @@
 
 * invariance: the X = B A trajectory from (B, A) and (B R, R⁻¹ A) (LoRARite, ScaledGD) agree
   to 1e-9 every step; RPAdamW and LoRA+ measurably differ;
-* LoRARite equals a single-pair numpy transcription of lora-rite.txt Algorithm 1 to 1e-10;
+* LoRARite equals a single-pair numpy transcription of Algorithm 1 of Yen et al., "LoRA Done RITE:
+  Robust Invariant Transformation Equilibration for LoRA Optimization", ICLR 2025,
+  arXiv:2410.20625, to 1e-10;
 * RPAdamW / LoRA+ / ScaledGD equal torch.optim.AdamW / SGD on the preconditioned gradients;
 * convergence on planted low-rank matrix sensing, runs from B = 0, batched == per pair.
 """
@@ -21,15 +23,6 @@ from geolora.optim.scaled import RiemannianPreconditionedAdamW, ScaledGD, scaled
 
 DT = torch.float64
 M_, N_, R_ = 12, 10, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny float64 problems: OpenMP threads only add contention here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -124,7 +117,9 @@ def test_invariance(name: str) -> None:
     ids=["rpadamw", "loraplus"],
 )
 def test_not_invariant(factory) -> None:
-    """Element-wise Adam moments in factor coordinates break invariance (lora-s.txt A.18.7)."""
+    """Element-wise Adam moments in factor coordinates break invariance (Zheng & Wu, "LoRA-S: An
+    Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview
+    Guo2XGgxZA, A.18.7)."""
     ref = _trajectory(factory, torch.eye(R_, dtype=DT), 50)
     for gname in ("diag10^-3..3", "random"):
         dev = _max_rel_dev(ref, _trajectory(factory, _gauges()[gname], 50))
@@ -135,7 +130,7 @@ def test_not_invariant(factory) -> None:
 
 
 def _rite_reference(A, B, grad_Z, steps, lr, beta1, beta2, eps, mode, bias_correction, wd):
-    """lora-rite.txt Algorithm 1 for one pair in the paper's notation ``Z = A Bᵀ``
+    """LoRA-RITE Algorithm 1 for one pair in the paper's notation ``Z = A Bᵀ``
     (``A: m×r``, ``B: n×r``), numpy, explicit QR / inverse / eigh. Returns ``(A, B)`` after
     every step. ``mode="sum"``: lines 6–7 verbatim; ``"ema"``: the EMA form of §3.2."""
     r = A.shape[1]

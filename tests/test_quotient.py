@@ -154,8 +154,8 @@ def test_batched_equals_loop(metric, gen):
 
 
 def test_fp32_lift_error_independent_of_gauge(gen):
-    """Gauge-free numerics (DESIGN.md): the fp32 balanced lift's error (vs fp64) does not grow
-    with an ill-conditioned factor balance R = diag(1 … 10⁴)."""
+    """Gauge-free numerics (``docs/design.md``, "Gauge-free lift"): the fp32 balanced lift's error
+    (vs fp64) does not grow with an ill-conditioned factor balance R = diag(1 … 10⁴)."""
     Q = FactorQuotient(120, 90, 8, "balanced")
     x = Q.random_point(generator=gen)
     Z = torch.randn(120, 90, dtype=f64, generator=gen)

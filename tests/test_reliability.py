@@ -25,21 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bad_input_cases import CASES, HEADER, BadInput, markdown_rows  # noqa: E402
 from optim_zoo import EXPECTED_NAMES, IMPORT_ERRORS, ZOO, ZooEntry, zoo_ids  # noqa: E402
+from pair_problems import assert_resume_exact  # noqa: E402
 
 from geolora.optim import AdamS  # noqa: E402
 from geolora.optim.checkpoint import load_optimizer_state, save_optimizer_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_BY_NAME = {e.name: e for e in ZOO}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: deterministic reductions (bitwise resume) and no oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_zoo_complete() -> None:
@@ -433,25 +425,13 @@ def test_resume_bf16_keeps_fp32_state() -> None:
         A = nn.Parameter(torch.randn(3, 10, generator=g).bfloat16())
         return B, A, AdamS([pair_group(B, A, "l0")], lr=1e-2, robust_steps=0)
 
-    def step(B, A, opt):
-        opt.zero_grad()
-        (0.5 * ((B.float() @ A.float() - X) ** 2).sum()).backward()
-        opt.step()
+    def loss(B, A):
+        return 0.5 * ((B.float() @ A.float() - X) ** 2).sum()
 
-    B, A, opt = make()
-    for _ in range(3):
-        step(B, A, opt)
-    sd = copy.deepcopy(opt.state_dict())
-    B2, A2, opt2 = make()
-    with torch.no_grad():
-        B2.copy_(B)
-        A2.copy_(A)
-    opt2.load_state_dict(sd)
-    assert_same(sd["state"], opt2.state_dict()["state"])
-    for _ in range(2):
-        step(B, A, opt)
-        step(B2, A2, opt2)
-    assert torch.equal(B, B2) and torch.equal(A, A2)
+    def state_kept(sd, opt2):
+        assert_same(sd["state"], opt2.state_dict()["state"])
+
+    assert_resume_exact(make, loss, split=3, total=5, check_loaded=state_kept)
 
 
 # --- checkpoint security -----------------------------------------------------------------------

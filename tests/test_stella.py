@@ -32,14 +32,6 @@ from geolora.optim.stella import stiefel_canonical_exp  # noqa: E402
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def steps(opt, layer, T, k: int) -> float:
     for _ in range(k):
         opt.zero_grad()

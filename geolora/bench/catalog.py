@@ -117,7 +117,7 @@ _SPECS = [
         5e-4,
         True,
         "Riemannian Adam on the fixed-rank manifold",
-        "LoRAM, loram.txt (Alg. 1-4)",
+        "Jiang, Wang & Stich, LoRAM, ICLR 2025 workshop (Alg. 1-4)",
     ),
     OptimizerSpec(
         "loram_br",
@@ -125,7 +125,7 @@ _SPECS = [
         1e-3,
         True,
         "Riemannian AdamW on desingularized bounded-rank matrices",
-        "LoRAM, loram.txt (Alg. 5-8)",
+        "Jiang, Wang & Stich, LoRAM, ICLR 2025 workshop (Alg. 5-8)",
     ),
     OptimizerSpec(
         "stiefel_lora",

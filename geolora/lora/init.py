@@ -8,19 +8,21 @@ Strategies (``ΔW = s · B A`` at initialization, ``s = alpha / r``):
 
 * ``"zero"`` — ``B = 0``, ``A ~ U(−1/√in, 1/√in)``: the default of Hu et al. (2022) and
   peft (``kaiming_uniform_(a=√5)``). ``ΔW = 0``: the adapted model starts at the base model.
-* ``"gaussian"`` (aliases ``"both"`` and ``"biased"``, the name of LoRA-S, lora-s.txt
-  appendix "Biased Initialization") — ``A ~ N(0, 1/in)``, ``B ~ N(0, std²/r)``, default
-  ``std = 1e-2``. Both factors are nonzero, so ``ΔW ≠ 0`` and quotient-geometry optimizers
-  (whose Gram matrices ``BᵀB``, ``A Aᵀ`` must be invertible) can start at once. Scale: for an
-  input with i.i.d. unit-variance entries every output entry of ``s B A x`` has standard
-  deviation ``s · std`` (``A x`` has unit-variance entries, ``B`` sums ``r`` of them with
-  variance ``std²/r``). The base weight is not changed, so the model's function moves by ``ΔW``.
+* ``"gaussian"`` (aliases ``"both"`` and ``"biased"``, the name in Zheng & Wu, "LoRA-S: An Efficient
+  Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview Guo2XGgxZA, appendix
+  A.16 "Biased Initialization") — ``A ~ N(0, 1/in)``, ``B ~ N(0, std²/r)``, default ``std = 1e-2``.
+  Both factors are nonzero, so ``ΔW ≠ 0`` and quotient-geometry optimizers (whose Gram matrices
+  ``BᵀB``, ``A Aᵀ`` must be invertible) can start at once. Scale: for an input with i.i.d.
+  unit-variance entries every output entry of ``s B A x`` has standard deviation ``s · std``
+  (``A x`` has unit-variance entries, ``B`` sums ``r`` of them with variance ``std²/r``). The base
+  weight is not changed, so the model's function moves by ``ΔW``.
 * ``"orthogonal"`` — ``B = 0``, ``A`` with orthonormal rows (``A Aᵀ = I_r``, Haar-distributed
   via a sign-fixed QR of a Gaussian ``in × r`` matrix). ``ΔW = 0``; the first gradient
   ``∇_B = s ∇_W Aᵀ`` sees a well-conditioned ``A``.
 * ``"stiefel"`` — ``A = 0``, ``B`` with orthonormal columns (``BᵀB = I_r``, Haar): the
-  start of Stiefel-LoRA (``B`` on the Stiefel manifold, Park et al. 2025). ``ΔW = 0``.
-* :func:`spectral_init_` — LoRA-One (Zhang, Liu & Chen 2025; lora-s.txt eq. Spectral-init):
+  start of Stiefel-LoRA (``B`` on the Stiefel manifold; Park et al., "Riemannian Optimization for
+  LoRA on the Stiefel Manifold", Findings of EMNLP 2025, arXiv:2508.17901). ``ΔW = 0``.
+* :func:`spectral_init_` — LoRA-One (Zhang, Liu & Chen 2025; LoRA-S A.16, eq. Spectral-init):
   data-dependent, from one full-weight gradient.
 """
 
@@ -150,7 +152,7 @@ def spectral_init_(
 
     i.e. the adapted model ``W + s B A`` is exactly one step of best-rank-``r`` projected
     full-fine-tuning gradient descent with step ``γ`` (Zhang, Liu & Chen 2025, "LoRA-One",
-    Alg. 1; lora-s.txt eq. Spectral-init, which writes ``M₀N₀ᵀ = γ U_r S_r V_rᵀ`` without
+    Alg. 1; LoRA-S A.16, eq. Spectral-init, which writes ``M₀N₀ᵀ = γ U_r S_r V_rᵀ`` without
     the LoRA scaling: dividing by ``s`` here makes ``γ`` independent of ``alpha / r``).
     The factors are balanced, ``BᵀB = A Aᵀ = (γ/s) S_r``, and the base weights are left
     unchanged, so the model's function changes by ``s B A`` only.

@@ -265,6 +265,16 @@ def _check_hmac(
         )
 
 
+def _check_digest(path: str, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The header's ``sha256`` must be the checksum of its module metadata and the tensors."""
+    if header.get("sha256") != _digest(header["modules"], tensors):
+        raise _fail(
+            path,
+            "checksum mismatch: the tensors or the module metadata were modified "
+            "after saving (file tampered with or corrupted)",
+        )
+
+
 def _check_module_tensors(
     path: str,
     tensors: dict[str, torch.Tensor],
@@ -328,12 +338,7 @@ def read_lora_file(
             _key(name, "lora_B"): (meta["out_features"], meta["r"]),
         },
     )
-    if header.get("sha256") != _digest(modules_meta, tensors):
-        raise _fail(
-            path,
-            "checksum mismatch: the tensors or the module metadata were modified "
-            "after saving (file tampered with or corrupted)",
-        )
+    _check_digest(path, header, tensors)
     return tensors, header
 
 

@@ -3,7 +3,7 @@
 A wrapped layer computes ``y = W x + b + s · B A x`` with the frozen base weight
 ``W: (out, in)``, trainable factors ``A: (r, in)``, ``B: (out, r)`` and the scaling
 ``s = alpha / r`` (Hu et al. 2022, "LoRA", eq. 3). In the geolora conventions
-(DESIGN.md) the pair is ``M = B``, ``N = Aᵀ`` and the low-rank update is ``ΔW = s·B A``.
+(``docs/design.md``) the pair is ``M = B``, ``N = Aᵀ`` and the low-rank update is ``ΔW = s·B A``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from torch import nn
 from geolora.lora.io import (
     _INT_FIELDS,
     LoRALoadResult,
+    _check_digest,
     _check_module_tensors,
-    _digest,
     _fail,
     _key,
     _match_modules,
@@ -102,12 +102,7 @@ def read_three_factor_file(
                 f"metadata of module {name!r}: diagonal={meta.get('diagonal')!r} is not a bool",
             )
     _check_module_tensors(path, tensors, modules_meta, _shapes)
-    if header.get("sha256") != _digest(modules_meta, tensors):
-        raise _fail(
-            path,
-            "checksum mismatch: the tensors or the module metadata were modified "
-            "after saving (file tampered with or corrupted)",
-        )
+    _check_digest(path, header, tensors)
     return tensors, header
 
 

@@ -6,12 +6,13 @@ NamedTuples of tensors (e.g. ``FixedRankPoint(U, S, V)``). Every method accepts 
 dimensions: a stack of same-shape points is processed in one call.
 
 The optimizers only talk to a manifold through this seam, so a new manifold costs nothing in the
-optimizers (STYLE.md).
+optimizers.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -154,6 +155,33 @@ def check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> str | None:
     if t.dim() < len(shape) or tuple(t.shape[-len(shape) :]) != tuple(shape):
         return f"{name} has shape {tuple(t.shape)}, expected (..., {', '.join(map(str, shape))})"
     return None
+
+
+def first_shape_error(*items: tuple[str, Tensor, tuple[int, ...]]) -> str | None:
+    """The first :func:`check_shape` objection among ``(name, t, shape)`` items, else ``None``."""
+    return next((e for n, t, sh in items if (e := check_shape(n, t, sh)) is not None), None)
+
+
+def check_shapes_match(
+    manifold: str,
+    tensors: dict[str, Tensor],
+    reason: Callable[[str, Tensor], str | None],
+    hint: str = "",
+) -> None:
+    """``ValueError`` prefixed with ``manifold`` if ``reason(name, t)`` objects to a tensor or two
+    tensors differ in shape (``hint`` is appended to that message)."""
+    first: tuple[str, Tensor] | None = None
+    for name, t in tensors.items():
+        why = reason(name, t)
+        if why is not None:
+            raise ValueError(f"{manifold}: {why}")
+        if first is None:
+            first = (name, t)
+        elif t.shape != first[1].shape:
+            raise ValueError(
+                f"{manifold}: {name} has shape {tuple(t.shape)} but {first[0]} has "
+                f"{tuple(first[1].shape)}{hint}"
+            )
 
 
 def check_finite_tree(name: str, x) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import qf, transpose
-from geolora.manifolds.base import Manifold, check_finite_tree, check_shape
+from geolora.manifolds.base import Manifold, check_finite_tree, check_shape, first_shape_error
 from geolora.manifolds.types import BoundedRankPoint, BoundedRankTangent
 from geolora.retractions.bounded_rank import (
     NUCLEAR_MODES,
@@ -23,7 +23,9 @@ __all__ = ["BoundedRank"]
 
 class BoundedRank(Manifold):
     r"""Desingularization of ``{X ∈ R^{m×n} : rank X ≤ r}`` (Khrulkov–Oseledets 2018;
-    Rebjock–Boumal 2024; loram.txt Sec. 3, Alg. 5–8).
+    Rebjock–Boumal 2024; Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models
+    on Manifold", ICLR 2025 Workshop on Sparsity in LLMs, OpenReview 6cLPObfitT (LoRAM below),
+    §2, Alg. 5–8).
 
     Set: ``M = {(X, P) ∈ R^{m×n} × Gr(n, n−r) : X P = 0}`` (``P`` an orthogonal projector of rank
     ``n − r``), a smooth manifold of dimension ``(m + n − r) r`` that maps onto *all* matrices of
@@ -43,27 +45,27 @@ class BoundedRank(Manifold):
 
         ⟨(K̇, V̇p), (K̇', V̇p')⟩ = tr(K̇ᵀK̇') + tr(V̇p (KᵀK + 2αI) V̇p'ᵀ),
 
-    positive definite also at ``K = 0`` because ``α > 0``. loram.txt's ``S(α) = 2αI + S²`` with
-    ``K = U S`` is the same matrix ``KᵀK + 2αI``; DESIGN.md and the paper agree.
+    positive definite also at ``K = 0`` because ``α > 0``. LoRAM's ``S(α) = 2αI + S²`` (§2) with
+    ``K = U S`` is the same matrix ``KᵀK + 2αI``.
 
     Projection of a parameter-space vector ``(A, B) ∈ R^{m×r} × R^{n×r}``: ``(A, (I − VVᵀ) B)``
     (orthogonal for both the Euclidean and the metric-weighted inner product).
     Projection of an ambient vector ``(Z, W) ∈ R^{m×n} × Sym(n)`` (:meth:`proj_ambient`):
     ``(Z V, (I − VVᵀ)(ZᵀK − 2αWV)(KᵀK + 2αI)⁻¹)``.
 
-    Riemannian gradient of ``f(X)`` (loram.txt Alg. 6), from ``∇_X f V`` and ``∇_X fᵀ K`` (what
+    Riemannian gradient of ``f(X)`` (LoRAM Alg. 6), from ``∇_X f V`` and ``∇_X fᵀ K`` (what
     autograd gives for ``X = K Vᵀ``: ``∂f/∂K = ∇_X f V``, ``∂f/∂V = ∇_X fᵀ K``)::
 
         grad f = (∇_X f V,  (I − VVᵀ) ∇_X fᵀ K (KᵀK + 2αI)⁻¹).
 
-    Retraction (Q-factor; Rebjock–Boumal; loram.txt Alg. 7): ``V⁺ = qf(V + V̇p)``,
+    Retraction (Q-factor; Rebjock–Boumal; LoRAM Alg. 7): ``V⁺ = qf(V + V̇p)``,
     ``K⁺ = (KVᵀ + K̇Vᵀ + KV̇pᵀ) V⁺ = (K + K̇)(VᵀV⁺) + K(V̇pᵀV⁺)``; optional nuclear-norm term, see
     :meth:`retr`. Transport: orthogonal projection of ``(Ẋ, Ṗ)`` onto the new tangent space
-    (loram.txt Alg. 8). All operations cost ``O((m + n) r²)`` and accept batch dimensions.
+    (LoRAM Alg. 8). All operations cost ``O((m + n) r²)`` and accept batch dimensions.
 
     Args:
         m, n: matrix shape. r: rank bound, ``1 ≤ r ≤ min(m, n)``.
-        alpha: weight ``α > 0`` of the Grassmann part of the metric (loram.txt: usually 0.5).
+        alpha: weight ``α > 0`` of the Grassmann part of the metric (LoRAM §2: usually 0.5).
         qr_method: QR used by the retraction (:func:`geolora.linalg.qr_pos`).
     """
 
@@ -137,7 +139,7 @@ class BoundedRank(Manifold):
     def rgrad_factored(self, x: BoundedRankPoint, GV: Tensor, GtK: Tensor) -> BoundedRankTangent:
         """Riemannian gradient from ``GV = ∇_X f V: (..., m, r)`` and ``GtK = ∇_X fᵀ K: (..., n, r)``.
 
-        ``(GV, (I − VVᵀ) GtK (KᵀK + 2αI)⁻¹)`` (loram.txt Alg. 6). These are exactly the autograd
+        ``(GV, (I − VVᵀ) GtK (KᵀK + 2αI)⁻¹)`` (LoRAM Alg. 6). These are exactly the autograd
         gradients of ``f(K Vᵀ)`` with respect to ``K`` and ``V``.
         """
         x = self._point(x)
@@ -181,7 +183,7 @@ class BoundedRank(Manifold):
         nuclear_lambda: Tensor | float = 0.0,
         nuclear_mode: str = "subgradient",
     ) -> BoundedRankPoint:
-        """Q-factor retraction, optionally with a nuclear-norm step (loram.txt Alg. 7).
+        """Q-factor retraction, optionally with a nuclear-norm step (LoRAM Alg. 7).
 
         ``V⁺ = qf(V + V̇p)``, ``K⁺ = (K + K̇)(VᵀV⁺) + K(V̇pᵀV⁺)`` (``X⁺ = (X + Ẋ) V⁺V⁺ᵀ``).
         With ``nuclear_lambda = λ > 0`` (the whole step's amount, e.g. ``lr · λ``):
@@ -208,7 +210,7 @@ class BoundedRank(Manifold):
     def transp(
         self, x: BoundedRankPoint, y: BoundedRankPoint, v: BoundedRankTangent
     ) -> BoundedRankTangent:
-        """Projection transport of ``v ∈ T_x`` to ``T_y`` (loram.txt Alg. 8)."""
+        """Projection transport of ``v ∈ T_x`` to ``T_y`` (LoRAM Alg. 8)."""
         x, y, v = self._point(x), self._point(y, "y"), self._tangent(v, "v")
         return bounded_rank_transport(x, y, v, self.alpha)
 
@@ -268,10 +270,9 @@ class BoundedRank(Manifold):
         rank deficient), ``K = B (A V)``. ``B = 0`` (standard LoRA init) gives ``K = 0``, a valid
         point; so does ``A = 0`` (then ``V`` is the QR's orthonormal completion).
         """
-        for pname, t, shape in (("B", B, (self.m, self.r)), ("A", A, (self.r, self.n))):
-            err = check_shape(pname, t, shape)
-            if err:
-                raise ValueError(err)
+        err = first_shape_error(("B", B, (self.m, self.r)), ("A", A, (self.r, self.n)))
+        if err:
+            raise ValueError(err)
         if B.shape[:-2] != A.shape[:-2]:
             raise ValueError(
                 f"B and A have different batch shapes {tuple(B.shape[:-2])} and {tuple(A.shape[:-2])}"
@@ -309,10 +310,9 @@ class BoundedRank(Manifold):
             x = self._point(x)
         except TypeError as e:
             return False, str(e)
-        for pname, t, shape in (("K", x.K, (self.m, self.r)), ("V", x.V, (self.n, self.r))):
-            err = check_shape(pname, t, shape)
-            if err:
-                return False, err
+        err = first_shape_error(("K", x.K, (self.m, self.r)), ("V", x.V, (self.n, self.r)))
+        if err:
+            return False, err
         if x.K.shape[:-2] != x.V.shape[:-2]:
             return (
                 False,
@@ -334,10 +334,9 @@ class BoundedRank(Manifold):
             u = self._tangent(u)
         except TypeError as e:
             return False, str(e)
-        for pname, t, shape in (("K", u.K, (self.m, self.r)), ("Vp", u.Vp, (self.n, self.r))):
-            err = check_shape(pname, t, shape)
-            if err:
-                return False, err
+        err = first_shape_error(("K", u.K, (self.m, self.r)), ("Vp", u.Vp, (self.n, self.r)))
+        if err:
+            return False, err
         try:
             check_finite_tree("u", u)
         except ValueError as e:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import check_finite
-from geolora.manifolds.base import Manifold, check_shape
+from geolora.manifolds.base import Manifold, check_shape, check_shapes_match
 
 __all__ = ["Euclidean"]
 
@@ -53,18 +53,7 @@ class Euclidean(Manifold):
         return None
 
     def _validate(self, **tensors: Tensor) -> None:
-        first = None
-        for name, t in tensors.items():
-            reason = self._shape_reason(name, t)
-            if reason is not None:
-                raise ValueError(f"{self.name}: {reason}")
-            if first is None:
-                first = (name, t)
-            elif t.shape != first[1].shape:
-                raise ValueError(
-                    f"{self.name}: {name} has shape {tuple(t.shape)} but {first[0]} has "
-                    f"{tuple(first[1].shape)}"
-                )
+        check_shapes_match(self.name, tensors, self._shape_reason)
 
     def _reduce_dims(self) -> tuple[int, ...]:
         return tuple(range(-self.ndim, 0))

@@ -20,7 +20,8 @@ class FixedRank(Manifold):
 
     References: Vandereycken, "Low-rank matrix completion by Riemannian optimization",
     SIAM J. Optim. 2013; Manopt ``fixedrankembeddedfactory``; pymanopt ``FixedRankEmbedded``;
-    LoRAM (loram.txt) Algorithms 1–4.
+    Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR
+    2025 Workshop on Sparsity in LLMs, OpenReview 6cLPObfitT (LoRAM below), Algorithms 1–4.
 
     * point: :class:`FixedRankPoint` ``(U, S, V)``, ``X = U diag(S) Vᵀ``, ``U: (..., m, r)`` and
       ``V: (..., n, r)`` orthonormal, ``S: (..., r)`` positive;
@@ -31,16 +32,16 @@ class FixedRank(Manifold):
       three terms ``<Ẋ, Ẋ'> = tr(MᵀM') + tr(UpᵀUp') + tr(VpᵀVp')``;
     * projection ``P_X(Z) = P_U Z + Z P_V − P_U Z P_V``: ``M = UᵀZV``, ``Up = ZV − U M``,
       ``Vp = ZᵀU − V Mᵀ`` — it needs only ``ZV`` and ``ZᵀU``, see :meth:`project_factored`
-      (loram.txt Alg. 2); ``egrad2rgrad = proj``;
+      (LoRAM Alg. 2); ``egrad2rgrad = proj``;
     * retraction: rank-r truncated SVD of ``X + Ẋ`` (the metric projection, second order),
       computed from QRs of ``[U Up]``, ``[V Vp]`` and the SVD of a ``2r×2r`` core
-      (loram.txt Alg. 3), O((m + n) r²);
-    * transport by projection ``P_{T_Y}(Ẋ)`` in factored form (loram.txt Alg. 4), O((m + n) r²).
+      (LoRAM Alg. 3), O((m + n) r²);
+    * transport by projection ``P_{T_Y}(Ẋ)`` in factored form (LoRAM Alg. 4), O((m + n) r²).
 
     ``S = 0`` (LoRAM starts there, Alg. 1) is *not* a point of this manifold — ``check_point``
     rejects it — but :meth:`from_factors` / :meth:`from_matrix` with ``allow_zero=True`` return
     such a "point" with orthonormal ``U``, ``V``: projection, retraction and transport only use
-    ``U``, ``V`` orthonormal, so the optimizers run from it exactly as loram.txt does (the first
+    ``U``, ``V`` orthonormal, so the optimizers run from it exactly as LoRAM does (the first
     retraction produces ``S⁺ > 0`` for a generic step).
     """
 
@@ -123,7 +124,7 @@ class FixedRank(Manifold):
     def project_factored(self, x: FixedRankPoint, zv: Tensor, ztu: Tensor) -> FixedRankTangent:
         """``P_X(Z)`` from ``ZV: (..., m, r)`` and ``ZᵀU: (..., n, r)``, never forming ``Z``.
 
-        With LoRAM's trick (loram.txt Alg. 2) — ``W = A Vᵀ + U Bᵀ``, ``A = U diag(S)``,
+        With LoRAM's trick (Alg. 2) — ``W = A Vᵀ + U Bᵀ``, ``A = U diag(S)``,
         ``B = 0`` — autograd gives ``A.grad = ∇f V`` and ``B.grad = ∇fᵀ U``: pass them here.
         """
         x = self._point(x)
@@ -145,7 +146,7 @@ class FixedRank(Manifold):
         return tree_sum_inner(u, v)
 
     def retr(self, x: FixedRankPoint, u: FixedRankTangent) -> FixedRankPoint:
-        """Truncated-SVD retraction (loram.txt Alg. 3), see :func:`fixed_rank_retraction`."""
+        """Truncated-SVD retraction (LoRAM Alg. 3), see :func:`fixed_rank_retraction`."""
         x = self._point(x)
         u = self._tangent(x, u)
         check_finite_tree(f"{self.name}.retr: x", x)
@@ -153,7 +154,7 @@ class FixedRank(Manifold):
         return _fr.fixed_rank_retraction(x, u)
 
     def transp(self, x: FixedRankPoint, y: FixedRankPoint, v: FixedRankTangent) -> FixedRankTangent:
-        """Projection transport ``P_{T_Y}(v)`` in factored form (loram.txt Alg. 4)."""
+        """Projection transport ``P_{T_Y}(v)`` in factored form (LoRAM Alg. 4)."""
         x = self._point(x)
         y = self._point(y, "y")
         if y.U.shape[:-2] != x.U.shape[:-2]:
@@ -213,9 +214,9 @@ class FixedRank(Manifold):
     def from_factors(self, B: Tensor, A: Tensor, *, allow_zero: bool = False) -> FixedRankPoint:
         """Rank-r truncated SVD of ``X = B A`` from LoRA factors, never forming ``m×n``.
 
-        ``B: (..., m, k)``, ``A: (..., k, n)`` (``ΔW = B A``, DESIGN.md conventions), any ``k``.
-        ``Q_B R_B = B``, ``Q_A R_A = Aᵀ``, SVD ``R_B R_Aᵀ = Ũ S̃ Ṽᵀ`` (in float64),
-        ``U = Q_B Ũ[:, :r]``, ``S = S̃[:r]``, ``V = Q_A Ṽ[:, :r]``; O((m + n) k²).
+        ``B: (..., m, k)``, ``A: (..., k, n)`` (``ΔW = B A``, conventions of ``docs/design.md``),
+        any ``k``. ``Q_B R_B = B``, ``Q_A R_A = Aᵀ``, SVD ``R_B R_Aᵀ = Ũ S̃ Ṽᵀ`` (in float64), ``U =
+        Q_B Ũ[:, :r]``, ``S = S̃[:r]``, ``V = Q_A Ṽ[:, :r]``; O((m + n) k²).
 
         ``rank(B A) < r`` (e.g. LoRA's ``B = 0`` init) raises ``ValueError`` unless
         ``allow_zero=True``: then ``S`` has zeros and ``U``, ``V`` stay orthonormal, chosen

@@ -1,9 +1,9 @@
 """Orthonormal frames of a factored low-rank matrix and factored matrix tangent vectors.
 
-For ``X = M Nᵀ`` of rank r, the thin QR factorizations ``M = U R_M``, ``N = V R_N`` give the
-*frame* ``(U, R_M, V, R_N)`` and the core ``W = R_M R_Nᵀ`` (``X = U W Vᵀ``). The matrix tangent
-space is ``T_X = {U S Vᵀ + Up Vᵀ + U Vpᵀ : Uᵀ Up = 0, Vᵀ Vp = 0}`` (DESIGN.md conventions) and
-a tangent vector is stored as :class:`~geolora.manifolds.types.FixedRankTangent` ``(M=S, Up, Vp)``
+For ``X = M Nᵀ`` of rank r, the thin QR factorizations ``M = U R_M``, ``N = V R_N`` give the *frame*
+``(U, R_M, V, R_N)`` and the core ``W = R_M R_Nᵀ`` (``X = U W Vᵀ``). The matrix tangent space is
+``T_X = {U S Vᵀ + Up Vᵀ + U Vpᵀ : Uᵀ Up = 0, Vᵀ Vp = 0}`` (``docs/design.md``, conventions) and a
+tangent vector is stored as :class:`~geolora.manifolds.types.FixedRankTangent` ``(M=S, Up, Vp)``
 relative to the frame. Nothing here forms an ``m x n`` matrix except :func:`tangent_to_dense`.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from geolora.linalg import addmm_t as addmm
@@ -33,18 +32,6 @@ class Frame(NamedTuple):
         """Core ``W = R_M R_Nᵀ`` with ``X = U W Vᵀ``."""
         return self.RM @ transpose(self.RN)
 
-    def rank_deficient(self, rtol: float | None = None) -> Tensor:
-        """Boolean batch mask: ``R_M`` or ``R_N`` numerically singular (relative to its largest
-        diagonal entry), e.g. a zero-initialised LoRA factor."""
-        if rtol is None:
-            rtol = 1e-12 if self.U.dtype == torch.float64 else 1e-6
-        bad = torch.zeros(self.RM.shape[:-2], dtype=torch.bool, device=self.RM.device)
-        for r in (self.RM, self.RN):
-            d = torch.diagonal(r, dim1=-2, dim2=-1).abs()
-            top = d.amax(dim=-1)
-            bad = bad | (d.amin(dim=-1) <= rtol * top) | (top == 0)
-        return bad
-
 
 def make_frame(M: Tensor, N: Tensor, qr_method: str = "auto") -> Frame:
     """Orthonormal frame of ``X = M Nᵀ``: ``M = U R_M``, ``N = V R_N`` (sign-fixed thin QR)."""
@@ -54,7 +41,9 @@ def make_frame(M: Tensor, N: Tensor, qr_method: str = "auto") -> Frame:
 
 
 def project_factor_grads(frame: Frame, grad_M: Tensor, grad_N: Tensor) -> FixedRankTangent:
-    """``P_T(∇_X f)`` in factored form from the factor gradients (LoRA-S eq. 12, A.17 eq. 23).
+    """``P_T(∇_X f)`` in factored form from the factor gradients (Zheng & Wu, "LoRA-S: An
+    Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview
+    Guo2XGgxZA, eq. 12, A.17 eq. 23).
 
     With ``∇_M = G N = G V R_N`` and ``∇_N = Gᵀ M = Gᵀ U R_M`` (``G = ∇_X f``, what autograd gives
     for ``X = M Nᵀ``): ``G V = ∇_M R_N⁻¹``, ``Gᵀ U = ∇_N R_M⁻¹``, ``S = Uᵀ G V``,

@@ -11,6 +11,9 @@ Every lift here has the same shape in the orthonormal frame ``M = U R_M``, ``N =
 
 with ``r x r`` coefficients ``(A_M, D_N, A_N, D_M)`` that each metric computes in float64 from
 ``(S, R_M, R_N)``. Only the final assembly touches ``m x r`` / ``n x r`` matrices.
+
+The balanced metric and its Sylvester lift are those of Zheng & Wu, "LoRA-S: An Efficient Low
+Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview Guo2XGgxZA (LoRA-S below).
 """
 
 from __future__ import annotations
@@ -282,15 +285,15 @@ class QuotientMetric(ABC):
 
 
 class BalancedMetric(QuotientMetric):
-    """LoRA-S metric ``tr(G_M⁻¹ ṀᵀṀ') + tr(G_N⁻¹ ṄᵀṄ')`` (lora-s.txt eq. 7; Absil et al. 2007).
+    """LoRA-S metric ``tr(G_M⁻¹ ṀᵀṀ') + tr(G_N⁻¹ ṄᵀṄ')`` (LoRA-S eq. 7; Absil et al. 2007).
 
-    Lift (lora-s.txt Alg. 1, eq. 9): ``G_M G_N K + K G_M G_N = Mᵀ Ẋ N``,
+    Lift (LoRA-S Alg. 1, eq. 9): ``G_M G_N K + K G_M G_N = Mᵀ Ẋ N``,
     ``Ṁ = (Ẋ N − M G_N K) G_N⁻¹``, ``Ṅ = (Ẋᵀ M − N G_M Kᵀ) G_M⁻¹``; it satisfies
     ``MᵀṀ = K G_M`` and ``ṄᵀN = G_N K``.
 
-    Gauge-free evaluation (DESIGN.md): with ``W = R_M R_Nᵀ`` and ``K = R_Mᵀ K' R_M⁻ᵀ`` the
-    equation becomes ``W Wᵀ K' + K' W Wᵀ = S Wᵀ`` and the lift simplifies to
-    ``Ṁ = U K' R_M + Up R_N⁻ᵀ``, ``Ṅ = V (S − K' W)ᵀ R_M⁻ᵀ + Vp R_M⁻ᵀ``
+    Gauge-free evaluation (``docs/design.md``, "Gauge-free lift"): with ``W = R_M R_Nᵀ`` and
+    ``K = R_Mᵀ K' R_M⁻ᵀ`` the equation becomes ``W Wᵀ K' + K' W Wᵀ = S Wᵀ`` and the lift
+    simplifies to ``Ṁ = U K' R_M + Up R_N⁻ᵀ``, ``Ṅ = V (S − K' W)ᵀ R_M⁻ᵀ + Vp R_M⁻ᵀ``
     (using ``S − W Wᵀ K' W⁻ᵀ = K' W``). Its conditioning depends on X's singular values only.
     With damping δ > 0 the Gram-matrix route with ``G + δI`` is used instead.
     """
@@ -373,7 +376,7 @@ class BalancedMetric(QuotientMetric):
 
 class PreconditionedMetric(QuotientMetric):
     """Metric ``tr(G_N ṀᵀṀ') + tr(G_M ṄᵀṄ')`` (Mishra–Sepulchre 2014; ScaledGD, Tong et al. 2021;
-    Riemannian-preconditioned LoRA, Zhang & Pilanci 2024; lora-s.txt eq. 6).
+    Riemannian-preconditioned LoRA, Zhang & Pilanci 2024; LoRA-S eq. 6).
 
     Closed-form lift: ``Ṁ = (I − ½P_M) Ẋ N G_N⁻¹``, ``Ṅ = (I − ½P_N) Ẋᵀ M G_M⁻¹``, i.e. in the
     frame ``Ṁ = (½ U S + Up) R_N⁻ᵀ``, ``Ṅ = (½ V Sᵀ + Vp) R_M⁻ᵀ``.

@@ -11,7 +11,8 @@ point of the quotient. For LoRA ``ΔW = s·B A``: ``M = B``, ``N = Aᵀ``.
 * Horizontal lift of ``Ẋ``: the unique horizontal ``(Ṁ, Ṅ)`` with ``Dπ[(Ṁ, Ṅ)] = P_T(Ẋ)``.
 
 References: Absil, Mahony & Sepulchre 2008 (ch. 3.5); Mishra, Meyer, Bonnabel & Sepulchre 2014;
-LoRA-S (lora-s.txt, Alg. 1, eqs. 7, 9, 12).
+Zheng & Wu, "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026,
+OpenReview Guo2XGgxZA, Alg. 1, eqs. 7, 9, 12.
 """
 
 from __future__ import annotations

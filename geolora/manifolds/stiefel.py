@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import check_finite, qf, sym, transpose
-from geolora.manifolds.base import Manifold, check_shape
+from geolora.manifolds.base import Manifold, check_shape, check_shapes_match
 from geolora.retractions import stiefel as _retractions
 from geolora.retractions import transport as _transport
 
@@ -53,18 +53,13 @@ class Stiefel(Manifold):
 
     # --- validation helpers -------------------------------------------------------------------
     def _validate(self, **tensors: Tensor) -> None:
-        first: tuple[str, Tensor] | None = None
-        for name, t in tensors.items():
-            reason = check_shape(name, t, (self.n, self.r))
-            if reason is not None:
-                raise ValueError(f"{self.name}: {reason}")
-            if first is None:
-                first = (name, t)
-            elif t.shape != first[1].shape:
-                raise ValueError(
-                    f"{self.name}: {name} has shape {tuple(t.shape)} but {first[0]} has "
-                    f"{tuple(first[1].shape)} (batch dims must match)"
-                )
+        shape = (self.n, self.r)
+        check_shapes_match(
+            self.name,
+            tensors,
+            lambda name, t: check_shape(name, t, shape),
+            " (batch dims must match)",
+        )
 
     # --- geometry -----------------------------------------------------------------------------
     def proj(self, x: Tensor, u: Tensor) -> Tensor:

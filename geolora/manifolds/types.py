@@ -36,7 +36,7 @@ class FixedRankTangent(NamedTuple):
     """A tangent vector ``Ẋ = U M Vᵀ + Up Vᵀ + U Vpᵀ`` with ``Uᵀ Up = 0``, ``Vᵀ Vp = 0``.
 
     The same factored form represents matrix tangent vectors at ``X = M Nᵀ`` in the quotient
-    geometry, with ``U = qf(M)``, ``V = qf(N)`` (Vandereycken 2013; DESIGN.md conventions).
+    geometry, with ``U = qf(M)``, ``V = qf(N)`` (Vandereycken 2013; ``docs/design.md``).
     """
 
     M: Tensor  # (..., r, r)

@@ -3,8 +3,9 @@
 One geolora optimizer trains a whole model: groups without ``lora_pair`` are updated with AdamW
 (the arithmetic of ``torch.optim.AdamW`` with ``foreach=False``, so the results are the same to the
 bit), and a LoRA pair whose factors are rank deficient (e.g. ``B = 0``) or still inside its first
-``robust_steps`` steps takes AdamW steps on its factors (the "robust start" of Zhang et al.,
-"LoRA-S", 2025, appendix A.16).
+``robust_steps`` steps takes AdamW steps on its factors (the "robust start" of Zheng & Wu,
+"LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview
+Guo2XGgxZA, appendix A.16).
 
 Both are computed *before* anything is written (:class:`PendingAdamW`): the step computes every
 update — robust, pair buckets, ordinary groups —, checks that all results are finite, and only
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype
+from geolora.linalg import compute_dtype, transpose
 
 __all__ = [
     "ADAMW_DEFAULTS",
@@ -99,6 +100,16 @@ class PendingAdamW:
     targets: list[Tensor] = field(default_factory=list)
     values: list[Tensor] = field(default_factory=list)
     states: list[tuple[dict, dict[str, Tensor], tuple[str, ...]]] = field(default_factory=list)
+
+    @classmethod
+    def pair_write(
+        cls, group: dict, label: str, B: Tensor, A: Tensor, new: Any, st: dict, state: dict
+    ) -> PendingAdamW:
+        """The write of a pair's new factors ``new = (M, N)`` into ``B = M``, ``A = Nᵀ`` (in
+        their dtypes) and of ``state`` into its state dict ``st``, the robust-start moments
+        dropped."""
+        values = [new.M.to(B.dtype), transpose(new.N).to(A.dtype)]
+        return cls([group], label, [B, A], values, [(st, state, ROBUST_STATE_KEYS)])
 
     def results(self) -> list[Tensor]:
         """Everything the step would write: new parameter values and new state tensors."""

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import compute_dtype
+from geolora.linalg import compute_dtype, rank_deficient
 from geolora.manifolds.types import FactorPoint, FactorTangent
 from geolora.optim.adamw import (
     ADAMW_DEFAULTS,
@@ -102,6 +102,7 @@ from geolora.optim.validation import (
     group_kind,
     matrix_view,
     param_label,
+    prepare_group,
     validate_betas,
     validate_pair,
     validate_state_dict,
@@ -133,7 +134,7 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             all of them are ordinary parameters).
         defaults: the subclass's hyperparameters (``lr`` required).
         robust_steps: number of initial steps during which a LoRA pair is updated with AdamW on
-            its factors (Zhang et al., "LoRA-S", 2025, A.16 "robust start"); a pair whose
+            its factors (LoRA-S, A.16 "Robust training"); a pair whose
             factors are rank deficient (e.g. ``B = 0``) also takes the AdamW path until they
             have full rank (:meth:`requires_full_rank`).
         nonfinite: ``"raise"`` (default): a NaN/inf gradient, or an update or optimizer state
@@ -336,21 +337,8 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
     # --- groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
-        # A copy: the caller's dict is neither filled with defaults nor changed by a rejection.
-        param_group = dict(param_group)
-        allowed = set(self.defaults) | PAIR_KEYS | {"param_names", "initial_lr"} | set(GROUP_KINDS)
-        unknown = set(param_group) - allowed
-        if unknown:
-            label = param_group.get("name", "param group")
-            raise ValueError(
-                f"{type(self).__name__}: unknown option(s) {sorted(unknown)} in {label!r}; "
-                f"valid options: {sorted(set(self.defaults))}"
-            )
+        param_group = prepare_group(self, param_group, PAIR_KEYS | set(GROUP_KINDS))
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        param_group["params"] = params
         kind = group_kind(param_group)
         label = param_group.get("name", "param group")
         if kind is not None and kind not in self.group_kinds:
@@ -513,8 +501,7 @@ def rank_deficient_product(B: Tensor, A: Tensor) -> bool:
         return not (bool(s[0] > 0) and bool(s[-1] > 1e-3 * s[0]))
     rb = torch.linalg.qr(B.detach().to(dt), mode="r")[1]
     ra = torch.linalg.qr(A.detach().T.to(dt), mode="r")[1]
-    s = torch.linalg.svdvals(rb @ ra.T)
-    return not (bool(s[0] > 0) and bool(s[-1] > 1e-3 * s[0]))
+    return rank_deficient(rb @ ra.T, rtol=1e-3)
 
 
 class StepContext:

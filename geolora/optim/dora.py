@@ -14,15 +14,16 @@ Geometry. On ``M`` take the product metric
 
     g((Ḃ, Ȧ, μ̇), (Ḃ', Ȧ', μ̇')) = g^q_{(B,A)}((Ḃ, Ȧ), (Ḃ', Ȧ')) + μ̇ᵀ D(μ) μ̇'
 
-with ``g^q`` any gauge-invariant quotient metric of geolora (default: LoRA-S's balanced metric,
-:mod:`geolora.manifolds.metrics`) and ``D(μ) = I`` (``magnitude_metric="euclidean"``) or
-``D(μ) = diag(μ)⁻²`` (``"log"``, the scale-invariant metric of the positive orthant). The vertical
-space at ``(B, A, μ)`` is ``{(B Ω, −Ω A, 0)}``, so the horizontal space is the product of ``g^q``'s
-horizontal space and ``R^m``, and the horizontal lift of a tangent vector ``(Ẋ, μ̇)`` of the base
-``R_r^{m×n} × R^m`` is ``(lift^q(P_T Ẋ), μ̇)``. Autograd's gradients are ``∇_B = ∇_X f Aᵀ``,
-``∇_A = Bᵀ ∇_X f`` with ``∇_X f = s ∂f/∂W'`` chained through the normalisation (exactly, or with
-peft's detached norm: either way a function of ``(X, μ)``), and ``∇_μ f``; the Riemannian
-gradient is ``(lift^q(P_T ∇_X f), D(μ)⁻¹ ∇_μ f)``.
+with ``g^q`` any gauge-invariant quotient metric of geolora (default: the balanced metric of Zheng &
+Wu, "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview
+Guo2XGgxZA, eq. 7, :mod:`geolora.manifolds.metrics`) and ``D(μ) = I``
+(``magnitude_metric="euclidean"``) or ``D(μ) = diag(μ)⁻²`` (``"log"``, the scale-invariant metric of
+the positive orthant). The vertical space at ``(B, A, μ)`` is ``{(B Ω, −Ω A, 0)}``, so the
+horizontal space is the product of ``g^q``'s horizontal space and ``R^m``, and the horizontal lift
+of a tangent vector ``(Ẋ, μ̇)`` of the base ``R_r^{m×n} × R^m`` is ``(lift^q(P_T Ẋ), μ̇)``.
+Autograd's gradients are ``∇_B = ∇_X f Aᵀ``, ``∇_A = Bᵀ ∇_X f`` with ``∇_X f = s ∂f/∂W'`` chained
+through the normalisation (exactly, or with peft's detached norm: either way a function of
+``(X, μ)``), and ``∇_μ f``; the Riemannian gradient is ``(lift^q(P_T ∇_X f), D(μ)⁻¹ ∇_μ f)``.
 
 The optimizer preconditions each component with its own state:
 

@@ -1,4 +1,8 @@
-"""LiftedSGD — (heavy-ball / Nesterov) gradient descent lifted to the quotient (lora-s.txt A.18.1)."""
+"""LiftedSGD — (heavy-ball / Nesterov) gradient descent lifted to the quotient.
+
+Zheng & Wu, "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026,
+OpenReview Guo2XGgxZA, Appendix A.18.1 with the general scheme of Alg. 1.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from geolora.optim.validation import check_range as _check_range
 
 
 class LiftedSGD(LiftedOptimizer):
-    """SGD lifted to the horizontal space (lora-s.txt A.18.1 with Alg. 1).
+    """SGD lifted to the horizontal space (LoRA-S A.18.1 with Alg. 1).
 
     ``ξ = P_T(∇_X f)`` (eq. 12); descent ``Ẋ = ξ`` (``momentum=0``), the heavy-ball
     ``m_t = β T(m_{t−1}) + ξ_t``, ``Ẋ = m_t`` or Nesterov ``Ẋ = ξ_t + β m_t`` (``m`` stored

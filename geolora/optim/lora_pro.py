@@ -77,7 +77,7 @@ from torch import Tensor
 
 from geolora.linalg import compute_dtype, solve_sylvester, sym, transpose
 from geolora.manifolds.types import FactorPoint, FactorTangent
-from geolora.optim.adamw import ROBUST_STATE_KEYS, PendingAdamW
+from geolora.optim.adamw import PendingAdamW
 from geolora.optim.lifted import LiftedOptimizer
 from geolora.optim.preconditioners import EquivalentGradientAdam
 from geolora.optim.validation import validate_betas
@@ -246,10 +246,4 @@ class LoRAPro(LiftedOptimizer):
         new_state.update(exp_avg=m, exp_avg_sq=v, step=step)
         if "robust_step" not in st:
             new_state["robust_step"] = torch.tensor(0.0)
-        return PendingAdamW(
-            [group],
-            label,
-            targets=[B, A],
-            values=[new.M.to(B.dtype), transpose(new.N).to(A.dtype)],
-            states=[(st, new_state, ROBUST_STATE_KEYS)],
-        )
+        return PendingAdamW.pair_write(group, label, B, A, new, st, new_state)

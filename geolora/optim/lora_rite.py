@@ -1,6 +1,6 @@
 """LoRA-RITE: adaptive r×r matrix preconditioning in the orthonormal bases of the factors.
 
-Yen, Si, Meng, Yu, Venkataraman, Dhillon & Hsieh, "LoRA Done RITE: Robust Invariant
+Yen, Si, Meng, Yu, Duvvuri, Dhillon, Hsieh & Kumar, "LoRA Done RITE: Robust Invariant
 Transformation Equilibration for LoRA Optimization", ICLR 2025, arXiv:2410.20625 (§3.2
 eqs. 11–17, Algorithm 1). Declared as ``(RITEPreconditioner, QuotientGeometry, OneSidedStep)``:
 the preconditioner (:mod:`geolora.optim.preconditioners.rite`) holds the ``r x r`` moments and

@@ -1,7 +1,8 @@
 """LoRAM: Riemannian Adam on fixed-rank (LoRAM-FR) and bounded-rank (LoRAM-BR) matrices.
 
-Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR
-2025 (Algorithms 1–8). Each is a short declaration of the template (:mod:`geolora.optim.base`):
+Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR 2025
+Workshop on Sparsity in LLMs, OpenReview 6cLPObfitT (Algorithms 1–8). Each is a short declaration of
+the template (:mod:`geolora.optim.base`):
 
 * LoRAM-FR = ``(ManifoldAdam, FixedRankGeometry, Retraction)``;
 * LoRAM-BR = ``(ManifoldAdam, BoundedRankGeometry, Retraction)``.
@@ -30,7 +31,7 @@ from geolora.optim.manifold_pair import (
     rank_deficient,
     right_solve,
 )
-from geolora.optim.validation import check_choice, check_range
+from geolora.optim.validation import check_choice, check_positive, check_range
 from geolora.retractions.bounded_rank import (
     NUCLEAR_MODES,
     canonical_bounded_rank,
@@ -208,7 +209,5 @@ class LoRAMBoundedRank(PairOptimizer):
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
         check_range("nuclear_norm", group["nuclear_norm"], 0.0)
-        a = group["alpha"]
-        if not (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a < float("inf")):
-            raise ValueError(f"invalid alpha: {a!r} (expected a finite number > 0)")
+        check_positive("alpha", group["alpha"])
         check_choice("nuclear_mode", group["nuclear_mode"], NUCLEAR_MODES)

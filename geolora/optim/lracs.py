@@ -11,7 +11,7 @@ from geolora.optim.preconditioners.racs import RACSPreconditioner
 
 
 class LRACS(LiftedOptimizer):
-    """LRACS: row/column-scaled SGD on ``T_X`` + Sylvester lift (lora-s.txt §4.3, eq. 14,
+    """LRACS: row/column-scaled SGD on ``T_X`` + Sylvester lift (LoRA-S §4.3, eq. 14,
     Alg. 3, A.10; RACS of Gong et al. 2025).
 
     Per step: ``G = P_T(∇_X f)`` (eq. 12); one-sample ``(s_t, q_t)`` from eq. 14 by a 5-step

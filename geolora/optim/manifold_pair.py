@@ -2,9 +2,12 @@
 and Riemannion, as geometries, preconditioners and a move of the template
 (:mod:`geolora.optim.base`).
 
+LoRAM: Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold",
+ICLR 2025 Workshop on Sparsity in LLMs, OpenReview 6cLPObfitT (Algorithms 1–8).
+
 
 * LoRAM-FR, point ``(U, S, V)`` of :class:`~geolora.manifolds.fixed_rank.FixedRank`:
-  ``B = U diag(S)``, ``A = Vᵀ``. Autograd gives ``∇_B = ∇_X A ᵀ = ∇_X V`` — loram.txt Alg. 2's
+  ``B = U diag(S)``, ``A = Vᵀ``. Autograd gives ``∇_B = ∇_X A ᵀ = ∇_X V`` — LoRAM Alg. 2's
   ``A.grad`` — and ``∇_Aᵀ = ∇_Xᵀ B = ∇_Xᵀ U diag(S)``, so ``∇_Xᵀ U = ∇_Aᵀ diag(S)⁻¹``. The
   column scaling by ``S`` is exact in floating point up to one rounding per entry whatever the
   size of ``S``; only ``S_i = 0`` loses the column ``∇_Xᵀ u_i`` (set to 0 then — ``rank X < r`` is
@@ -21,7 +24,7 @@ changing it: the rank-r truncated SVD ``X = U diag(S) Vᵀ`` of the factors
 ``(M, N) = (B, Aᵀ)``; with ``range(N) = range(V)``: ``∇_X V = ∇_M (VᵀN)⁻¹``, ``∇_Xᵀ U =
 ∇_N (UᵀM)⁻¹`` and ``∇_Xᵀ K = ∇_N (NᵀV)`` (r×r solves in float64).
 
-Zero-initialised LoRA (``B = 0``): loram.txt starts from ``S = 0`` and obtains ``∇_X V``,
+Zero-initialised LoRA (``B = 0``): LoRAM starts from ``S = 0`` and obtains ``∇_X V``,
 ``∇_Xᵀ U`` from two extra modules (Alg. 2). Here:
 
 * LoRAM-BR needs nothing: ``K = 0`` is a point of the desingularization and ``∇_B``, ``∇_A``
@@ -87,7 +90,7 @@ step and the Q-factor retraction inflates ``‖X‖`` by ``≈ sqrt(1 + ‖V̇p�
 0.2 rad and 2–7 % per step at lr 1e-2, 12×10, r = 3). From large starts it converges when
 ``lr·sqrt(n r) ≲ 1e-2`` (12×10, r = 3: lr 3e-3) and grows beyond (40×30, r = 4, lr 1e-3:
 141 → 893; lr 3e-3: → 1.7e10). Use a small lr there (the paper: 1e-4) or ``coordinate_wise=False``
-(one norm-based step size per pair, Bécigneul & Ganea 2019, compared in loram.txt Sec. 2), which
+(one norm-based step size per pair, Bécigneul & Ganea 2019, compared in LoRAM §2), which
 never raised the loss in any of these cases (lr up to 3e-2, both optimizers). A diverged ``K``
 stops with ``FloatingPointError`` (its metric ``(KᵀK + 2αI)⁻¹`` is no longer finite).
 
@@ -122,7 +125,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from geolora.linalg import addmm_t, compute_dtype, mm_t, polar, qr_pos, svd_small, transpose
+from geolora.linalg import (
+    addmm_t,
+    compute_dtype,
+    mm_t,
+    polar,
+    qr_pos,
+    rank_deficient,
+    svd_small,
+    transpose,
+)
 from geolora.manifolds.bounded_rank import BoundedRank
 from geolora.manifolds.fixed_rank import FixedRank
 from geolora.manifolds.stiefel import Stiefel
@@ -134,7 +146,7 @@ from geolora.manifolds.types import (
     FixedRankPoint,
     FixedRankTangent,
 )
-from geolora.optim.adamw import ROBUST_STATE_KEYS, PendingAdamW
+from geolora.optim.adamw import PendingAdamW
 from geolora.optim.preconditioners.factor import adamw_moments
 from geolora.optim.riemannian import adam_direction
 from geolora.optim.validation import check_bool, check_choice, check_range
@@ -171,15 +183,6 @@ __all__ = [
     "right_solve",
     "tangent_msign",
 ]
-
-def rank_deficient(t: Tensor) -> bool:
-    """``True`` if ``t: (p, k)`` (p ≥ k) is numerically rank deficient: ``σ_min ≤ tol σ_max`` or
-    ``t = 0`` (tol 1e-12 in float64, 1e-6 otherwise, as the base class's robust-start test)."""
-    t = t.detach().to(compute_dtype(t.dtype))
-    s = torch.linalg.svdvals(t)
-    tol = 1e-12 if t.dtype == torch.float64 else 1e-6
-    return not (bool(s[0] > 0) and bool(s[-1] > tol * s[0]))
-
 
 def right_solve(b: Tensor, c: Tensor) -> Tensor:
     """``b c⁻¹`` for ``b: (..., p, r)``, ``c: (..., r, r)``, solved in float64, ``b``'s dtype."""
@@ -417,14 +420,7 @@ class _OwnedPoint:
     ) -> PendingAdamW:
         """Enter the manifold without an update: the point's factors (same ``X``) are written to
         ``B``, ``A`` and its state stored, when the step is committed."""
-        f = self.point_factors(work)
-        return PendingAdamW(
-            [group],
-            label,
-            targets=[B, A],
-            values=[f.M.to(B.dtype), transpose(f.N).to(A.dtype)],
-            states=[(st, work, ROBUST_STATE_KEYS)],
-        )
+        return PendingAdamW.pair_write(group, label, B, A, self.point_factors(work), st, work)
 
     def project(self, p: Any, d: Any) -> Any:
         return d  # directions are tangent vectors of the manifold already
@@ -674,11 +670,11 @@ class StiefelTangent(NamedTuple):
 class StiefelGeometry(_OwnedPoint):
     """``B`` on the Stiefel manifold ``St(m, r)`` (embedded metric), ``A`` Euclidean; point
     ``(B, Aᵀ)`` owned in the pair's state (Park et al., "Riemannian Optimization for LoRA on the
-    Stiefel Manifold", 2025, arXiv:2508.17901). Entry: ``B = Q R`` (sign-fixed QR), point
-    ``(Q, R A)``; a rank-deficient ``B`` enters by re-factoring only; ``B = 0`` becomes a
-    deterministic orthonormal ``Q`` (seeded by the shape and the pair's name) with ``A = 0``.
-    Gradient ``(∇_B − B sym(Bᵀ∇_B), ∇_N)``; retraction per-group ``retraction`` (QR, polar,
-    Cayley) for ``B``, Euclidean for ``N``; transport by projection."""
+    Stiefel Manifold", Findings of EMNLP 2025, arXiv:2508.17901). Entry: ``B = Q R`` (sign-fixed
+    QR), point ``(Q, R A)``; a rank-deficient ``B`` enters by re-factoring only; ``B = 0`` becomes
+    a deterministic orthonormal ``Q`` (seeded by the shape and the pair's name) with ``A = 0``.
+    Gradient ``(∇_B − B sym(Bᵀ∇_B), ∇_N)``; retraction per-group ``retraction`` (QR, polar, Cayley)
+    for ``B``, Euclidean for ``N``; transport by projection."""
 
     def validate(self, group: dict[str, Any]) -> None:
         check_choice("retraction", group["retraction"], tuple(sorted(STIEFEL_RETRACTIONS)))

@@ -59,6 +59,7 @@ from geolora.manifolds.landing import landing_field, landing_safe_step
 from geolora.optim.adamw import PendingAdamW, adamw_update_
 from geolora.optim.base import LoRAOptimizer
 from geolora.optim.three_factor import TRIPLE_KEY, validate_triple
+from geolora.optim.validation import check_positive
 from geolora.optim.validation import check_range as _check_range
 
 __all__ = ["PoLAR", "adamw_step", "landing_adam_update", "landing_sgd_update"]
@@ -165,9 +166,7 @@ class PoLAR(LoRAOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._validate_hyperparameters(group)
-        lam = group["landing_lambda"]
-        if not (isinstance(lam, (int, float)) and lam > 0 and lam < float("inf")):
-            raise ValueError(f"invalid landing_lambda: {lam!r} (expected a finite number > 0)")
+        check_positive("landing_lambda", group["landing_lambda"])
         if group["direction"] not in DIRECTIONS:
             raise ValueError(f"invalid direction: {group['direction']!r} (expected {DIRECTIONS})")
         if group["safe_eps"] is not None:

@@ -7,14 +7,17 @@ gradient ``∇f(x)``::
     g  = egrad2rgrad(x, ∇f(x) + λ x)                     (λ: L2 weight decay, tensor points only)
     m  ← β₁ m + (1 − β₁) g                                (a tangent vector at x)
     v  ← β₂ v + (1 − β₂) ‖g‖²_x        (norm-based, default; one number per point)
-    v  ← β₂ v + (1 − β₂) g ⊙ g         (coordinate_wise=True; LoRAM's choice, loram.txt Alg. 1)
+    v  ← β₂ v + (1 − β₂) g ⊙ g         (coordinate_wise=True; LoRAM's choice, Alg. 1)
     d  = (m / (1 − β₁ᵗ)) / (sqrt(v / (1 − β₂ᵗ)) + ε)
     x⁺, m ← retr_transp(x, −lr d, m)                      (momentum transported to T_{x⁺})
 
-The optimizers only use the manifold seam (``egrad2rgrad``, ``inner``, ``retr``,
-``retr_transp``); the functional cores :func:`adam_direction`, :func:`riemannian_adam_update` and
-:func:`riemannian_sgd_update` take leading batch dimensions and (Named)tuple points, and are
-shared with the LoRA optimizers (:mod:`geolora.optim.loram`, :mod:`geolora.optim.stiefel_lora`).
+The coordinate-wise second moment is the choice of LoRAM (Jiang, Wang & Stich, "LoRAM: Low-Rank
+Adaptation of Large Language Models on Manifold", ICLR 2025 Workshop on Sparsity in LLMs,
+OpenReview 6cLPObfitT, Alg. 1). The optimizers only use the manifold seam (``egrad2rgrad``,
+``inner``, ``retr``, ``retr_transp``); the functional cores :func:`adam_direction`,
+:func:`riemannian_adam_update` and :func:`riemannian_sgd_update` take leading batch dimensions
+and (Named)tuple points, and are shared with the LoRA optimizers (:mod:`geolora.optim.loram`,
+:mod:`geolora.optim.stiefel_lora`).
 
 Parameters and groups of :class:`RiemannianAdam` / :class:`RiemannianSGD` (plain
 ``torch.optim.Optimizer`` subclasses, one point at a time):
@@ -41,8 +44,8 @@ from torch import Tensor
 
 from geolora.manifolds.base import Manifold, tree_leaves, tree_map
 from geolora.manifolds.euclidean import Euclidean
+from geolora.optim.validation import check_gradients, prepare_group, validate_betas
 from geolora.optim.validation import check_range as _check_range
-from geolora.optim.validation import validate_betas
 
 __all__ = [
     "ManifoldParameter",
@@ -180,7 +183,7 @@ def _egrad2rgrad_tuple(manifold: Any, x: tuple, grads: tuple[Tensor, ...]) -> tu
 
     FixedRank: ``f(U diag(S) Vᵀ)`` gives ``∂f/∂U = ∇f V diag(S)``, ``∂f/∂V = ∇fᵀ U diag(S)``, so
     ``∇f V`` and ``∇fᵀ U`` are these divided by ``S > 0`` (``∂f/∂S`` is redundant) and feed
-    ``project_factored`` (loram.txt Alg. 2). Other manifolds (BoundedRank, FactorQuotient) take the
+    ``project_factored`` (LoRAM Alg. 2). Other manifolds (BoundedRank, FactorQuotient) take the
     tuple of factor gradients in ``egrad2rgrad`` directly.
     """
     from geolora.manifolds.fixed_rank import FixedRank
@@ -260,7 +263,7 @@ def riemannian_adam_update(
     ``x⁺, m ← retr_transp(x, −lr · direction, m)``.
 
     Returns ``(x⁺, exp_avg at x⁺, exp_avg_sq, max_exp_avg_sq)``. With
-    ``coordinate_wise=True, bias_correction=False`` this is exactly loram.txt Alg. 1 (lines 5–12).
+    ``coordinate_wise=True, bias_correction=False`` this is exactly LoRAM Alg. 1 (lines 5–12).
     """
     d, m, v, vmax = adam_direction(
         manifold,
@@ -311,18 +314,10 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
     """Groups of manifold points, validation and gradient checks shared by Adam and SGD."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
-        allowed = set(self.defaults) | {"params", "manifold", "name", "param_names", "initial_lr"}
-        unknown = set(param_group) - allowed
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; valid options: "
-                f"{sorted(set(self.defaults) | {'manifold'})}"
-            )
+        param_group = prepare_group(
+            self, param_group, ("params", "manifold", "name"), shown=("manifold",)
+        )
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        param_group["params"] = params
         manifold = param_group.get("manifold")
         if manifold is not None and not (
             isinstance(manifold, Manifold) or _is_geoopt_manifold(manifold)
@@ -350,12 +345,16 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
                 )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_hyperparameters(group)
-        if ptype is not None and group.get("weight_decay", 0.0):
-            raise ValueError(
-                f"weight_decay must be 0 for a group on {manifold!r} (L2 decay of the point's "
-                "fields has no meaning there)"
-            )
+        try:
+            self._validate_hyperparameters(group)
+            if ptype is not None and group.get("weight_decay", 0.0):
+                raise ValueError(
+                    f"weight_decay must be 0 for a group on {manifold!r} (L2 decay of the point's "
+                    "fields has no meaning there)"
+                )
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer unchanged
+            raise
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_range("lr", group["lr"], 0.0)
@@ -372,19 +371,34 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
             yield [p], resolve_manifold(p, gm), None
 
     def _check_grads(self) -> None:
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
+        check_gradients(self.param_groups, _point_label)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One step over all points (``closure`` re-evaluates the loss): for each point with a
+        gradient, its Riemannian gradient and :meth:`_update_point`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group in self.param_groups:
+            for params, manifold, ptype in self._points(group):
+                got = self._gather(params, ptype, group["weight_decay"])
+                if got is None:
                     continue
-                label = f"param_groups[{gi}]['params'][{i}]"
-                if group.get("name") is not None:
-                    label += f" ({group['name']})"
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{label}: sparse gradients are not supported")
-                if not bool(torch.isfinite(p.grad).all()):
-                    raise FloatingPointError(
-                        f"non-finite gradient (NaN or inf) in {label}; nothing was updated"
-                    )
+                x, g = got
+                rgrad = self._rgrad(manifold, x, g, ptype)
+                st = self.state[params[0]]
+                self._write(params, self._update_point(group, manifold, x, rgrad, st))
+        return loss
+
+    def _update_point(
+        self, group: dict[str, Any], manifold: Any, x: Any, rgrad: Any, st: dict
+    ) -> Any:
+        """The new point from the Riemannian gradient ``rgrad`` at ``x``; updates the point's
+        state ``st`` (its first tensor's)."""
+        raise NotImplementedError
 
     @staticmethod
     def _gather(
@@ -413,6 +427,11 @@ class _RiemannianOptimizer(torch.optim.Optimizer):
             p.copy_(t)
 
 
+def _point_label(gi: int, group: dict[str, Any], i: int) -> str:
+    label = f"param_groups[{gi}]['params'][{i}]"
+    return label if group.get("name") is None else f"{label} ({group['name']})"
+
+
 def _load_tangent(state: dict, prefix: str, like: Any) -> Any:
     if isinstance(like, Tensor):
         return state[prefix]
@@ -438,7 +457,7 @@ class RiemannianAdam(_RiemannianOptimizer):
             geoopt; it vanishes on Stiefel, whose points have fixed norm); tensor points only.
         amsgrad: use ``max(v)`` (RAMSGrad, Alg. 1 of the paper).
         coordinate_wise: element-wise second moment on the tangent coordinates instead of the
-            norm-based ``‖g‖²_x`` (it is not transported; loram.txt Alg. 1 does the same).
+            norm-based ``‖g‖²_x`` (it is not transported; LoRAM Alg. 1 does the same).
 
     State per point (on its first tensor): ``step`` (tensor), ``exp_avg`` (tangent vector, its
     fields as ``exp_avg.<field>`` for tuple points), ``exp_avg_sq`` (likewise, or one number per
@@ -475,52 +494,38 @@ class RiemannianAdam(_RiemannianOptimizer):
             if not isinstance(group[key], bool):
                 raise ValueError(f"invalid {key}: {group[key]!r} (expected a bool)")
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        """One step over all points (``closure`` re-evaluates the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_grads()
-        for group in self.param_groups:
-            cw, ams = group["coordinate_wise"], group["amsgrad"]
-            for params, manifold, ptype in self._points(group):
-                got = self._gather(params, ptype, group["weight_decay"])
-                if got is None:
-                    continue
-                x, g = got
-                rgrad = self._rgrad(manifold, x, g, ptype)
-                st = self.state[params[0]]
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0)
-                    zeros = tree_map(torch.zeros_like, rgrad)
-                    _store_tangent(st, "exp_avg", zeros)
-                    sq = zeros if cw else torch.zeros_like(_inner_keepdim(manifold, x, rgrad))
-                    _store_tangent(st, "exp_avg_sq", sq)
-                    if ams:
-                        _store_tangent(st, "max_exp_avg_sq", sq)
-                st["step"] += 1
-                sq_like = rgrad if cw else st["exp_avg_sq"]
-                x_new, m, v, vmax = riemannian_adam_update(
-                    manifold,
-                    x,
-                    rgrad,
-                    _load_tangent(st, "exp_avg", rgrad),
-                    _load_tangent(st, "exp_avg_sq", sq_like),
-                    step=int(st["step"].item()),
-                    lr=group["lr"],
-                    betas=group["betas"],
-                    eps=group["eps"],
-                    coordinate_wise=cw,
-                    max_exp_avg_sq=_load_tangent(st, "max_exp_avg_sq", sq_like) if ams else None,
-                )
-                self._write(params, x_new)
-                _store_tangent(st, "exp_avg", m)
-                _store_tangent(st, "exp_avg_sq", v)
-                if ams:
-                    _store_tangent(st, "max_exp_avg_sq", vmax)
-        return loss
+    def _update_point(
+        self, group: dict[str, Any], manifold: Any, x: Any, rgrad: Any, st: dict
+    ) -> Any:
+        cw, ams = group["coordinate_wise"], group["amsgrad"]
+        if "step" not in st:
+            st["step"] = torch.tensor(0.0)
+            zeros = tree_map(torch.zeros_like, rgrad)
+            _store_tangent(st, "exp_avg", zeros)
+            sq = zeros if cw else torch.zeros_like(_inner_keepdim(manifold, x, rgrad))
+            _store_tangent(st, "exp_avg_sq", sq)
+            if ams:
+                _store_tangent(st, "max_exp_avg_sq", sq)
+        st["step"] += 1
+        sq_like = rgrad if cw else st["exp_avg_sq"]
+        x_new, m, v, vmax = riemannian_adam_update(
+            manifold,
+            x,
+            rgrad,
+            _load_tangent(st, "exp_avg", rgrad),
+            _load_tangent(st, "exp_avg_sq", sq_like),
+            step=int(st["step"].item()),
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            coordinate_wise=cw,
+            max_exp_avg_sq=_load_tangent(st, "max_exp_avg_sq", sq_like) if ams else None,
+        )
+        _store_tangent(st, "exp_avg", m)
+        _store_tangent(st, "exp_avg_sq", v)
+        if ams:
+            _store_tangent(st, "max_exp_avg_sq", vmax)
+        return x_new
 
 
 class RiemannianSGD(_RiemannianOptimizer):
@@ -568,36 +573,22 @@ class RiemannianSGD(_RiemannianOptimizer):
                 f"{group['momentum']}, dampening={group['dampening']}"
             )
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        """One step over all points (``closure`` re-evaluates the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_grads()
-        for group in self.param_groups:
-            mu = group["momentum"]
-            for params, manifold, ptype in self._points(group):
-                got = self._gather(params, ptype, group["weight_decay"])
-                if got is None:
-                    continue
-                x, g = got
-                rgrad = self._rgrad(manifold, x, g, ptype)
-                st = self.state[params[0]]
-                has_buf = any(k.startswith("momentum_buffer") for k in st)
-                buf = _load_tangent(st, "momentum_buffer", rgrad) if (mu and has_buf) else None
-                x_new, b = riemannian_sgd_update(
-                    manifold,
-                    x,
-                    rgrad,
-                    buf,
-                    lr=group["lr"],
-                    momentum=mu,
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                )
-                self._write(params, x_new)
-                if b is not None:
-                    _store_tangent(st, "momentum_buffer", b)
-        return loss
+    def _update_point(
+        self, group: dict[str, Any], manifold: Any, x: Any, rgrad: Any, st: dict
+    ) -> Any:
+        mu = group["momentum"]
+        has_buf = any(k.startswith("momentum_buffer") for k in st)
+        buf = _load_tangent(st, "momentum_buffer", rgrad) if (mu and has_buf) else None
+        x_new, b = riemannian_sgd_update(
+            manifold,
+            x,
+            rgrad,
+            buf,
+            lr=group["lr"],
+            momentum=mu,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+        )
+        if b is not None:
+            _store_tangent(st, "momentum_buffer", b)
+        return x_new

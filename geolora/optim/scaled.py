@@ -23,8 +23,10 @@ __all__ = ["RiemannianPreconditionedAdamW", "ScaledGD", "scaled_gradients"]
 
 
 class ScaledGD(PairOptimizer):
-    """ScaledGD (Tong, Ma & Chi, JMLR 2021, arXiv:2005.08898; LoRA-S A.18.5 "Scaled GD (RGD)"): Riemannian gradient
-    descent on the factors under the metric ``tr(NᵀN ṀᵀṀ + MᵀM ṄᵀṄ)``.
+    """ScaledGD (Tong, Ma & Chi, JMLR 2021, arXiv:2005.08898; Zheng & Wu, "LoRA-S: An Efficient
+    Low Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview Guo2XGgxZA, A.18.5
+    "Scaled GD (RGD)"): Riemannian gradient descent on the factors under the metric
+    ``tr(NᵀN ṀᵀṀ + MᵀM ṄᵀṄ)``.
 
     ``Ṁ = ∇_M (NᵀN + δI)⁻¹``, ``Ṅ = ∇_N (MᵀM + δI)⁻¹``; optional heavy-ball momentum
     ``b ← μ b + Ṁ`` (torch SGD convention, ``dampening = 0``; Nesterov: step ``Ṁ + μ b``);

@@ -21,7 +21,7 @@ from geolora.optim.preconditioners.shampoo import (
 
 
 class LiftedShampoo(LiftedOptimizer):
-    """Shampoo lifted to the horizontal space (lora-s.txt A.18.3 "Lift Shampoo"; Gupta et al.
+    """Shampoo lifted to the horizontal space (LoRA-S A.18.3 "Lift Shampoo"; Gupta et al.
     2018; sketched statistics after Feinberg et al. 2023).
 
     ``ξ = P_T(∇_X f)``; ``L ← β L + ξ ξᵀ``, ``R ← β R + ξᵀ ξ`` (sketched, exact by default);

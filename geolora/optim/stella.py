@@ -58,6 +58,7 @@ from torch import Tensor
 from geolora.linalg import compute_dtype, polar, qf, sym, transpose
 from geolora.manifolds.landing import canonical_rgrad
 from geolora.optim.three_factor import TRIPLE_KEY, validate_triple
+from geolora.optim.validation import check_gradients
 
 __all__ = [
     "StelLA",
@@ -184,13 +185,7 @@ class StelLAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    raise FloatingPointError(
-                        f"non-finite gradient (NaN or inf) in parameter {_label(group, i)}; "
-                        "nothing was updated"
-                    )
+        check_gradients(self.param_groups, lambda gi, group, i: _label(group, i))
         stiefel = [
             p
             for group in self.param_groups

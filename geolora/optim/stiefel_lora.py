@@ -1,6 +1,7 @@
 """Stiefel-LoRA: ``B`` on the Stiefel manifold (Riemannian Adam), ``A`` Euclidean (AdamW).
 
-Park et al., "Riemannian Optimization for LoRA on the Stiefel Manifold", 2025, arXiv:2508.17901:
+Park, Kang, Lee, Lee, Kim & Lee, "Riemannian Optimization for LoRA on the Stiefel Manifold",
+Findings of EMNLP 2025, arXiv:2508.17901, implemented as its abstract states the method:
 constraining ``BᵀB = I`` removes the basis redundancy of ``B`` and keeps its effective rank
 full; ``A`` carries the scale of ``ΔW = s B A``. Declared as ``(StiefelAdam, StiefelGeometry,
 Retraction)`` (:mod:`geolora.optim.manifold_pair`): the optimizer owns the point ``(B, Aᵀ)``
@@ -47,7 +48,7 @@ class StiefelLoRA(PairOptimizer):
     The B step is geoopt's ``RiemannianAdam`` (Bécigneul & Ganea 2019), see
     :func:`geolora.optim.riemannian.riemannian_adam_update`; ``retraction`` picks ``"qr"``,
     ``"polar"`` or ``"cayley"`` (:class:`~geolora.manifolds.stiefel.Stiefel`). Weight decay acts on
-    ``A`` only (``B`` has fixed norm). The abstract states no hyperparameters: the defaults are
+    ``A`` only (``B`` has fixed norm). The abstract states no hyperparameters; the defaults are
     Adam's (``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``), ``weight_decay=0``, norm-based
     second moment for ``B`` (geoopt's), Adam's bias correction for both. Not transformation
     invariant (``A``'s coordinates depend on the basis ``B``).

@@ -12,6 +12,7 @@ which share the parameters' storage.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,11 +20,14 @@ from torch import Tensor
 
 __all__ = [
     "GROUP_KINDS",
+    "check_gradients",
     "check_lr",
+    "check_positive",
     "check_range",
     "group_kind",
     "matrix_view",
     "param_label",
+    "prepare_group",
     "validate_betas",
     "validate_pair",
 ]
@@ -60,6 +64,12 @@ def check_range(
     if not ok:
         rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
         raise ValueError(f"invalid {name}: {value!r} (expected a number in {rng})")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``ValueError`` unless ``value`` is a finite number ``> 0`` (not a bool)."""
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"invalid {name}: {value!r} (expected a finite number > 0)")
 
 
 def check_lr(name: str, value: Any, where: str = "") -> None:
@@ -104,6 +114,54 @@ def param_label(group: dict, idx: int) -> str:
     if names is not None and idx < len(names):
         return str(names[idx])
     return f"{name or 'group'}[{idx}]"
+
+
+def prepare_group(
+    optimizer: torch.optim.Optimizer,
+    param_group: Any,
+    extra_keys: Iterable[str] = (),
+    shown: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The checks every geolora optimizer's ``add_param_group`` starts with: ``param_group`` is a
+    dict whose keys are hyperparameters (``optimizer.defaults``), torch's bookkeeping keys
+    (``param_names``, ``initial_lr``) or ``extra_keys``; ``TypeError`` / ``ValueError`` naming the
+    group otherwise (``shown``: extra keys the message lists as valid). Returns a copy with
+    ``"params"`` as a list, so the caller's dict is neither filled with defaults nor changed by a
+    rejection."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+    param_group = dict(param_group)
+    defaults = set(optimizer.defaults)
+    unknown = set(param_group) - defaults - {"param_names", "initial_lr", *extra_keys}
+    if unknown:
+        label = param_group.get("name", "param group")
+        raise ValueError(
+            f"{type(optimizer).__name__}: unknown option(s) {sorted(unknown)} in {label!r}; "
+            f"valid options: {sorted(defaults | set(shown))}"
+        )
+    params = param_group["params"]
+    param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+    return param_group
+
+
+def check_gradients(
+    param_groups: Iterable[dict[str, Any]],
+    label: Callable[[int, dict[str, Any], int], str] | None = None,
+) -> None:
+    """``RuntimeError`` for a sparse and ``FloatingPointError`` for a non-finite (NaN or inf)
+    gradient, naming the parameter (``label(group index, group, param index)``, default
+    :func:`param_label`); called before anything is updated."""
+    for gi, group in enumerate(param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = param_label(group, i) if label is None else label(gi, group, i)
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name}: sparse gradients are not supported")
+            if not bool(torch.isfinite(p.grad).all()):
+                raise FloatingPointError(
+                    f"non-finite gradient (NaN or inf) in parameter {name}; nothing was updated"
+                )
 
 
 def matrix_view(t: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
 """``Lifted(torch.optim.X)``: any torch optimizer as a transformation-invariant LoRA optimizer.
 
-The LoRA-S scheme (lora-s.txt Alg. 1, §4.1) accepts any preconditioner that acts on the matrix
-``X = M Nᵀ``; an element-wise torch optimizer is such a preconditioner when it runs on a dense
-*shadow* of ``X``. Per LoRA pair and step:
+The LoRA-S scheme (Zheng & Wu, "LoRA-S: An Efficient Low Rank Adaptation Scheme via Sylvester
+Equation", ICLR 2026, OpenReview Guo2XGgxZA, Alg. 1, §4.1) accepts any preconditioner that acts on
+the matrix ``X = M Nᵀ``; an element-wise torch optimizer is such a preconditioner when it runs on a
+dense *shadow* of ``X``. Per LoRA pair and step:
 
 1. ``ξ = P_T(∇_X f)`` in factored form (eq. 12), densified to ``m x n``;
 2. the shadow ``X̃ ← X`` (dense, from the gauge-free frame ``X = U W Vᵀ``) gets ``.grad = ξ``
@@ -178,7 +179,7 @@ def Lifted(  # noqa: N802 - a class factory, named like the classes it returns
 
     ``Lifted(torch.optim.Adam)(groups, lr=1e-3)`` runs Adam on a dense shadow of each
     ``X = B A`` (fed ``ξ = P_T(∇_X f)``) and lifts its step to the factors with the LoRA-S
-    Sylvester lift (lora-s.txt Alg. 1, §4.1; details in :mod:`geolora.optim.wrap`).
+    Sylvester lift (LoRA-S Alg. 1, §4.1; details in :mod:`geolora.optim.wrap`).
     ``opt_kwargs`` become the class's defaults for the wrapped optimizer's hyperparameters.
 
     Supported: optimizers whose ``step()`` needs no closure and whose per-parameter state is

@@ -1,7 +1,9 @@
 """Q-factor retraction, nuclear-norm step and projection transport of the bounded-rank manifold.
 
 Functions on the factored representation ``(K, V)`` of the desingularization of
-``{X ∈ R^{m×n} : rank X ≤ r}`` (Khrulkov–Oseledets 2018; Rebjock–Boumal 2024):
+``{X ∈ R^{m×n} : rank X ≤ r}`` (Khrulkov–Oseledets 2018; Rebjock–Boumal 2024; Jiang, Wang &
+Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on Manifold", ICLR 2025 Workshop on
+Sparsity in LLMs, OpenReview 6cLPObfitT, Algorithms 6–8, "LoRAM" below):
 ``X = K Vᵀ``, ``VᵀV = I``, tangent vectors ``(K̇, V̇p)`` with ``Vᵀ V̇p = 0`` (see
 :class:`geolora.manifolds.bounded_rank.BoundedRank` for the full geometry). Every function accepts
 leading batch dimensions and costs ``O((m + n) r²)``; none forms an ``m × n`` matrix.
@@ -41,7 +43,7 @@ def metric_gram_inverse(K: Tensor, alpha: float) -> Tensor:
     """``(KᵀK + 2αI)⁻¹`` — the inverse weight of ``V̇p`` in the bounded-rank metric.
 
     Symmetric positive definite for every finite ``K`` (also ``K = 0``) when ``α > 0``. Computed
-    by a Cholesky factorization in float64 (DESIGN.md: small ``r × r`` work in float64) and
+    by a Cholesky factorization in float64 (``docs/design.md``: small ``r × r`` work in float64) and
     returned in ``K``'s dtype. Shapes ``(..., m, r) -> (..., r, r)``.
 
     Raises ``FloatingPointError`` if the factorization fails, which happens only for a diverged
@@ -73,7 +75,7 @@ def project_products(
     ``K̇ = Z V``, ``V̇p = (I − VVᵀ) (Zᵀ K − 2α W V) (KᵀK + 2αI)⁻¹``
     (set the ``K̇``- and ``V̇p``-derivatives of ``‖K̇Vᵀ + KV̇pᵀ − Z‖² + α‖−(V̇pVᵀ + VV̇pᵀ) − W‖²``
     to zero). The caller passes ``ZV = Z V: (..., m, r)`` and ``Y = Zᵀ K − 2α W V: (..., n, r)``.
-    ``W = 0`` gives the Riemannian gradient (loram.txt Alg. 6), the transported vector gives the
+    ``W = 0`` gives the Riemannian gradient (LoRAM Alg. 6), the transported vector gives the
     projection transport (Alg. 8).
     """
     Yp = Y - V @ (transpose(V) @ Y)
@@ -120,7 +122,8 @@ def qfactor_retraction(
     nuclear_mode: str = "subgradient",
     qr_method: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Q-factor retraction ``R_{(K, V)}(K̇, V̇p)`` with an optional nuclear-norm term (loram.txt Alg. 7).
+    """Q-factor retraction ``R_{(K, V)}(K̇, V̇p)`` with an optional nuclear-norm term (LoRAM
+    Alg. 7).
 
     ``V⁺ = qf(V + V̇p)``, ``K⁺ = (X + Ẋ) V⁺`` with ``X + Ẋ = (K + K̇) Vᵀ + K V̇pᵀ``, evaluated as
     ``K⁺ = (K + K̇)(Vᵀ V⁺) + K (V̇pᵀ V⁺)`` (two ``r × r`` products; no ``m × n`` matrix). So
@@ -159,7 +162,7 @@ def projection_transport(
     Vp: Tensor,
     alpha: float,
 ) -> tuple[Tensor, Tensor]:
-    """Vector transport by projection from ``(K, V)`` to ``(K⁺, V⁺)`` (loram.txt Alg. 8).
+    """Vector transport by projection from ``(K, V)`` to ``(K⁺, V⁺)`` (LoRAM Alg. 8).
 
     The tangent vector ``(K̇, V̇p)`` at ``(K, V)`` is the ambient vector
     ``(Ẋ, Ṗ) = (K̇Vᵀ + KV̇pᵀ, −(V̇pVᵀ + VV̇pᵀ))``; it is projected onto the tangent space at the new
@@ -208,7 +211,7 @@ def bounded_rank_transport(
 
 
 def canonical_bounded_rank(x: BoundedRankPoint) -> BoundedRankPoint:
-    """The representative ``(K Ψ, V Ψ)`` of ``(K, V)`` with ``K Ψ = Ū diag(S̄)`` (loram.txt Alg. 7
+    """The representative ``(K Ψ, V Ψ)`` of ``(K, V)`` with ``K Ψ = Ū diag(S̄)`` (LoRAM Alg. 7
     lines 5–6: ``U⁺ S⁺ = Ū S̄``, ``V⁺ = Q H``), columns by decreasing singular value.
 
     ``Ψ`` are the right singular vectors of ``K`` (from the r×r factor of a QR of ``K``, SVD in
@@ -260,7 +263,7 @@ def canonical_qfactor_retraction(
     lam: float,
     nuclear_mode: str = "subgradient",
 ) -> tuple[BoundedRankPoint, Tensor, Tensor]:
-    """Q-factor retraction with the nuclear-norm term (loram.txt Alg. 7) along ``c·d``, then the
+    """Q-factor retraction with the nuclear-norm term (LoRAM Alg. 7) along ``c·d``, then the
     canonical representative (:func:`canonical_bounded_rank`), for stacked ``(L, ·, ·)`` operands.
 
     ``V⁺ = qf(V + c V̇p)``; with ``Q = qf(V + c V̇p)`` (signs folded into the small matrices) and
@@ -302,7 +305,7 @@ def canonical_transport(
     t: BoundedRankTangent,
     alpha: float,
 ) -> BoundedRankTangent:
-    """Projection transport (loram.txt Alg. 8,
+    """Projection transport (LoRAM Alg. 8,
     :func:`~geolora.retractions.bounded_rank.projection_transport`) of ``t = (K̇, V̇p)`` at ``x``
     to the canonical ``y = (K⁺, V⁺)`` with singular values ``sig`` (float64), given
     ``A = VᵀV⁺``; stacked ``(L, ·, ·)`` operands.

@@ -4,7 +4,9 @@ Points ``X = U diag(S) Vᵀ`` are :class:`~geolora.manifolds.types.FixedRankPoin
 with ``U: (..., m, r)``, ``S: (..., r)``, ``V: (..., n, r)``; tangent vectors are
 :class:`~geolora.manifolds.types.FixedRankTangent` ``(M, Up, Vp)`` with ``M: (..., r, r)``,
 ``Up: (..., m, r)``, ``Vp: (..., n, r)``, representing ``Ẋ = U M Vᵀ + Up Vᵀ + U Vpᵀ``,
-``UᵀUp = 0``, ``VᵀVp = 0`` (Vandereycken 2013, Prop. 2.1). No function here forms an ``m×n``
+``UᵀUp = 0``, ``VᵀVp = 0`` (Vandereycken 2013, Prop. 2.1; Jiang, Wang & Stich, "LoRAM: Low-Rank
+Adaptation of Large Language Models on Manifold", ICLR 2025 Workshop on Sparsity in LLMs,
+OpenReview 6cLPObfitT, Algorithms 2–4, "LoRAM" below). No function here forms an ``m×n``
 matrix: everything costs O((m + n) r²) plus ``2r×2r`` work done in float64. The manifold class
 :class:`geolora.manifolds.fixed_rank.FixedRank` validates inputs and calls these functions.
 """
@@ -33,7 +35,7 @@ __all__ = [
 def fixed_rank_project(x: FixedRankPoint, zv: Tensor, ztu: Tensor) -> FixedRankTangent:
     """Tangent projection ``P_T(Z) = P_U Z + Z P_V − P_U Z P_V`` from ``Z V`` and ``Zᵀ U``.
 
-    ``M = Uᵀ(ZV)``, ``Up = ZV − U M``, ``Vp = ZᵀU − V Mᵀ`` (loram.txt Alg. 2 line 6;
+    ``M = Uᵀ(ZV)``, ``Up = ZV − U M``, ``Vp = ZᵀU − V Mᵀ`` (LoRAM Alg. 2 line 6;
     Vandereycken 2013 eq. 2.5). ``zv: (..., m, r)``, ``ztu: (..., n, r)``. With LoRAM's trick
     ``W = A Vᵀ + U Bᵀ`` (``A = U diag(S)``, ``B = 0``), autograd returns exactly
     ``A.grad = ∇f V`` and ``B.grad = ∇fᵀ U``.
@@ -66,7 +68,7 @@ def thin_qr(a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fixed_rank_retraction(x: FixedRankPoint, t: FixedRankTangent) -> FixedRankPoint:
-    """Metric-projection retraction ``R_X(Ẋ) = rank-r truncated SVD of X + Ẋ`` (loram.txt Alg. 3).
+    """Metric-projection retraction ``R_X(Ẋ) = rank-r truncated SVD of X + Ẋ`` (LoRAM Alg. 3).
 
     ``X + Ẋ = [U Up] C [V Vp]ᵀ`` with the core ``C = [[diag(S) + M, I], [I, 0]]`` (2r×2r).
     With thin QRs ``Q_U R_U = [U Up]`` and ``Q_V R_V = [V Vp]`` and the SVD
@@ -99,7 +101,7 @@ def fixed_rank_retraction(x: FixedRankPoint, t: FixedRankTangent) -> FixedRankPo
 def fixed_rank_transport(
     x: FixedRankPoint, y: FixedRankPoint, t: FixedRankTangent
 ) -> FixedRankTangent:
-    """Vector transport by projection ``T_{X→Y}(Ẋ) = P_{T_Y}(Ẋ)`` (loram.txt Alg. 4).
+    """Vector transport by projection ``T_{X→Y}(Ẋ) = P_{T_Y}(Ẋ)`` (LoRAM Alg. 4).
 
     ``Ẋ = A Bᵀ`` (:func:`fixed_rank_tangent_factors`), so ``Ẋ V_Y = A (Bᵀ V_Y)`` and
     ``Ẋᵀ U_Y = B (Aᵀ U_Y)`` feed :func:`fixed_rank_project` at ``Y``: O((m + n) r²), no ``m×n``
@@ -168,7 +170,7 @@ def _qr_r(a: Tensor) -> Tensor:
 def retract_with_overlaps(
     x: FixedRankPoint, m: Tensor, up: Tensor, vp: Tensor, c: float
 ) -> tuple[FixedRankPoint, Tensor, Tensor]:
-    """The truncated-SVD retraction (Jiang, Wang & Stich, "LoRAM", Alg. 3) along
+    """The truncated-SVD retraction (LoRAM Alg. 3) along
     ``Ẋ = c (U M Vᵀ + Up Vᵀ + U Vpᵀ)`` for stacked ``(L, ·, ·)`` operands, with few passes
     over the tall factors (the implementation behind :func:`fixed_rank_retraction`).
 
@@ -208,7 +210,7 @@ def retract_with_overlaps(
 def transport_with_overlaps(
     x: FixedRankPoint, y: FixedRankPoint, cu: Tensor, cv: Tensor, t: FixedRankTangent
 ) -> FixedRankTangent:
-    """Projection transport ``P_{T_Y}(Ẋ)`` (Jiang, Wang & Stich, "LoRAM", Alg. 4) of
+    """Projection transport ``P_{T_Y}(Ẋ)`` (LoRAM Alg. 4) of
     ``t = (M, Up, Vp)`` at ``x``, given ``C_U = UᵀU_Y``, ``C_V = VᵀV_Y`` (stacked
     ``(L, ·, ·)``; the implementation behind :func:`fixed_rank_transport`).
 

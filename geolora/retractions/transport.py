@@ -2,7 +2,9 @@
 
 For a Riemannian submanifold of ``R^N`` the map ``T_{x→y}(v) = P_y(v)`` (project the ambient
 vector ``v`` onto ``T_y``) is a vector transport (Absil et al. 2008, §8.1.3). It is the transport
-of geoopt's ``EuclideanStiefel``, of Manopt's embedded factories and of loram.txt Alg. 4.
+of geoopt's ``EuclideanStiefel``, of Manopt's embedded factories and of LoRAM's fixed-rank
+transport (Jiang, Wang & Stich, "LoRAM: Low-Rank Adaptation of Large Language Models on
+Manifold", ICLR 2025 Workshop on Sparsity in LLMs, OpenReview 6cLPObfitT, Alg. 4).
 """
 
 from __future__ import annotations

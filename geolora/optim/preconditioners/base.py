@@ -67,7 +67,8 @@ class Products(NamedTuple):
 class OneSided(NamedTuple):
     """The tangent ``Ẋ = (DM Vᵀ + U DNᵀ) / divisor`` (``DM: (..., m, r)``, ``DN: (..., n, r)``)
     in the split the one-sided move uses: ``Ṁ = DM R_N⁻ᵀ / divisor``, ``Ṅ = DN R_M⁻ᵀ / divisor``
-    (the "unmagnified" coordinates of Yen et al., LoRA-RITE, eq. 11)."""
+    (the "unmagnified" coordinates of Yen et al., "LoRA Done RITE: Robust Invariant Transformation
+    Equilibration for LoRA Optimization", ICLR 2025, arXiv:2410.20625, eq. 11)."""
 
     DM: Tensor
     DN: Tensor

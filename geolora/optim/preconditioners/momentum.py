@@ -3,7 +3,8 @@
 The first moment of a projected gradient is a tangent vector at an *earlier* point. It is stored
 with the frame it lives in and, at the next update, moved to the current tangent space by the
 projection transport of Absil, Mahony & Sepulchre, "Optimization Algorithms on Matrix
-Manifolds", 2008, §8.1.3 (the invariant form of LoRA-S eq. 25, Zheng & Wu, ICLR 2026).
+Manifolds", 2008, §8.1.3 (the invariant form of eq. 25 of Zheng & Wu, "LoRA-S: An Efficient Low
+Rank Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview Guo2XGgxZA).
 """
 
 from __future__ import annotations

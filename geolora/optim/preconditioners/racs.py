@@ -1,4 +1,6 @@
-"""RACS preconditioner on the matrix tangent space (LoRA-S §4.3, eq. 14, Alg. 3; Gong et al. 2025).
+"""RACS preconditioner on the matrix tangent space (Zheng & Wu, "LoRA-S: An Efficient Low Rank
+Adaptation Scheme via Sylvester Equation", ICLR 2026, OpenReview Guo2XGgxZA, §4.3, eq. 14,
+Alg. 3; RACS: Gong et al. 2025).
 
 RACS ("row and column scaled SGD") approximates the Fisher matrix of a matrix parameter by a
 Kronecker product of positive diagonal matrices ``F̃ = S ⊗ Q`` (``S = Diag(s)``, ``s ∈ R^n``
@@ -7,7 +9,7 @@ column scales; ``Q = Diag(q)``, ``q ∈ R^m`` row scales) and preconditions
 
 Normalisation of eq. 14. For diagonal ``S ⊗ Q`` only the diagonal of ``F = E[vec G vec Gᵀ]``
 matters and ``‖S ⊗ Q − F‖_F² = Σ_ij (q_i s_j − E[G_ij²])² + const``. Setting its gradient to
-zero gives the fixed-point equations (lora-s.txt eq. 14, ``‖·‖_F̃`` there is the Frobenius norm)::
+zero gives the fixed-point equations (LoRA-S eq. 14, ``‖·‖_F̃`` there is the Frobenius norm)::
 
     s = Diag(E[Gᵀ Q G]) / ‖Q‖_F²,      q = Diag(E[G S Gᵀ]) / ‖S‖_F²,
 
@@ -17,7 +19,7 @@ alternation is a power iteration. RACS uses the one-sample estimate ``E[G ∘ G]
 so ``q`` is scale-free and ``s`` carries the squared gradient scale).
 
 Everything is computed from the factored ``G = A Bᵀ`` (``A: (m, k)``, ``B: (n, k)``, ``k = 2r``
-for a tangent vector) without an ``m x n`` temporary (lora-s.txt A.17, last paragraph):
+for a tangent vector) without an ``m x n`` temporary (LoRA-S A.17, last paragraph):
 ``Diag(Gᵀ Q G) = rowsum((B C) ∘ B)`` with ``C = Aᵀ Q A`` and
 ``Diag(G S Gᵀ) = rowsum((A D) ∘ A)`` with ``D = Bᵀ S B``, ``O((m + n) k²)`` per iteration;
 the descent is returned as the factored ``(Diag(q)^{-1/2} A) (Diag(s)^{-1/2} B)ᵀ``.
@@ -39,7 +41,7 @@ from geolora.optim.validation import check_range
 
 
 def racs_scalings(A: Tensor, B: Tensor, iters: int = 5) -> tuple[Tensor, Tensor]:
-    """One-sample RACS scalings ``(s, q)`` of ``G = A Bᵀ`` (lora-s.txt eq. 14).
+    """One-sample RACS scalings ``(s, q)`` of ``G = A Bᵀ`` (LoRA-S eq. 14).
 
     Starting from ``q = 1``, ``iters`` times: ``s = Diag(Gᵀ Q G) / ‖q‖²``, then
     ``q = Diag(G S Gᵀ) / ‖s‖²``, both from the factors in ``O((m + n) k²)``.
@@ -74,7 +76,7 @@ def inv_sqrt_floored(v: Tensor, eps: float) -> Tensor:
 
 
 class RACSPreconditioner:
-    """Lifted RACS (lora-s.txt Alg. 3, lines 4–12) on the projected gradient ``G = ξ``.
+    """Lifted RACS (LoRA-S Alg. 3, lines 4–12) on the projected gradient ``G = ξ``.
 
     ``(s_t, q_t)`` from :func:`racs_scalings`; ``m_s ← β m_s + (1−β) s_t``,
     ``m_q ← β m_q + (1−β) q_t`` (``bias_correction=True`` divides both by ``1 − βᵗ``; the

@@ -1,6 +1,6 @@
 """LoRA-RITE's preconditioner: adaptive ``r x r`` matrix moments in the orthonormal bases.
 
-Yen, Si, Meng, Yu, Venkataraman, Dhillon & Hsieh, "LoRA Done RITE: Robust Invariant
+Yen, Si, Meng, Yu, Duvvuri, Dhillon, Hsieh & Kumar, "LoRA Done RITE: Robust Invariant
 Transformation Equilibration for LoRA Optimization", ICLR 2025, arXiv:2410.20625, §3.2
 eqs. 11–17, Algorithm 1. The paper writes ``Z = A Bᵀ``; in geolora's convention (``X = M Nᵀ``,
 ``M = lora_B``, ``N = lora_Aᵀ``) the paper's ``A`` is our ``M`` and its ``B`` is our ``N``; the
