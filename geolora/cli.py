@@ -185,7 +185,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         console.print(f"[red]geolora bench: error:[/] {err}")
         return 2
     workers = args.workers or (2 if (os.cpu_count() or 1) >= 2 else 1)
-    install_signal_handlers()
+    previous = install_signal_handlers()
     command = "geolora " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         compare(
@@ -217,6 +217,8 @@ def cmd_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]geolora bench: error:[/] {err}")
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

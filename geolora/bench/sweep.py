@@ -55,13 +55,14 @@ class Interrupted(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM (SIGINT raises KeyboardInterrupt already)."""
 
 
-def install_signal_handlers() -> None:
-    """Turn SIGTERM into :class:`Interrupted` so that ``finally`` blocks release claims."""
+def install_signal_handlers() -> Any:
+    """Turn SIGTERM into :class:`Interrupted` so that ``finally`` blocks release claims;
+    returns the previous handler (to restore)."""
 
     def handler(signum, frame):  # noqa: ARG001
         raise Interrupted(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _fmt_float(x: float) -> str:
@@ -385,15 +386,22 @@ def work(
     sign = 1.0 if plan.p.higher_is_better else -1.0
     n_done = 0
     while max_runs is None or n_done < max_runs:
-        done, running = store.snapshot()
-        todo = [k for k in plan.pending(done) if k not in running]
+        trial = None
+        with _Deferred() as deferred:  # a signal here must not orphan a fresh claim
+            done, running = store.snapshot()
+            todo = [k for k in plan.pending(done) if k not in running]
+            if todo:
+                key = todo[worker_index % len(todo)]
+                trial = store.claim(key)
+        if deferred.signum is not None:
+            if trial is not None:
+                store.drop(trial, "interrupted")
+            deferred.reraise()
         if not todo:
             if plan.finished(done):
                 return n_done
             time.sleep(poll_s)  # waiting for another worker's runs
             continue
-        key = todo[worker_index % len(todo)]
-        trial = store.claim(key)
         if trial is None:
             continue
         stop = threading.Event()
@@ -416,11 +424,42 @@ def work(
             store.drop(trial, "interrupted or failed")
             raise
         stop.set()
-        store.finish(trial, result, sign * val_score(result, primary))
+        with _Deferred() as deferred:  # record the finished run even when a signal comes now
+            store.finish(trial, result, sign * val_score(result, primary))
+        deferred.reraise()
         n_done += 1
         if on_run is not None:
             on_run(key, "done")
     return n_done
+
+
+class _Deferred:
+    """Hold SIGINT / SIGTERM during a short critical section; :meth:`reraise` delivers them
+    (as KeyboardInterrupt / :class:`Interrupted`). A no-op outside the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Deferred:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.signum is None:
+            self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def reraise(self) -> None:
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            raise Interrupted(f"signal {self.signum}")
 
 
 def results_for(
