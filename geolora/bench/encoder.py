@@ -416,10 +416,12 @@ class EncoderClassificationTask:
         """Embeddings + the ``n_lower`` frozen layers on ``records`` (CPU tensors out)."""
         hidden, masks = [], []
         dtype = next(bert.parameters()).dtype
+        # never past the model's position table (a small checkpoint may have fewer positions)
+        max_length = min(self.max_length, int(getattr(bert.config, "max_position_embeddings", self.max_length)))
         for start in range(0, len(records), self.eval_batch_size):
             texts = [r["text"] for r in records[start : start + self.eval_batch_size]]
             enc = tokenizer(
-                texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+                texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
             )
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             h = bert.embeddings(input_ids=ids, token_type_ids=torch.zeros_like(ids))

@@ -72,12 +72,11 @@ class Task(Protocol):
         name: short identifier used in tables and file names.
         default_steps: training steps of a full bench run.
         quick_steps: training steps under ``geolora bench --quick``.
-        lr_overrides: per-optimizer learning rates that replace the registry default on
-            this task (tuned values measured by the task's author; ``{}`` when none).
         primary_metric: key of :meth:`TaskRun.evaluate` that ranks optimizers.
         higher_is_better: direction of ``primary_metric``.
 
-    Optional attributes: ``prepare(device)`` for one-time work shared by all runs (the MiniLM
+    Optional attributes: ``lr_overrides`` (per-optimizer centres of the lr grid on this task,
+    replacing the registry default); ``prepare(device)`` for one-time work shared by all runs (the MiniLM
     tasks cache their frozen layers there; :func:`geolora.bench.runner.run` calls it before
     starting the clock, and ``setup`` must call it too); ``eval_every`` (record the validation
     metric every this many steps); ``baseline()`` (the primary metric of a trivial predictor,
@@ -93,7 +92,6 @@ class Task(Protocol):
     name: str
     default_steps: int
     quick_steps: int
-    lr_overrides: Mapping[str, float]
     primary_metric: str
     higher_is_better: bool
 
