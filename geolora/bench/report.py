@@ -490,6 +490,7 @@ def plot_lr_sensitivity(rows: Sequence[dict[str, Any]], primary: str, path: Path
             ax.errorbar([r["lr_chosen"]], [vm], yerr=[[vm - vci[0]], [vci[1] - vm]], color=c,
                         capsize=4, fmt="none")
     ax.set_xscale("log")
+    _log_y_if_wide(ax)
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"validation {primary}")
     ax.set_title(title, fontsize=10)
@@ -498,6 +499,15 @@ def plot_lr_sensitivity(rows: Sequence[dict[str, Any]], primary: str, path: Path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _log_y_if_wide(ax: Any) -> None:
+    """Log y-axis when the plotted values are positive and span more than two decades (error
+    metrics), so that small differences near the optimum stay visible."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()
+          if isinstance(y, (int, float)) and math.isfinite(y)]
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 100:
+        ax.set_yscale("log")
 
 
 def plot_init_scale(table: dict[str, dict[str, Any]], primary: str, path: Path, title: str,
@@ -519,6 +529,7 @@ def plot_init_scale(table: dict[str, dict[str, Any]], primary: str, path: Path, 
             ci = by_k[k]["ci95"]
             if ci[0] is not None and math.isfinite(m):
                 ax.errorbar([x], [m], yerr=[[m - ci[0]], [ci[1] - m]], color=colors[name], capsize=3)
+    _log_y_if_wide(ax)
     ax.set_xlabel("init scale k: start from (10^k B, 10^-k A), the same ΔW = B A")
     ax.set_ylabel(f"test {primary}")
     ax.set_title(title, fontsize=10)
