@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- bench ------------------------------------------------------------------------------------
 def task_ref(args: argparse.Namespace):
-    """The :class:`~geolora.bench.compare.TaskRef` of the command line."""
-    from geolora.bench.compare import TaskRef
+    """The :class:`~geolora.bench.protocol.TaskRef` of the command line."""
+    from geolora.bench.protocol import TaskRef
 
     top: Any = getattr(args, "top_layers", "default")
     if args.data is not None:
@@ -167,7 +167,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.perf:
         return cmd_perf(args, console)
 
-    from geolora.bench.compare import compare, full_optimizers
+    from geolora.bench.protocol import compare, full_optimizers
     from geolora.bench.sweep import Interrupted, install_signal_handlers
 
     try:

@@ -74,3 +74,29 @@ def test_bench_rejects_unknown_optimizer_before_training(tmp_path, capsys):
 
 def test_check_command_passes():
     assert main(["check"]) == 0
+
+
+def test_shipped_learning_rates_skip_tuning_unless_tune(tmp_path, monkeypatch):
+    import geolora.bench.protocol as cmp
+
+    shipped = tmp_path / "tuned.json"
+    grid = [[0.01, 0.2, 0, None, None], [0.03, 0.1, 0, None, None]]
+    shipped.write_text(json.dumps({"sensing": {
+        "rank": 8, "steps": 300, "signature": "x", "command": "geolora bench --tune", "study": "s.db",
+        "versions": {}, "optimizers": {"adamw": {"lr_chosen": 0.03, "lr_grid": grid}}}}))
+    monkeypatch.setattr(cmp, "TUNED_LRS_FILE", shipped)
+    base = ["bench", "--task", "sensing", "--optimizers", "adamw", "--steps", "20", "--seeds", "2",
+            "--lr-grid", "3", "--workers", "1"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    data = json.loads((tmp_path / "a" / "results.json").read_text())
+    (row,) = data["summary"]["rows"]
+    assert row["lr_chosen"] == 0.03 and row["lr_source"].startswith("shipped")
+    assert row["lr_grid"] == grid and row["lr_robust_decades"] == 0.0
+    assert len(data["runs"]) == 2 and {r["lr"] for r in data["runs"]} == {0.03}
+    assert data["summary"]["shipped_tuning"]["command"] == "geolora bench --tune"
+    # --tune ignores the shipped rate: 3 grid points + seed 1 at the chosen one
+    assert main([*base, "--tune", "--out", str(tmp_path / "b")]) == 0
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert len(data["runs"]) == 4 and data["summary"]["rows"][0]["lr_source"] == "tuned in this sweep"
+    # a different rank has no shipped entry: tuning
+    assert cmp.shipped_lrs("sensing", 4) == {}

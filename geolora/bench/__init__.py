@@ -1,6 +1,6 @@
 """Benchmark harness behind `geolora bench`: protocol, sweeps, tasks, registry, reports.
 
-* :mod:`geolora.bench.compare`: :func:`compare`, the protocol end to end (tune on validation,
+* :mod:`geolora.bench.protocol`: :func:`compare`, the protocol end to end (tune on validation,
   seeds, intervals, paired difference to AdamW, files).
 * :mod:`geolora.bench.sweep`: resumable, distributable sweeps on an Optuna study.
 * :mod:`geolora.bench.stats`: t-intervals, paired differences, lr robustness, the headline.
@@ -16,8 +16,8 @@ Importing this package imports neither ``transformers`` nor ``optuna``.
 """
 
 from geolora.bench.adapters import adapt
-from geolora.bench.compare import TaskRef, compare
 from geolora.bench.minilm import MiniLMGenreTask, MiniLMPlayTask
+from geolora.bench.protocol import TaskRef, compare
 from geolora.bench.registry import REGISTRY, OptimizerRegistry, OptimizerSpec
 from geolora.bench.runner import RunResult, run
 from geolora.bench.tasks import SensingTask, Task, TaskRun, TeacherStudentTask, macro_f1
