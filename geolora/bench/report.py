@@ -1,4 +1,10 @@
-"""Tables, files and plots of ``geolora bench`` results."""
+"""Summaries, tables, files and plots of ``geolora bench`` results.
+
+:func:`protocol_summary` turns the runs of a sweep into the rows of ``results.json`` (mean and
+95 % t-interval over seeds, paired difference to AdamW, lr robustness, costs), the init-scale
+table and the headline; :func:`save_results` writes ``results.json`` / ``results.csv``; the
+``plot_*`` functions draw the figures of the results page.
+"""
 
 from __future__ import annotations
 
@@ -36,42 +42,6 @@ CSV_FIELDS = (
     "wall_s",
     "diverged",
 )
-
-
-def summarize(results: Sequence[dict[str, Any]], primary: str) -> list[dict[str, Any]]:
-    """One row per optimizer (all its runs): means over runs, ratios to AdamW's step time.
-
-    The protocol's rows (intervals, paired differences, lr robustness) come from
-    :func:`protocol_summary`; this plain summary serves ``--perf``-style listings and tests.
-    """
-    by_opt: dict[str, list[dict]] = defaultdict(list)
-    for r in results:
-        by_opt[r["optimizer"]].append(r)
-    adamw_ms = None
-    if "adamw" in by_opt:
-        adamw_ms = statistics.mean(r["ms_optimizer_step"] for r in by_opt["adamw"])
-    rows = []
-    for name, rs in by_opt.items():
-        ok = [r for r in rs if not r["diverged"]]
-        metric_vals = [r["metrics"].get(primary, math.nan) for r in ok]
-        row = {
-            "optimizer": name,
-            "lr": rs[0]["lr"],
-            "runs": len(rs),
-            "diverged": len(rs) - len(ok),
-            "final_train_loss": _mean([r["metrics"].get("final_train_loss", math.nan) for r in ok]),
-            primary: _mean(metric_vals),
-            "ms_per_step": _mean([r["ms_per_step"] for r in rs]),
-            "ms_optimizer_step": _mean([r["ms_optimizer_step"] for r in rs]),
-            "state_mib": _mean([r["state_mib"] for r in rs]),
-        }
-        for key in ("accuracy", "macro_f1"):
-            vals = [r["metrics"][key] for r in ok if key in r["metrics"]]
-            if vals:
-                row[key] = _mean(vals)
-        row["step_ratio_vs_adamw"] = row["ms_optimizer_step"] / adamw_ms if adamw_ms else math.nan
-        rows.append(row)
-    return rows
 
 
 def _metric(r: dict[str, Any], key: str) -> float:
@@ -270,42 +240,6 @@ def _fmt_ci(mean: float, ci: Sequence[float | None], signed: bool = False) -> st
     if ci[0] is None or ci[1] is None:
         return m
     return f"{m} [{ci[0]:.4f}, {ci[1]:.4f}]"
-
-
-HEADERS = {
-    "optimizer": "optimizer",
-    "lr": "lr",
-    "final_train_loss": "train loss",
-    "accuracy": "test acc",
-    "macro_f1": "macro-F1",
-    "rel_error": "rel. error",
-    "test_mse": "test MSE",
-    "excess_mse": "excess MSE",
-    "ms_per_step": "ms/step",
-    "ms_optimizer_step": "opt ms/step",
-    "step_ratio_vs_adamw": "opt step ×AdamW",
-    "state_mib": "state MiB",
-    "diverged": "diverged",
-}
-
-
-def print_table(rows: Sequence[dict[str, Any]], primary: str, title: str, console=None) -> None:
-    """A rich table of the summary rows (columns: metrics present in the rows, then costs)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    metrics = [primary] + [
-        k for k in ("accuracy", "macro_f1") if k != primary and any(k in r for r in rows)
-    ]
-    cols = ["optimizer", "lr", "final_train_loss", *metrics]
-    cols += ["ms_per_step", "ms_optimizer_step", "step_ratio_vs_adamw", "state_mib", "diverged"]
-    table = Table(title=title)
-    for c in cols:
-        table.add_column(HEADERS.get(c, c), justify="left" if c == "optimizer" else "right")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
-    console.print(table)
 
 
 def _fmt(v: Any) -> str:
