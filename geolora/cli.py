@@ -61,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--model", type=Path, default=None, help="local Hugging Face encoder folder")
     g.add_argument("--data", type=Path, default=None, help="CSV/TSV/JSONL file of texts and labels")
-    g.add_argument("--text-column", default="text")
-    g.add_argument("--label-column", default="label")
+    g.add_argument("--text-column", default="text", help="column of the texts (default: text)")
+    g.add_argument("--label-column", default="label",
+                   help="column of the labels: class names or integers (default: label)")
     g.add_argument("--split-column", default=None,
                    help="column with train/val/test (default: a random split, --data-seed)")
-    g.add_argument("--val-fraction", type=float, default=0.1)
-    g.add_argument("--test-fraction", type=float, default=0.1)
+    g.add_argument("--val-fraction", type=float, default=0.1, help="random split (default 0.1)")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="random split (default 0.1)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the random split / subsets")
     g.add_argument("--top-layers", type=_top_layers, default=argparse.SUPPRESS, metavar="K|all",
                    help="adapt the top K encoder layers (cache the rest) or all of them")
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--full", action="store_true", help="every registered optimizer")
     o.add_argument("--seeds", type=int, default=3, help="seeds at the chosen lr (default 3)")
     o.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
-    o.add_argument("--rank", type=int, default=8)
+    o.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     o.add_argument("--tune", action="store_true",
                    help="tune every optimizer's lr even where a shipped tuning exists")
     o.add_argument("--lr-grid", type=int, default=5, metavar="N",
@@ -85,13 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid spacing in decades (default 0.5: x0.1 ... x10 with 5 points)")
     o.add_argument("--tune-seeds", type=int, default=1, help="seeds per grid point (default 1)")
     o.add_argument("--init-scales", type=_floats, default=None, metavar="K1,K2,...",
-                   help="also start from (10^k B, 10^-k A) with a nonzero init, e.g. -2,0,2")
+                   help="also start from (10^k B, 10^-k A) with a nonzero init; write "
+                   "--init-scales=-2,0,2 (with '=': the value starts with '-')")
     o.add_argument("--init-seeds", type=int, default=1, help="seeds per init scale (default 1)")
     o.add_argument("--robust-tol", type=float, default=0.02,
                    help="lr robustness: relative tolerance to the best validation metric")
     o.add_argument("--quick", action="store_true", help="short runs (about 2 minutes in all)")
     r = b.add_argument_group("sweep")
-    r.add_argument("--out", type=Path, default=Path("results/bench"))
+    r.add_argument("--out", type=Path, default=Path("results/bench"),
+                   help="results.json, results.csv, plots and study.db (default: results/bench)")
     r.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by workers (default: sqlite:///OUT/study.db)")
     r.add_argument("--study", default="geolora-bench", help="Optuna study name")
