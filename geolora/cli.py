@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also start from (10^k B, 10^-k A) with a nonzero init; write "
                    "--init-scales=-2,0,2 (with '=': the value starts with '-')")
     o.add_argument("--init-seeds", type=int, default=1, help="seeds per init scale (default 1)")
-    o.add_argument("--robust-tol", type=float, default=0.02,
+    o.add_argument("--robust-tol", type=float, default=0.1,
                    help="lr robustness: relative tolerance to the best validation metric")
     o.add_argument("--quick", action="store_true", help="short runs (about 2 minutes in all)")
     r = b.add_argument_group("sweep")

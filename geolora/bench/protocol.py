@@ -342,7 +342,7 @@ def compare(
     tune_seeds: int = 1,
     init_scales: Sequence[float] = (),
     init_seeds: int = 1,
-    robust_tol: float = 0.02,
+    robust_tol: float = 0.1,
     storage: str | None = None,
     study: str = "geolora-bench",
     workers: int = 1,
@@ -524,6 +524,7 @@ def compare(
             "command": command or "geolora.bench.compare(...)",
             "versions": versions(),
             "wall_s": time.perf_counter() - t0,
+            "runs_wall_s": sum(float(r.get("wall_s") or 0.0) for r in results),
         }
     )
     title = f"{task_obj.name}: {steps} steps, r={rank}, {seeds} seeds"

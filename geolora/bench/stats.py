@@ -104,12 +104,12 @@ def lr_robust_decades(
     scores: Sequence[float | None],
     *,
     higher_is_better: bool,
-    tol: float = 0.02,
+    tol: float = 0.1,
 ) -> float:
     """Width in decades of the learning-rate range whose score is near the best.
 
     A grid point is near-best when ``|score − best| ≤ tol · |best|`` (relative tolerance,
-    default 2 %); a non-finite score (diverged) is never near-best. The range is the run of
+    default 10 %); a non-finite score (diverged) is never near-best. The range is the run of
     consecutive grid points (sorted by lr) around the best point that are all near-best, and
     its width is ``log10(lr_high / lr_low)`` (0 when only the best point qualifies; NaN when
     no point has a finite score).
