@@ -398,9 +398,9 @@ def plot_metric_intervals(
 
 def plot_lr_sensitivity(rows: Sequence[dict[str, Any]], primary: str, path: Path, title: str) -> None:
     """Validation metric against the learning rate per optimizer (the tuning grid). A band
-    shows the 95 % interval over tuning seeds where there are several; the error bar at the
-    chosen lr is the interval over the comparison's seeds. Diverged points are crosses on the
-    x-axis."""
+    shows the 95 % interval over tuning seeds where there are several; the open square with
+    its error bar at the chosen lr is the mean and interval over the comparison's seeds.
+    Diverged points are crosses on the x-axis."""
     names = [r["optimizer"] for r in rows]
     colors = _colors(names)
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -422,7 +422,7 @@ def plot_lr_sensitivity(rows: Sequence[dict[str, Any]], primary: str, path: Path
         vm, vci = r.get("val_mean"), r.get("val_ci95") or [None, None]
         if r.get("lr_chosen") and vm is not None and math.isfinite(vm) and vci[0] is not None:
             ax.errorbar([r["lr_chosen"]], [vm], yerr=[[vm - vci[0]], [vci[1] - vm]], color=c,
-                        capsize=4, fmt="none")
+                        capsize=4, fmt="s", mfc="white", ms=5)
     ax.set_xscale("log")
     _log_y_if_wide(ax)
     ax.set_xlabel("learning rate")
