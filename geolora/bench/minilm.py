@@ -226,7 +226,7 @@ class MiniLMPlayTask(EncoderClassificationTask):
         max_length: int = 32,
         batch_size: int = 16,
         default_steps: int = 200,
-        quick_steps: int = 60,
+        quick_steps: int = 40,
         eval_every: int = 100,
         **kw: Any,
     ) -> None:
@@ -261,8 +261,8 @@ class MiniLMPlayTask(EncoderClassificationTask):
 
     @classmethod
     def quick(cls, **overrides: Any) -> MiniLMPlayTask:
-        """Preset for ``--quick``: the same passages (and frozen-layer cache), 60 steps."""
-        params: dict[str, Any] = {"default_steps": 60, "quick_steps": 60, "eval_every": 0}
+        """Preset for ``--quick``: the same passages (and frozen-layer cache), 40 steps."""
+        params: dict[str, Any] = {"default_steps": 40, "quick_steps": 40, "eval_every": 0}
         params.update(overrides)
         return cls(**params)
 
