@@ -259,3 +259,12 @@ def test_full_training_step_benchmark_times_both_optimizers():
     assert res.optimizer == "scaledgd" and res.rank == 2
     assert res.step_ms > 0 and res.adamw_ms > 0
     assert abs(res.ratio - res.step_ms / res.adamw_ms) < 1e-12
+
+
+def test_task_ref_passes_top_layers() -> None:
+    from geolora.bench.protocol import TaskRef
+
+    assert TaskRef("plays", options={"top_layers": None}).build().top_layers is None
+    assert TaskRef("plays").build().top_layers == 1
+    assert TaskRef("minilm", options={"top_layers": 2}).build().top_layers == 2
+    assert TaskRef("minilm", quick=True).build().default_steps == 40

@@ -91,8 +91,7 @@ class TaskRef:
             from geolora.bench.minilm import MiniLMGenreTask, MiniLMPlayTask, default_cache_dir
 
             cls = MiniLMGenreTask if self.name == "minilm" else MiniLMPlayTask
-            kw = {k: v for k, v in opts.items() if v is not None}
-            task = cls.quick(**kw) if self.quick else cls(**kw)
+            task = cls.quick(**opts) if self.quick else cls(**opts)  # top_layers None: all
             task.cache_dir = Path(cache) if cache else default_cache_dir()
             return task
         if self.name == "sensing":
