@@ -386,47 +386,48 @@ def work(
     sign = 1.0 if plan.p.higher_is_better else -1.0
     n_done = 0
     while max_runs is None or n_done < max_runs:
-        trial = None
-        with _Deferred() as deferred:  # a signal here must not orphan a fresh claim
-            done, running = store.snapshot()
-            todo = [k for k in plan.pending(done) if k not in running]
-            if todo:
-                key = todo[worker_index % len(todo)]
-                trial = store.claim(key)
-        if deferred.signum is not None:
-            if trial is not None:
-                store.drop(trial, "interrupted")
-            deferred.reraise()
-        if not todo:
-            if plan.finished(done):
-                return n_done
-            time.sleep(poll_s)  # waiting for another worker's runs
-            continue
-        if trial is None:
-            continue
+        trial: Any = None
+        finished = False
         stop = threading.Event()
-
-        def beat(trial: Any = trial, stop: threading.Event = stop) -> None:
-            while not stop.wait(HEARTBEAT_S):
-                try:
-                    store.heartbeat(trial)
-                except Exception:  # a missed heartbeat only risks a duplicate run
-                    pass
-
-        thread = threading.Thread(target=beat, daemon=True)
-        thread.start()
         try:
+            with _Deferred() as deferred:  # a signal here must not orphan a fresh claim
+                done, running = store.snapshot()
+                todo = [k for k in plan.pending(done) if k not in running]
+                if todo:
+                    key = todo[worker_index % len(todo)]
+                    trial = store.claim(key)
+            deferred.reraise()
+            if not todo:
+                if plan.finished(done):
+                    return n_done
+                time.sleep(poll_s)  # waiting for another worker's runs
+                continue
+            if trial is None:
+                continue
+
+            def beat(trial: Any = trial, stop: threading.Event = stop) -> None:
+                while not stop.wait(HEARTBEAT_S):
+                    try:
+                        store.heartbeat(trial)
+                    except Exception:  # a missed heartbeat only risks a duplicate run
+                        pass
+
+            threading.Thread(target=beat, daemon=True).start()
             if on_run is not None:
                 on_run(key, "start")
             result = run_fn(key, on_step or (lambda n: None))
+            with _Deferred() as deferred:  # record the finished run even when a signal comes
+                store.finish(trial, result, sign * val_score(result, primary))
+                finished = True
+            deferred.reraise()
         except BaseException:
-            stop.set()
-            store.drop(trial, "interrupted or failed")
+            # interrupted or failed anywhere between claim and record: release the claim,
+            # so that a rerun redoes this run
+            if trial is not None and not finished:
+                store.drop(trial, "interrupted or failed")
             raise
-        stop.set()
-        with _Deferred() as deferred:  # record the finished run even when a signal comes now
-            store.finish(trial, result, sign * val_score(result, primary))
-        deferred.reraise()
+        finally:
+            stop.set()
         n_done += 1
         if on_run is not None:
             on_run(key, "done")
