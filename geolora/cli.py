@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=None,
                    help="local worker processes (default: 2 when the machine has 2+ cores)")
     r.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    r.add_argument("--report-only", action="store_true",
+                   help="run nothing: write results and plots from the runs already in the study")
     x = b.add_argument_group("other modes")
     x.add_argument("--perf", action="store_true", help="time the optimizer step vs AdamW")
     x.add_argument("--full-step", action="store_true",
@@ -212,6 +214,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             threads=args.threads,
             console=console,
             command=command,
+            report_only=args.report_only,
         )
     except Interrupted:
         return 128 + signal.SIGTERM

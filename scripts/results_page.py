@@ -143,6 +143,15 @@ def section(results_dir: Path, docs: Path, machine: str) -> str:
         "",
         f"**{s['headline']}**",
         "",
+    ]
+    if s.get("complete") is False:
+        lines += [
+            "*This sweep did not finish in the time its machine had: the table summarises the "
+            "runs in its study so far (`--report-only`); rows without values are optimizers "
+            "still tuning, and `seeds` counts the seeds done. Rerun the command to complete it.*",
+            "",
+        ]
+    lines += [
         f"{s['steps']} training steps, LoRA rank {s['rank']}, {s['seeds']} seeds at the chosen rate; "
         f"primary metric: test `{prim}` ({higher} is better)"
         + (f"; majority-class baseline {s['baseline']:.4f}" if s.get("baseline") is not None else "")

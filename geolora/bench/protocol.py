@@ -349,6 +349,7 @@ def compare(
     console: Any = None,
     command: str | None = None,
     registry: OptimizerRegistry = REGISTRY,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run the bench protocol on ``task`` and write ``out/results.json``, ``results.csv`` and
     plots; returns the summary (also in ``results.json["summary"]``).
@@ -372,6 +373,8 @@ def compare(
         threads: torch threads per worker (default: CPU count // workers, at least 1).
         console: a rich Console (default: a new one).
         command: the command line recorded with the results.
+        report_only: run nothing; summarise the runs already in the study (a sweep in
+            progress: optimizers still tuning have no row values, seeds count what is done).
     """
     from rich.console import Console
 
@@ -442,7 +445,7 @@ def compare(
     )
     t0 = time.perf_counter()
     prepare = getattr(task_obj, "prepare", None)
-    if callable(prepare) and plan.pending(done):
+    if callable(prepare) and plan.pending(done) and not report_only:
         # shared one-time work (frozen-layer cache) once, here, before workers load it;
         # a model folder that cannot be loaded fails now, before any training
         with console.status(f"preparing {task_obj.name} (frozen layers, cached on disk)"):
@@ -463,7 +466,9 @@ def compare(
             progress.update(bar, total=max(1, plan.expected_runs(d), finished) * steps)
 
         try:
-            if workers == 1:
+            if report_only:
+                pass
+            elif workers == 1:
                 torch.set_num_threads(threads)
                 runner = _Runner(task_obj, steps, rank, registry)
 
@@ -522,6 +527,7 @@ def compare(
             "study": {"storage": storage, "name": study},
             "command": command or "geolora.bench.compare(...)",
             "versions": versions(),
+            "complete": plan.finished(done),
             "wall_s": time.perf_counter() - t0,
             "runs_wall_s": sum(float(r.get("wall_s") or 0.0) for r in results),
         }

@@ -219,7 +219,8 @@ def print_protocol_table(
         d = r["diff_vs_adamw"]
         table.add_row(
             r["optimizer"],
-            _fmt(r["lr_chosen"]) if r["lr_chosen"] is not None else "all diverged",
+            _fmt(r["lr_chosen"]) if r["lr_chosen"] is not None
+            else "all diverged" if r["runs"] and r["diverged"] == r["runs"] else "tuning",
             _fmt(r["lr_robust_decades"]),
             _fmt_ci(r["mean"], r["ci95"]),
             str(r["n_seeds"]),

@@ -166,7 +166,7 @@ def headline(
     """
     ranked = [(k, v) for k, v in intervals.items() if math.isfinite(v.mean)]
     if not ranked:
-        return Headline(None, (), f"no {metric} to compare: every run diverged")
+        return Headline(None, (), f"no {metric} to compare: no finished, finite run at a chosen lr")
     ranked.sort(key=lambda kv: kv[1].mean, reverse=higher_is_better)
     best_name, best = ranked[0]
 
