@@ -53,7 +53,8 @@ validation split, never on test; several seeds at the chosen setting; an interva
    gives the same result for every k.
 7. **Sweeps.** Every run is recorded in an Optuna study (`--out/study.db`, or `--storage URL`)
    as soon as it ends; the same command resumes an interrupted sweep, and `--workers N` (or
-   several machines on one `--storage`) share it.
+   several machines on one `--storage`) share it. `--report-only` writes the tables and plots
+   of a sweep in progress without running anything.
 """
 
 
