@@ -361,7 +361,7 @@ def plot_metric_intervals(
     headline (intervals disjoint) is coloured; the y-range covers every interval, dot and the
     baseline, so no bar is cut and no gap is blown up."""
     names = [r["optimizer"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.9 * len(names) + 2), 4.8))
     ys: list[float] = []
     for i, r in enumerate(rows):
         color = "tab:green" if r["optimizer"] == winner else "tab:gray"
