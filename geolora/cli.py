@@ -5,36 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TASKS = ("minilm", "sensing", "teacher")
-INVARIANCE_OPTIMIZERS = ("adamw", "loraplus", "adams", "lracs", "lora_rite", "loram_fr", "loram_br")
-INVARIANCE_SCALES = (-3, -2, -1, 0, 1, 2, 3)
-
-
-def make_task(name: str, quick: bool):
-    """The bench task called ``name`` (``minilm`` | ``sensing`` | ``teacher``)."""
-    from geolora.bench.tasks import SensingTask, TeacherStudentTask
-
-    if name == "minilm":
-        from geolora.bench.minilm import MiniLMGenreTask, default_cache_dir
-
-        # the frozen lower layers' outputs are cached on disk, so a second bench run skips them
-        task = MiniLMGenreTask.quick() if quick else MiniLMGenreTask()
-        task.cache_dir = default_cache_dir()
-        return task
-    if name == "sensing":
-        return SensingTask()
-    if name == "teacher":
-        return TeacherStudentTask()
-    raise SystemExit(f"geolora bench: unknown task {name!r}; choose from {', '.join(TASKS)}")
-
 
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
@@ -47,37 +23,92 @@ def _floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
+def _top_layers(s: str) -> int | None:
+    if s == "all":
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {s!r}")
+    return v
+
+
+BENCH_EPILOG = """protocol: per optimizer, the lr is tuned on a log grid on the validation metric
+(or read from the shipped tuning run; --tune redoes it), then --seeds runs at the chosen lr give
+the test metric's mean and 95% t-interval and the paired difference to AdamW. Every run is
+recorded in an Optuna study as it ends: rerunning the same command resumes. See
+docs/benchmarks.md and docs/bench_custom.md."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geolora", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="compare optimizers on a task (default: MiniLM genre task)")
-    b.add_argument("--task", default="minilm", choices=TASKS)
-    b.add_argument("--optimizers", type=_csv, default=None, help="comma-separated registry names")
-    b.add_argument("--seeds", type=int, default=1, help="number of seeds (0..N-1)")
-    b.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
-    b.add_argument(
-        "--lr-sweep",
-        type=_floats,
-        default=None,
-        metavar="F1,F2,...",
-        help="multiply each optimizer's default lr by these factors",
+    b = sub.add_parser(
+        "bench",
+        help="compare optimizers on a task: tuned lrs, seeds, intervals (default task: plays)",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("--rank", type=int, default=8)
-    b.add_argument("--out", type=Path, default=Path("results/bench"))
-    b.add_argument("--quick", action="store_true", help="short runs (~2 minutes in all)")
-    b.add_argument("--perf", action="store_true", help="time the optimizer step vs AdamW")
-    b.add_argument(
-        "--full-step",
-        action="store_true",
-        help="with --perf: also time full MiniLM training steps (forward + backward + step)",
+    g = b.add_argument_group("task")
+    g.add_argument(
+        "--task",
+        default="plays",
+        help="minilm (genre of unseen plays, LoRA on every linear layer), plays (which of 37 "
+        "plays, LoRA on the top layers), sensing, teacher (synthetic), or module:Class / "
+        "file.py:Class for your own Task (default: plays)",
     )
-    b.add_argument("--grid", action="store_true", help="preconditioner x metric/manifold grid")
-    b.add_argument(
-        "--no-invariance",
-        action="store_true",
-        help="skip the factor-scaling invariance sweep on the sensing task",
-    )
-    b.add_argument("--list", action="store_true", help="list the registered optimizers and exit")
+    g.add_argument("--model", type=Path, default=None, help="local Hugging Face encoder folder")
+    g.add_argument("--data", type=Path, default=None, help="CSV/TSV/JSONL file of texts and labels")
+    g.add_argument("--text-column", default="text", help="column of the texts (default: text)")
+    g.add_argument("--label-column", default="label",
+                   help="column of the labels: class names or integers (default: label)")
+    g.add_argument("--split-column", default=None,
+                   help="column with train/val/test (default: a random split, --data-seed)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="random split (default 0.1)")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="random split (default 0.1)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the random split / subsets")
+    g.add_argument("--top-layers", type=_top_layers, default=argparse.SUPPRESS, metavar="K|all",
+                   help="adapt the top K encoder layers (cache the rest) or all of them")
+    o = b.add_argument_group("protocol")
+    o.add_argument("--optimizers", type=_csv, default=None,
+                   help="comma-separated registry names (default: adamw,loraplus,lora_rite,adams,loram_br)")
+    o.add_argument("--full", action="store_true", help="every registered optimizer")
+    o.add_argument("--seeds", type=int, default=3, help="seeds at the chosen lr (default 3)")
+    o.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
+    o.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    o.add_argument("--tune", action="store_true",
+                   help="tune every optimizer's lr even where a shipped tuning exists")
+    o.add_argument("--lr-grid", type=int, default=5, metavar="N",
+                   help="lr grid points per optimizer (the tuning budget, same for all; default 5)")
+    o.add_argument("--lr-step", type=float, default=0.5, metavar="DECADES",
+                   help="grid spacing in decades (default 0.5: x0.1 ... x10 with 5 points)")
+    o.add_argument("--tune-seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    o.add_argument("--init-scales", type=_floats, default=None, metavar="K1,K2,...",
+                   help="also start from (10^k B, 10^-k A) with a nonzero init; write "
+                   "--init-scales=-2,0,2 (with '=': the value starts with '-')")
+    o.add_argument("--init-seeds", type=int, default=1, help="seeds per init scale (default 1)")
+    o.add_argument("--robust-tol", type=float, default=0.1,
+                   help="lr robustness: relative tolerance to the best validation metric")
+    o.add_argument("--quick", action="store_true", help="short runs (about 2 minutes in all)")
+    r = b.add_argument_group("sweep")
+    r.add_argument("--out", type=Path, default=Path("results/bench"),
+                   help="results.json, results.csv, plots and study.db (default: results/bench)")
+    r.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by workers (default: sqlite:///OUT/study.db)")
+    r.add_argument("--study", default="geolora-bench", help="Optuna study name")
+    r.add_argument("--workers", type=int, default=None,
+                   help="local worker processes (default: 2 when the machine has 2+ cores)")
+    r.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    r.add_argument("--report-only", action="store_true",
+                   help="run nothing: write results and plots from the runs already in the study")
+    x = b.add_argument_group("other modes")
+    x.add_argument("--perf", action="store_true", help="time the optimizer step vs AdamW")
+    x.add_argument("--full-step", action="store_true",
+                   help="with --perf: also time full MiniLM training steps (forward + backward + step)")
+    x.add_argument("--grid", action="store_true", help="preconditioner x metric/manifold grid")
+    x.add_argument("--list", action="store_true", help="list the registered optimizers and exit")
     c = sub.add_parser("check", help="numerical checks of every manifold (slopes, residuals)")
     c.add_argument("--seed", type=int, default=0)
     return p
@@ -87,26 +118,47 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return cmd_check(args)
-    return cmd_bench(args)
+    return cmd_bench(args, argv)
 
 
 # --- bench ------------------------------------------------------------------------------------
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def task_ref(args: argparse.Namespace):
+    """The :class:`~geolora.bench.protocol.TaskRef` of the command line."""
+    from geolora.bench.protocol import TaskRef
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-    )
+    top: Any = getattr(args, "top_layers", "default")
+    if args.data is not None:
+        opts: dict[str, Any] = {
+            "data": str(args.data),
+            "model": None if args.model is None else str(args.model),
+            "text_column": args.text_column,
+            "label_column": args.label_column,
+            "split_column": args.split_column,
+            "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction,
+            "data_seed": args.data_seed,
+        }
+        if top != "default":
+            opts["top_layers"] = top
+        return TaskRef("data", args.quick, opts)
+    if args.model is not None:
+        raise ValueError("--model needs --data FILE (the texts and labels to fine-tune on)")
+    opts = {}
+    if args.task in ("minilm", "plays"):
+        if top != "default":
+            opts["top_layers"] = top
+        opts["data_seed"] = args.data_seed
+    return TaskRef(args.task, args.quick, opts)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    import signal
+
     import torch
     from rich.console import Console
 
     import geolora.bench.catalog as catalog
-    from geolora.bench import report
     from geolora.bench.registry import REGISTRY
-    from geolora.bench.runner import run
 
     console = Console(width=max(Console().width, 130))
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -120,148 +172,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.perf:
         return cmd_perf(args, console)
 
-    if args.grid:
-        names = args.optimizers or list(catalog.GRID)
-    else:
-        names = args.optimizers or list(catalog.DEFAULT_OPTIMIZERS)
-    for n in names:
-        REGISTRY.get(n)  # fail early on a typo, listing the known names
-    task = make_task(args.task, args.quick)
-    steps = args.steps or (task.quick_steps if args.quick else task.default_steps)
-    factors = args.lr_sweep or [1.0]
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    console.print(
-        f"[bold]geolora bench[/]: task={task.name}, steps={steps}, rank={args.rank}, "
-        f"seeds={args.seeds}, optimizers={', '.join(names)}"
-    )
-    t0 = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    with _progress() as progress:
-        for seed in range(args.seeds):
-            for name in names:
-                for f in factors:
-                    lr = _task_lr(task, name) * f
-                    res = run(
-                        task, name, lr=lr, steps=steps, seed=seed, rank=args.rank, progress=progress
-                    )
-                    results.append(res.to_dict())
-    primary = task.primary_metric
-    rows = report.summarize(
-        [r for r in results if r["lr"] == _task_lr(task, r["optimizer"])] or results, primary
-    )
-    title = f"{task.name}: {steps} steps, r={args.rank}, {args.seeds} seed(s)"
-    report.print_table(rows, primary, title, console)
-    summary = {
-        "task": task.name,
-        "steps": steps,
-        "rank": args.rank,
-        "seeds": args.seeds,
-        "primary_metric": primary,
-        "higher_is_better": task.higher_is_better,
-        "rows": rows,
-        "command": "geolora " + " ".join(sys.argv[1:]),
-    }
-    report.plot_losses(results, out / "loss_curves.png", f"{title} — training loss")
-    key = "accuracy" if "accuracy" in rows[0] else primary
-    if task.higher_is_better or key == "accuracy":
-        report.plot_metric_bars(
-            rows, key, out / "accuracy.png", f"{task.name}: test {key} (higher is better)"
+    from geolora.bench.protocol import compare, full_optimizers
+    from geolora.bench.sweep import Interrupted, install_signal_handlers
+
+    try:
+        if args.grid:
+            names = args.optimizers or list(catalog.GRID)
+        elif args.full:
+            names = full_optimizers()
+        else:
+            names = args.optimizers
+        for n in names or []:
+            REGISTRY.get(n)  # a typo fails here, listing the known names
+        ref = task_ref(args)
+        ref.build()  # bad data, model or task: a clear error before any training
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        console.print(f"[red]geolora bench: error:[/] {err}")
+        return 2
+    workers = args.workers or (2 if (os.cpu_count() or 1) >= 2 else 1)
+    previous = install_signal_handlers()
+    command = "geolora " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        compare(
+            ref,
+            optimizers=names,
+            out=args.out,
+            seeds=args.seeds,
+            steps=args.steps,
+            rank=args.rank,
+            quick=args.quick,
+            tune=args.tune,
+            grid_points=args.lr_grid,
+            grid_step=args.lr_step,
+            tune_seeds=args.tune_seeds,
+            init_scales=args.init_scales or (),
+            init_seeds=args.init_seeds,
+            robust_tol=args.robust_tol,
+            storage=args.storage,
+            study=args.study,
+            workers=workers,
+            threads=args.threads,
+            console=console,
+            command=command,
+            report_only=args.report_only,
         )
-    else:
-        report.plot_metric_bars(rows, primary, out / "metric.png", f"{task.name}: {primary}")
-    if args.lr_sweep:
-        report.plot_lr_sensitivity(
-            results, primary, out / "lr_sensitivity.png", f"{task.name}: {primary} vs learning rate"
-        )
-    if not args.no_invariance:
-        inv = invariance_sweep(args, progress_factory=_progress)
-        summary["invariance"] = inv["table"]
-        results.extend(inv["runs"])
-        report.plot_invariance(
-            inv["runs"],
-            "rel_error",
-            out / "invariance.png",
-            "Invariance: sensing task from (10^k B, 10^-k A)",
-        )
-        _print_invariance(inv["table"], console)
-    report.save_results(out, results, summary)
-    best = _best(rows, primary, task.higher_is_better)
-    console.print(
-        f"best {primary}: [bold]{best}[/] — wrote {out}/results.json, results.csv and plots "
-        f"in {time.perf_counter() - t0:.0f} s"
-    )
+    except Interrupted:
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]geolora bench: error:[/] {err}")
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def _task_lr(task, name: str) -> float:
-    from geolora.bench.registry import REGISTRY
-
-    return float(task.lr_overrides.get(name, REGISTRY.get(name).default_lr))
-
-
-def _best(rows, key, higher) -> str:
-    import math
-
-    ok = [r for r in rows if math.isfinite(r.get(key, math.nan))]
-    if not ok:
-        return "-"
-    r = max(ok, key=lambda r: r[key]) if higher else min(ok, key=lambda r: r[key])
-    return f"{r['optimizer']} ({r[key]:.4g})"
-
-
-def invariance_sweep(args: argparse.Namespace, progress_factory) -> dict[str, Any]:
-    """Final relative error on the sensing task from (10^k B, 10^-k A), k = -3..3."""
-    from geolora.bench.runner import run
-    from geolora.bench.tasks import SensingTask
-
-    task = SensingTask()
-    steps = task.quick_steps
-    runs = []
-    with progress_factory() as progress:
-        for name in INVARIANCE_OPTIMIZERS:
-            for k in INVARIANCE_SCALES:
-                res = run(
-                    task,
-                    name,
-                    lr=_task_lr(task, name),
-                    steps=steps,
-                    seed=0,
-                    rank=args.rank,
-                    factor_scale=float(k),
-                    progress=progress,
-                    # no AdamW robust start: the factors start nonzero and the sweep measures
-                    # the geometric optimizer itself
-                    optimizer_kwargs={} if name == "adamw" else {"robust_steps": 0},
-                )
-                runs.append({**res.to_dict(), "sweep": "invariance"})
-    table = {}
-    for name in INVARIANCE_OPTIMIZERS:
-        vals = [r["metrics"].get("rel_error") for r in runs if r["optimizer"] == name]
-        finite = [v for v in vals if v is not None and v == v]
-        table[name] = {
-            "rel_error_by_k": dict(zip(INVARIANCE_SCALES, vals)),
-            "spread": (max(finite) / min(finite)) if finite and min(finite) > 0 else None,
-        }
-    return {"runs": runs, "table": table}
-
-
-def _print_invariance(table, console) -> None:
-    from rich.table import Table
-
-    t = Table(title="Invariance: sensing rel. error after training from (10^k B, 10^-k A)")
-    t.add_column("optimizer")
-    for k in INVARIANCE_SCALES:
-        t.add_column(f"k={k}", justify="right")
-    t.add_column("max/min", justify="right")
-    for name, row in table.items():
-        vals = [row["rel_error_by_k"][k] for k in INVARIANCE_SCALES]
-        t.add_row(
-            name,
-            *[f"{v:.2e}" if v == v else "diverged" for v in vals],
-            f"{row['spread']:.3g}" if row["spread"] else "-",
-        )
-    console.print(t)
 
 
 def cmd_perf(args: argparse.Namespace, console) -> int:
@@ -272,7 +236,7 @@ def cmd_perf(args: argparse.Namespace, console) -> int:
 
     names = args.optimizers or [n for n in catalog.DEFAULT_OPTIMIZERS if n != "adamw"] + [
         "adams_lm",
-        "scaledgd",
+        "scaled_gd",
         "lifted_adam",
     ]
     ranks = [args.rank] if args.rank != 8 else [8, 32]

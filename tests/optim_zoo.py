@@ -87,7 +87,7 @@ ZOO_INVARIANT: dict[str, bool] = {"reflora": True}
 #: The pair optimizers of the registry (variants with fixed kwargs are covered by their own
 #: tests; three-factor optimizers train other adapters: tests/test_polar.py, test_stella.py).
 EXPECTED_NAMES: tuple[str, ...] = tuple(
-    n for n in registry.names() if registry.get(n).adapter != "three_factor" and not registry.get(n).kwargs
+    n for n in registry.names() if registry.get(n).trains_pairs and not registry.get(n).kwargs
 )
 
 IMPORT_ERRORS: dict[str, str] = {}

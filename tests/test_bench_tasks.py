@@ -165,14 +165,19 @@ def test_progress_bar_is_advanced() -> None:
 
 
 def test_minilm_task_trains_from_the_packaged_model(tmp_path) -> None:
-    task = MiniLMGenreTask(
-        top_layers=1, n_train=8, n_test=6, batch_size=4, cache_dir=tmp_path, cache_dtype=torch.float32
-    )
+    kw = dict(top_layers=1, n_train=8, n_val=4, n_test=6, batch_size=4, max_length=64,
+              cache_dir=tmp_path, cache_dtype=torch.float32, eval_every=1)
+    task = MiniLMGenreTask(**kw)
     res = run(task, "adamw", steps=2, seed=0, rank=4)
     assert res.steps == 2 and all(math.isfinite(v) for v in res.losses)
-    assert 0 <= res.metrics["accuracy"] <= 1 and 0 <= res.metrics["macro_f1"] <= 1
-    assert math.isfinite(res.metrics["test_loss"])
+    for split in ("", "val_"):
+        assert 0 <= res.metrics[f"{split}accuracy"] <= 1 and 0 <= res.metrics[f"{split}macro_f1"] <= 1
+        assert math.isfinite(res.metrics[f"{split}loss"])
+    # validation curve every step (eval_every=1): the last point is the final validation value
+    assert [p[0] for p in res.val_curve] == [1, 2]
+    assert res.val_curve[-1][1] == res.metrics["val_accuracy"]
     assert run(task, "adamw", steps=2, seed=0, rank=4).losses == res.losses
+    assert run(task, "adamw", steps=2, seed=1, rank=4).losses != res.losses
 
     setup = task.setup(0, 4, "cpu")
     groups = setup.param_groups()
@@ -188,23 +193,56 @@ def test_minilm_task_trains_from_the_packaged_model(tmp_path) -> None:
     encoded = task._encoded["test"]
     assert encoded.labels.tolist() == [r["label"] for r in test]
     with torch.no_grad():
+        setup.model.eval()
         ref = masked_mean(bert(**enc).last_hidden_state, enc["attention_mask"])
         mine = setup.model.encode(encoded.hidden, encoded.mask)
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
     # a second task object reads the disk cache instead of recomputing it
     (cache_file,) = tmp_path.glob("minilm-genre-*.pt")
-    again = MiniLMGenreTask(
-        top_layers=1, n_train=8, n_test=6, batch_size=4, cache_dir=tmp_path, cache_dtype=torch.float32
-    )
+    again = MiniLMGenreTask(**kw)
     again.prepare()
     assert torch.equal(again._encoded["train"].hidden, task._encoded["train"].hidden)
     assert len(list(tmp_path.glob("minilm-genre-*.pt"))) == 1 and cache_file.exists()
 
+    # validation plays are training plays, never test plays, and never in the training subset
+    from geolora.bench.minilm import VAL_PLAYS
+    from geolora.data import load_shakespeare_genre
+
+    val_texts = {r["text"] for r in load_shakespeare_genre("train") if r["play"] in VAL_PLAYS}
+    recs = task._records()
+    assert all(r["text"] in val_texts for r in recs["val"])
+    assert not any(r["text"] in val_texts for r in recs["train"])
+    assert 0 < task.baseline() <= 1
+
+
+def test_minilm_all_layers_and_play_task(tmp_path) -> None:
+    import geolora.bench.catalog  # noqa: F401  (registers adams)
+    from geolora.bench.minilm import MiniLMPlayTask
+
+    genre = MiniLMGenreTask(n_train=4, n_val=2, n_test=2, batch_size=2, cache_dir=tmp_path)
+    setup = genre.setup(0, 2, "cpu")
+    pairs = [g for g in setup.param_groups() if g.get("lora_pair")]
+    assert len(pairs) == 6 * 6  # every linear layer of the six layers
+    plays = MiniLMPlayTask(n_train=8, n_val=4, n_test=4, batch_size=4, cache_dir=tmp_path)
+    assert plays.num_classes == 37 and len(plays.label_names) == 37
+    recs = plays._records()
+    texts = [r["text"] for s in ("train", "val", "test") for r in recs[s]]
+    assert len(texts) == len(set(texts)) == 16  # disjoint splits
+    res = run(plays, "adams", steps=2, rank=2)
+    assert res.steps == 2 and 0 <= res.metrics["accuracy"] <= 1
+    # init-scale runs: a nonzero init moved along the gauge orbit keeps ΔW
+    a = plays.setup(0, 2, "cpu", init="gaussian", dtype=torch.float64)
+    b = plays.setup(0, 2, "cpu", init="gaussian", factor_scale=2, dtype=torch.float64)
+    ga, gb = [[g for g in s.param_groups() if g.get("lora_pair")][0] for s in (a, b)]
+    torch.testing.assert_close(gb["params"][0], 100 * ga["params"][0])
+    torch.testing.assert_close(gb["params"][0] @ gb["params"][1], ga["params"][0] @ ga["params"][1])
+    assert float(ga["params"][0].detach().abs().max()) > 0
+
 
 def test_minilm_task_validates_arguments() -> None:
     quick = MiniLMGenreTask.quick(top_layers=1)
-    assert (quick.n_train, quick.n_test, quick.default_steps, quick.top_layers) == (1024, 512, 30, 1)
+    assert (quick.n_train, quick.n_test, quick.default_steps, quick.top_layers) == (1024, 512, 40, 1)
     with pytest.raises(ValueError, match="top_layers"):
         MiniLMGenreTask(top_layers=0)
     with pytest.raises(ValueError, match="n_train"):
@@ -217,7 +255,16 @@ def test_full_training_step_benchmark_times_both_optimizers():
     """``geolora bench --perf --full-step``: a real MiniLM LoRA step per optimizer and AdamW."""
     from geolora.bench.perf import bench_training_step
 
-    (res,) = bench_training_step(["scaledgd"], 2, batch_size=2, seq_len=8, steps=1, warmup=1)
-    assert res.optimizer == "scaledgd" and res.rank == 2
+    (res,) = bench_training_step(["scaled_gd"], 2, batch_size=2, seq_len=8, steps=1, warmup=1)
+    assert res.optimizer == "scaled_gd" and res.rank == 2
     assert res.step_ms > 0 and res.adamw_ms > 0
     assert abs(res.ratio - res.step_ms / res.adamw_ms) < 1e-12
+
+
+def test_task_ref_passes_top_layers() -> None:
+    from geolora.bench.protocol import TaskRef
+
+    assert TaskRef("plays", options={"top_layers": None}).build().top_layers is None
+    assert TaskRef("plays").build().top_layers == 1
+    assert TaskRef("minilm", options={"top_layers": 2}).build().top_layers == 2
+    assert TaskRef("minilm", quick=True).build().default_steps == 40

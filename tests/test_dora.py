@@ -6,6 +6,7 @@ pairs, resume, zero init and bf16."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 from pathlib import Path
@@ -244,3 +245,16 @@ def test_validation() -> None:
         InvariantDoRA(groups, magnitude_metric="spherical")
     with pytest.raises(ValueError, match="does not train 'dora_magnitude' groups"):
         AdamS(groups)  # the linked layout is for InvariantDoRA only
+
+
+def test_create_optimizer_links_the_magnitudes_for_invariant_dora() -> None:
+    from geolora.integrations import create_optimizer
+
+    model = dora_mlp()
+    opt = create_optimizer(model, "invariant_dora", lr=1e-2, robust_steps=1)
+    kinds = [next(k for k in ("lora_pair", "dora_magnitude") if g.get(k)) for g in opt.param_groups
+             if g.get("lora_pair") or g.get("dora_magnitude")]
+    assert kinds == ["lora_pair", "dora_magnitude"] * 2
+    x, y = data()
+    losses = train(model, opt, 5, x, y)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

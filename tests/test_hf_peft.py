@@ -235,8 +235,16 @@ def test_create_optimizer_names_and_errors() -> None:
 
 BENCH_NAMES = (
     "adamw", "loraplus", "rpadamw", "lora_rite", "adams", "adams_lm", "lracs", "loram_fr",
-    "loram_br", "stiefel_lora", "scaledgd", "lifted_sgd", "lifted_shampoo",
+    "loram_br", "stiefel_lora", "scaled_gd", "lifted_sgd", "lifted_shampoo", "lora_pro",
+    "riemannion", "reflora", "reflora_s", "lifted_adam",
 )  # fmt: skip
+
+
+def test_bench_names_cover_the_lora_entries_of_the_registry() -> None:
+    from geolora.optim import registry
+
+    lora = {n for n in registry.names() if registry.get(n).adapter == "lora"}
+    assert lora <= set(BENCH_NAMES)
 
 
 @pytest.mark.parametrize("how", ATTACH)

@@ -14,7 +14,7 @@ the swap of the optimizer's parameters for the sharded ``DTensor`` s.
   shard_placement_fn=fsdp2_shard_placement(model))`` (``lora_A`` row-sharded, nothing
   gathered; accelerate leaves modules that are already sharded alone).
 * Trainer: a tiny peft-LoRA BERT (built from a config, no download) trained for 4 steps by
-  ``trainer_class(transformers.Trainer, "scaledgd", ...)`` with ``fsdp=True``,
+  ``trainer_class(transformers.Trainer, "scaled_gd", ...)`` with ``fsdp=True``,
   ``fsdp_config={"version": 2, ...}``: the LoRA factors are ``DTensor`` s, geolora stepped them
   (robust start, then ScaledGD on the gathered/row-sharded factors), the loss is finite and both
   ranks hold the same factors.
@@ -165,7 +165,7 @@ def _run_trainer(rank: int, out: str) -> dict[str, Any]:
     ]
     start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     base = trainer_class(
-        transformers.Trainer, "scaledgd", lr=1e-2, robust_steps=1, momentum=0.9
+        transformers.Trainer, "scaled_gd", lr=1e-2, robust_steps=1, momentum=0.9
     )
 
     class CPUFSDPTrainer(base):  # type: ignore[misc,valid-type]

@@ -110,7 +110,7 @@ def test_trainer_class_builds_the_geolora_optimizer() -> None:
 
     model = nn.Sequential(nn.Linear(6, 8))
     inject_lora(model, "all-linear", r=2, init="gaussian", seed=0)
-    cls = trainer_class(FakeTrainer, "scaledgd", lr=1e-2, momentum=0.9)
+    cls = trainer_class(FakeTrainer, "scaled_gd", lr=1e-2, momentum=0.9)
     assert issubclass(cls, FakeTrainer) and cls.__name__ == "GeoloraFakeTrainer"
     trainer = cls(model)
     opt = trainer.create_optimizer()

@@ -1,7 +1,11 @@
 """Registers every geolora optimizer in the bench registry (:mod:`geolora.bench.registry`).
 
-Default learning rates are those used by ``geolora bench`` on its tasks; each optimizer's own
-docstring gives the paper's defaults. Imports are lazy so that listing names stays cheap.
+The entries are read from :mod:`geolora.optim.registry` (names, classes, invariance, adapters
+and papers come from there, so the bench, ``geolora.optim`` and the test zoo use the same names);
+this module adds only what is particular to the bench: the centre of each learning-rate grid
+(:data:`BENCH_LR`), fixed bench arguments (:data:`BENCH_KWARGS`) and the ``--grid`` entries.
+Each optimizer's own docstring gives the paper's defaults. Imports are lazy so that listing
+names stays cheap.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from typing import Any
 import torch
 
 from geolora.bench.registry import REGISTRY, OptimizerSpec
+from geolora.optim import registry as optim_registry
 
 #: AdamW steps before AdamS / LRACS switch to their own update in the bench (paper: 100, for
 #: runs of thousands of steps; the bench runs 200). The exit also waits until X = B A is
 #: well conditioned (``geolora.optim.base``), which from B = 0 takes a few steps.
 BENCH_ROBUST_STEPS = 10
 
-#: The optimizers ``geolora bench`` compares by default (issue: main job).
+#: The optimizers ``geolora bench --perf`` times by default.
 DEFAULT_OPTIMIZERS = (
     "adamw",
     "loraplus",
@@ -31,15 +36,52 @@ DEFAULT_OPTIMIZERS = (
     "stiefel_lora",
 )
 
+#: Centre of the learning-rate grid (and the lr of an untuned run) per registered optimizer:
+#: AdamW-like steps 1e-3, SGD-like steps 1e-2. Names missing here use the class default.
+BENCH_LR: dict[str, float] = {
+    "adams": 1e-3,
+    "adams_lm": 1e-3,
+    "lracs": 1e-3,
+    "lifted_sgd": 1e-2,
+    "lifted_shampoo": 1e-3,
+    "lifted_adam": 1e-3,
+    # row-normalised second moment (the default): steps like Adam's; 2e-2 was the centre for
+    # the unnormalised form, whose steps are smaller by the square root of the layer's rows.
+    "lora_rite": 1e-3,
+    "scaled_gd": 1e-2,
+    "rpadamw": 1e-3,
+    "loraplus": 1e-3,
+    "loram_fr": 5e-4,
+    "loram_br": 1e-3,
+    "stiefel_lora": 1e-3,
+    "lora_pro": 1e-3,
+    "riemannion": 1e-3,
+    "reflora": 1e-3,
+    "reflora_s": 1e-3,
+    "invariant_dora": 1e-3,
+    "polar": 4e-3,
+    "stella": 1e-3,
+}
 
-def _lazy(module: str, cls: str, **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
+#: Fixed bench arguments (the caller's keyword arguments still override them).
+BENCH_KWARGS: dict[str, dict[str, Any]] = {
+    "adams": {"robust_steps": BENCH_ROBUST_STEPS},
+    "adams_lm": {"robust_steps": BENCH_ROBUST_STEPS},
+    "lracs": {"robust_steps": BENCH_ROBUST_STEPS},
+    "invariant_dora": {"robust_steps": BENCH_ROBUST_STEPS},
+    "scaled_gd": {"momentum": 0.9},
+    "stiefel_lora": {"coordinate_wise": True},
+}
+
+
+def _factory(info: optim_registry.OptimizerInfo) -> Callable[..., torch.optim.Optimizer]:
+    """``factory(param_groups, lr, **kw)`` building ``info``'s class with the bench's arguments."""
+    fixed = BENCH_KWARGS.get(info.name, {})
+
     def factory(param_groups, lr: float, **kw: Any) -> torch.optim.Optimizer:
-        import importlib
+        return info.build(param_groups, lr=lr, **{**fixed, **kw})
 
-        klass = getattr(importlib.import_module(module), cls)
-        return klass(param_groups, lr=lr, **{**fixed, **kw})
-
-    factory.__name__ = f"{cls}_factory"
+    factory.__name__ = f"{info.name}_factory"
     return factory
 
 
@@ -62,127 +104,28 @@ def _lifted(preconditioner: str, metric: str) -> Callable[..., torch.optim.Optim
     return factory
 
 
-_SPECS = [
-    OptimizerSpec(
-        "loraplus",
-        _lazy("geolora.optim.loraplus", "LoRAPlus"),
-        1e-3,
-        False,
-        "AdamW with lr_B = 16 lr_A",
-        "Hayou et al., LoRA+, ICML 2024",
-    ),
-    OptimizerSpec(
-        "rpadamw",
-        _lazy("geolora.optim.scaled", "RiemannianPreconditionedAdamW"),
-        1e-3,
-        False,
-        "AdamW on (AAᵀ+δI)⁻¹-preconditioned factor gradients",
-        "Zhang & Pilanci, Riemannian Preconditioned LoRA, ICML 2024",
-    ),
-    OptimizerSpec(
-        "lora_rite",
-        _lazy("geolora.optim.lora_rite", "LoRARite"),
-        2e-2,
-        True,
-        "invariant matrix preconditioning with basis transport",
-        "Yen et al., LoRA-RITE, ICLR 2025 (Alg. 1)",
-    ),
-    OptimizerSpec(
-        "adams",
-        _lazy("geolora.optim.lifted", "AdamS", robust_steps=BENCH_ROBUST_STEPS),
-        1e-3,
-        True,
-        "Adam on P_T(∇X), lifted with the Sylvester decay matrix",
-        "LoRA-S, ICLR 2026 (Alg. 2)",
-    ),
-    OptimizerSpec(
-        "adams_lm",
-        _lazy("geolora.optim.lifted", "AdamS", low_memory=True, robust_steps=BENCH_ROBUST_STEPS),
-        1e-3,
-        True,
-        "AdamS with factored, transported first moment",
-        "LoRA-S (Alg. 4)",
-    ),
-    OptimizerSpec(
-        "lracs",
-        _lazy("geolora.optim.lracs", "LRACS", robust_steps=BENCH_ROBUST_STEPS),
-        1e-3,
-        True,
-        "lifted row/column-scaled RACS with norm-growth limiter",
-        "LoRA-S (Alg. 3)",
-    ),
-    OptimizerSpec(
-        "loram_fr",
-        _lazy("geolora.optim.loram", "LoRAMFixedRank"),
-        5e-4,
-        True,
-        "Riemannian Adam on the fixed-rank manifold",
-        "Jiang, Wang & Stich, LoRAM, ICLR 2025 workshop (Alg. 1-4)",
-    ),
-    OptimizerSpec(
-        "loram_br",
-        _lazy("geolora.optim.loram", "LoRAMBoundedRank"),
-        1e-3,
-        True,
-        "Riemannian AdamW on desingularized bounded-rank matrices",
-        "Jiang, Wang & Stich, LoRAM, ICLR 2025 workshop (Alg. 5-8)",
-    ),
-    OptimizerSpec(
-        "stiefel_lora",
-        _lazy("geolora.optim.stiefel_lora", "StiefelLoRA", coordinate_wise=True),
-        1e-3,
-        False,
-        "B on the Stiefel manifold (Riemannian Adam), A Euclidean",
-        "Stiefel-LoRA",
-    ),
-    OptimizerSpec(
-        "scaledgd",
-        _lazy("geolora.optim.scaled", "ScaledGD", momentum=0.9),
-        1e-2,
-        True,
-        "scaled gradient descent with momentum",
-        "Tong, Ma & Chi, JMLR 2021",
-    ),
-    OptimizerSpec(
-        "lifted_sgd",
-        _lazy("geolora.optim.lifted_sgd", "LiftedSGD"),
-        1e-2,
-        True,
-        "Riemannian SGD on the quotient (balanced metric)",
-        "LoRA-S (Alg. 1)",
-    ),
-    OptimizerSpec(
-        "lifted_shampoo",
-        _lazy("geolora.optim.shampoo", "LiftedShampoo"),
-        1e-3,
-        True,
-        "Shampoo on T_X, lifted",
-        "LoRA-S (A.18)",
-    ),
-]
+def _default_lr(info: optim_registry.OptimizerInfo) -> float:
+    lr = BENCH_LR.get(info.name, info.default_lr)
+    if lr is None:  # pragma: no cover - a table error, caught by tests/test_bench_catalog.py
+        raise RuntimeError(f"{info.name}: no bench lr and no class default lr")
+    return lr
 
 
-def _lifted_adam(param_groups, lr: float, **kw: Any) -> torch.optim.Optimizer:
-    """``Lifted(torch.optim.Adam)``: torch's own Adam on a dense shadow of X, lifted."""
-    from geolora.optim.wrap import Lifted
-
-    return Lifted(torch.optim.Adam)(param_groups, lr=lr, **kw)
-
-
-_SPECS.append(
-    OptimizerSpec(
-        "lifted_adam",
-        _lifted_adam,
-        1e-3,
-        True,
-        "torch.optim.Adam acting on P_T(∇X), lifted (= AdamS)",
-        "LoRA-S (Theorem 1)",
+for _name in optim_registry.names():
+    if _name in REGISTRY:
+        continue
+    _info = optim_registry.get(_name)
+    REGISTRY.register(
+        OptimizerSpec(
+            _name,
+            _factory(_info),
+            _default_lr(_info),
+            _info.invariant,
+            _info.description,
+            _info.paper,
+            adapter=_info.adapter,
+        )
     )
-)
-
-for _spec in _SPECS:
-    if _spec.name not in REGISTRY:
-        REGISTRY.register(_spec)
 
 #: ``--grid``: preconditioner x move (metric lift or manifold retraction).
 GRID: dict[str, tuple[str, str]] = {}

@@ -47,6 +47,9 @@ class OptimizerSpec:
         invariant: True when the X = B A trajectory does not depend on the factor gauge.
         description: one line for tables and ``--help``.
         paper: short citation of the method (empty for plain baselines).
+        adapter: the adapter kind the optimizer trains (``"lora"``: ``ΔW = s·B A``); the bench
+            builds the adapted model through :func:`geolora.bench.adapters.adapt`, which
+            dispatches on this name.
     """
 
     name: str
@@ -55,6 +58,7 @@ class OptimizerSpec:
     invariant: bool
     description: str
     paper: str = ""
+    adapter: str = "lora"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
@@ -65,6 +69,8 @@ class OptimizerSpec:
             raise ValueError(f"default_lr must be a positive number, got {self.default_lr!r}")
         if not isinstance(self.invariant, bool):
             raise TypeError(f"invariant must be a bool, got {type(self.invariant).__name__}")
+        if not isinstance(self.adapter, str) or not self.adapter:
+            raise ValueError(f"adapter must be a non-empty string, got {self.adapter!r}")
 
     def build(
         self, param_groups: Sequence[Mapping[str, Any]], lr: float | None = None, **kw: Any

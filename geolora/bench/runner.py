@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -40,8 +40,9 @@ class RunResult:
         steps: steps actually taken (fewer than ``requested_steps`` when diverged).
         requested_steps: steps asked for.
         losses: training loss per step (the last one may be non-finite when diverged).
-        metrics: task metrics from ``evaluate()`` plus ``final_train_loss`` (mean of the last
-            ``max(1, steps // 10)`` finite losses).
+        metrics: test metrics from ``evaluate("test")``, validation metrics from
+            ``evaluate("val")`` with a ``val_`` prefix, and ``final_train_loss`` (mean of the
+            last ``max(1, steps // 10)`` finite losses).
         ms_per_step: median wall time of a full step (forward, backward, optimizer step), ms.
         ms_optimizer_step: median wall time of ``optimizer.step()`` alone, ms.
         state_mib: optimizer state memory: tensor bytes in ``optimizer.state`` / 2^20.
@@ -49,6 +50,9 @@ class RunResult:
             ``prepare(device)``, shared by all runs, is done before and not counted).
         diverged: True when the run stopped on a non-finite loss or a numerical error.
         error: the error message of a numerical failure, else None.
+        init: the adapter init the run asked for (None: the task's default).
+        val_curve: ``[[step, validation primary metric], ...]`` every ``eval_every`` steps
+            (empty when the task evaluates only at the end).
     """
 
     optimizer: str
@@ -67,6 +71,8 @@ class RunResult:
     wall_s: float
     diverged: bool = False
     error: str | None = None
+    init: str | None = None
+    val_curve: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite floats become None)."""
@@ -125,8 +131,11 @@ def run(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     factor_scale: float = 0.0,
+    init: str | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     registry: OptimizerRegistry = REGISTRY,
+    on_step: Callable[[int], None] | None = None,
+    eval_every: int | None = None,
 ) -> RunResult:
     """Train ``task`` with the registered optimizer ``optimizer_name``.
 
@@ -140,8 +149,13 @@ def run(
         progress: a ``rich.progress.Progress``; the run adds one bar and advances it per step.
         device, dtype: where and in which precision the model lives.
         factor_scale: k; LoRA pairs start at ``(10^k B, 10^-k A)`` (same ΔW).
+        init: adapter init passed to ``task.setup(init=...)`` (None: not passed, the task's
+            default); the init-scale runs use a nonzero one (``"gaussian"``).
         optimizer_kwargs: extra keyword arguments for the optimizer factory.
         registry: where to look the optimizer up.
+        on_step: called with 1 after every finished training step (progress displays).
+        eval_every: record the validation primary metric every this many steps in
+            ``val_curve`` (default: ``task.eval_every`` when set, else 0 = off).
 
     Returns:
         A :class:`RunResult`. Same arguments on the same device give the same losses.
@@ -156,6 +170,14 @@ def run(
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     device = torch.device(device)
+    if eval_every is None:
+        eval_every = int(getattr(task, "eval_every", 0) or 0)
+    primary = getattr(task, "primary_metric", None)
+    setup_kw: dict[str, Any] = {}
+    if init is not None:
+        setup_kw["init"] = init
+    if getattr(spec, "adapter", "lora") != "lora":
+        setup_kw["adapter"] = spec.adapter
 
     label = f"{task.name} · {spec.name}"
     bar = None
@@ -175,13 +197,14 @@ def run(
     opt_s: list[float] = []
     diverged = False
     error: str | None = None
+    curve: list[list[float]] = []
 
     # fork_rng keeps the caller's global RNG untouched while making any global draws
     # (e.g. LoRA init inside inject_lora) a function of ``seed``.
     on_cpu = device.type == "cpu"
     with torch.random.fork_rng(devices=[] if on_cpu else None, device_type="cuda" if on_cpu else device.type):
         torch.manual_seed(seed)
-        setup = task.setup(seed, rank, device, dtype=dtype, factor_scale=factor_scale)
+        setup = task.setup(seed, rank, device, dtype=dtype, factor_scale=factor_scale, **setup_kw)
         optimizer = spec.build(setup.param_groups(), lr, **dict(optimizer_kwargs or {}))
         batches = setup.batches()
         for _ in range(steps):
@@ -209,6 +232,11 @@ def run(
             opt_s.append(t2 - t1)
             if bar is not None:
                 progress.advance(bar)
+            if on_step is not None:
+                on_step(1)
+            done = len(step_s)
+            if eval_every and primary and done % eval_every == 0 and done < steps:
+                curve.append([done, _val_primary(setup, primary)])
         # parameters may have turned non-finite in the last step without a loss to show it
         with torch.no_grad():
             if not diverged and any(
@@ -216,7 +244,10 @@ def run(
             ):
                 diverged = True
         try:
-            metrics = dict(setup.evaluate())
+            metrics = {k: float(v) for k, v in setup.evaluate("test").items()}
+            metrics.update({f"val_{k}": float(v) for k, v in setup.evaluate("val").items()})
+            if eval_every and primary and f"val_{primary}" in metrics:
+                curve.append([len(step_s), metrics[f"val_{primary}"]])
         except (RuntimeError, FloatingPointError) as exc:
             metrics = {}
             diverged = True
@@ -246,4 +277,14 @@ def run(
         wall_s=time.perf_counter() - t_start,
         diverged=diverged,
         error=error,
+        init=init,
+        val_curve=curve,
     )
+
+
+def _val_primary(setup: Any, primary: str) -> float:
+    """The validation primary metric in the middle of training (NaN on a numerical error)."""
+    try:
+        return float(setup.evaluate("val").get(primary, math.nan))
+    except (RuntimeError, FloatingPointError):
+        return math.nan

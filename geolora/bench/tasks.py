@@ -56,8 +56,11 @@ class TaskRun(Protocol):
         """Scalar training loss on ``batch`` (differentiable w.r.t. the groups' params)."""
         ...
 
-    def evaluate(self) -> dict[str, float]:
-        """Task metrics after training (no gradients), e.g. accuracy or relative error."""
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics on ``split`` (``"val"`` or ``"test"``), no gradients: e.g. accuracy.
+
+        Learning rates are chosen on ``"val"`` only; ``"test"`` is reported.
+        """
         ...
 
 
@@ -69,20 +72,26 @@ class Task(Protocol):
         name: short identifier used in tables and file names.
         default_steps: training steps of a full bench run.
         quick_steps: training steps under ``geolora bench --quick``.
-        lr_overrides: per-optimizer learning rates that replace the registry default on
-            this task (tuned values measured by the task's author; ``{}`` when none).
         primary_metric: key of :meth:`TaskRun.evaluate` that ranks optimizers.
         higher_is_better: direction of ``primary_metric``.
 
-    A task may also define ``prepare(device)`` for one-time work shared by all its runs (the
-    MiniLM task caches its frozen layers there); :func:`geolora.bench.runner.run` calls it
-    before starting the clock, and ``setup`` must call it too.
+    Optional attributes: ``lr_overrides`` (per-optimizer centres of the lr grid on this task,
+    replacing the registry default); ``prepare(device)`` for one-time work shared by all runs (the MiniLM
+    tasks cache their frozen layers there; :func:`geolora.bench.runner.run` calls it before
+    starting the clock, and ``setup`` must call it too); ``eval_every`` (record the validation
+    metric every this many steps); ``baseline()`` (the primary metric of a trivial predictor,
+    e.g. the majority class, drawn on the plots); ``config()`` (a JSON-able dict of settings:
+    it enters the sweep signature, so changing a setting never reuses old runs).
+
+    ``setup`` receives ``init=...`` only for the init-scale runs (a nonzero init such as
+    ``"gaussian"``) and ``adapter=...`` only for an optimizer whose spec asks for another
+    adapter kind than ``"lora"``; build the adapter with :func:`geolora.bench.adapters.adapt`
+    to support both. Everything random must come from ``seed``.
     """
 
     name: str
     default_steps: int
     quick_steps: int
-    lr_overrides: Mapping[str, float]
     primary_metric: str
     higher_is_better: bool
 
@@ -95,7 +104,8 @@ class Task(Protocol):
         dtype: torch.dtype = torch.float32,
         factor_scale: float = 0.0,
     ) -> TaskRun:
-        """Build a fresh :class:`TaskRun`; ``factor_scale`` k rescales B by 10^k, A by 10^-k."""
+        """Build a fresh :class:`TaskRun`; ``factor_scale`` k rescales B by 10^k, A by 10^-k
+        (optionally also ``init=`` and ``adapter=`` keywords, see the class docstring)."""
         ...
 
 
@@ -109,6 +119,20 @@ def check_setup_args(seed: int, rank: int, dtype: torch.dtype, factor_scale: flo
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if not isinstance(factor_scale, (int, float)) or not math.isfinite(factor_scale):
         raise ValueError(f"factor_scale must be a finite number, got {factor_scale!r}")
+
+
+SPLITS = ("val", "test")
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def _check_factor_pair(adapter: str) -> None:
+    if adapter != "lora":
+        raise ValueError(f"adapter must be 'lora' on the synthetic tasks (a FactorPair), got {adapter!r}")
 
 
 def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
@@ -237,7 +261,8 @@ class _SensingRun:
         return 0.5 * residual.pow(2).mean()
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        _check_split(split)  # no data split: the metric is the distance to the known X*
         X = self.model.delta()
         rel = torch.linalg.norm(X - self._target) / torch.linalg.norm(self._target)
         return {"rel_error": float(rel), "loss": float(self.loss())}
@@ -266,6 +291,8 @@ class SensingTask:
     """
 
     name = "sensing"
+    #: torch threads worth using: the matrices are tiny, more threads only add sync cost
+    max_threads = 1
     primary_metric = "rel_error"
     higher_is_better = False
     default_lrs: Mapping[str, float] = {
@@ -325,9 +352,18 @@ class SensingTask:
         *,
         dtype: torch.dtype = torch.float32,
         factor_scale: float = 0.0,
+        init: str = "gaussian",
+        adapter: str = "lora",
     ) -> _SensingRun:
-        """Draw ``X*``, the operator and the init from ``seed``; LoRA rank ``rank``."""
+        """Draw ``X*``, the operator and the init from ``seed``; LoRA rank ``rank``.
+
+        The init is always the small balanced Gaussian one (``init="gaussian"``): from
+        ``B = 0`` the sensing loss sits at a saddle.
+        """
         check_setup_args(seed, rank, dtype, factor_scale)
+        _check_factor_pair(adapter)
+        if init != "gaussian":
+            raise ValueError(f"init must be 'gaussian' on the sensing task, got {init!r}")
         if rank > min(self.m, self.n):
             raise ValueError(f"rank must be <= min(m, n) = {min(self.m, self.n)}, got {rank}")
         r_star = self.true_rank if self.true_rank is not None else rank
@@ -351,21 +387,23 @@ class _TeacherStudentRun:
         self,
         model: FactorPair,
         train: tuple[torch.Tensor, torch.Tensor],
-        test: tuple[torch.Tensor, torch.Tensor],
+        splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
         delta_star: torch.Tensor,
         batch_size: int,
         gen: torch.Generator,
     ) -> None:
         self.model = model
         self._x, self._y = train
-        self._x_test, self._y_test = test
+        self._splits = splits
         self._delta_star = delta_star
         self._batch_size = batch_size
         self._gen = gen
         with torch.no_grad():
             # the best possible predictor is the teacher itself
-            teacher_pred = self._x_test @ (model.base + delta_star).T
-            self._optimum = float((teacher_pred - self._y_test).pow(2).mean())
+            self._optimum = {
+                s: float((x @ (model.base + delta_star).T - y).pow(2).mean())
+                for s, (x, y) in splits.items()
+            }
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [self.model.group("delta")]
@@ -383,14 +421,15 @@ class _TeacherStudentRun:
         return 0.5 * (self.model(x) - y).pow(2).sum(dim=-1).mean()
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        mse = float((self.model(self._x_test) - self._y_test).pow(2).mean())
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        x, y = self._splits[_check_split(split)]
+        mse = float((self.model(x) - y).pow(2).mean())
         delta = self.model.delta()
         rel = torch.linalg.norm(delta - self._delta_star) / torch.linalg.norm(self._delta_star)
         return {
             "test_mse": mse,
-            "excess_mse": mse - self._optimum,
-            "optimum_mse": self._optimum,
+            "excess_mse": mse - self._optimum[split],
+            "optimum_mse": self._optimum[split],
             "delta_rel_error": float(rel),
         }
 
@@ -413,6 +452,7 @@ class TeacherStudentTask:
     """
 
     name = "teacher_student"
+    max_threads = 1
     primary_metric = "excess_mse"
     higher_is_better = False
     default_lrs: Mapping[str, float] = {"adamw": 3e-3}
@@ -473,9 +513,13 @@ class TeacherStudentTask:
         *,
         dtype: torch.dtype = torch.float32,
         factor_scale: float = 0.0,
+        init: str = "zero",
+        adapter: str = "lora",
     ) -> _TeacherStudentRun:
-        """Draw teacher, data and init from ``seed``; LoRA rank ``rank``."""
+        """Draw teacher, data and init from ``seed``; LoRA rank ``rank``; ``init`` "zero"
+        (B = 0) or "gaussian" (B small, nonzero)."""
         check_setup_args(seed, rank, dtype, factor_scale)
+        _check_factor_pair(adapter)
         d_in, d_out = self.in_features, self.out_features
         if rank > min(d_in, d_out):
             raise ValueError(f"rank must be <= min(in, out) = {min(d_in, d_out)}, got {rank}")
@@ -492,15 +536,21 @@ class TeacherStudentTask:
             return x, y
 
         train, test = sample(self.n_train), sample(self.n_test)
+        val = sample(self.n_test)  # drawn after test, so test is the same as before val existed
         init_gen = _generator(seed, salt=12)
         A = torch.randn(rank, d_in, generator=init_gen, dtype=f64) / math.sqrt(d_in)
-        B = torch.zeros(d_out, rank, dtype=f64)
+        if init == "zero":
+            B = torch.zeros(d_out, rank, dtype=f64)
+        elif init == "gaussian":  # geolora.lora.init "gaussian": B ~ N(0, 1e-4 / r)
+            B = 1e-2 * torch.randn(d_out, rank, generator=init_gen, dtype=f64) / math.sqrt(rank)
+        else:
+            raise ValueError(f"init must be 'zero' or 'gaussian', got {init!r}")
         to = {"device": device, "dtype": dtype}
         model = FactorPair(B.to(**to), A.to(**to), scaling=self.scaling, base=base.to(**to))
         run = _TeacherStudentRun(
             model,
             (train[0].to(**to), train[1].to(**to)),
-            (test[0].to(**to), test[1].to(**to)),
+            {s: (x.to(**to), y.to(**to)) for s, (x, y) in (("val", val), ("test", test))},
             delta_star.to(**to),
             self.batch_size,
             _generator(seed, salt=13),

@@ -65,10 +65,10 @@ def create_optimizer(
     Args:
         model: a model with geolora ``LoRALinear`` layers (:func:`geolora.lora.inject_lora`) or a
             peft LoRA model (``peft.get_peft_model``).
-        name: registry id (lower case): ``adamw``, ``loraplus``, ``rpadamw``, ``lora_rite``,
-            ``adams``, ``adams_lm``, ``lracs``, ``loram_fr``, ``loram_br``, ``stiefel_lora``,
-            ``scaledgd``, ``lifted_sgd``, ``lifted_shampoo`` (and the ``grid_*`` entries of
-            ``geolora bench``).
+        name: a name of ``geolora bench --list`` (the registry :mod:`geolora.optim.registry`
+            plus ``adamw`` and the ``grid_*`` entries). ``invariant_dora`` needs a peft DoRA
+            model (its magnitudes are linked to their pairs); ``polar`` and ``stella`` need
+            three-factor adapters (:func:`geolora.lora.inject_adapter`).
         lr: peak learning rate; ``None`` takes the registry's default for ``name``.
         adapter: with several peft adapters, train only this one (or these).
         unsupported: peft LoRA parameters that are not a supported pair (Conv LoRA, other
@@ -92,7 +92,8 @@ def create_optimizer(
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number or None, got lr={lr!r}")
     spec = _registry().get(name)  # ValueError listing the known names
-    groups = lora_param_groups(model, adapter=adapter, unsupported=unsupported)
+    dora = "linked" if spec.adapter == "dora" else "ordinary"
+    groups = lora_param_groups(model, adapter=adapter, unsupported=unsupported, dora=dora)
     if not groups:
         raise ValueError(
             "model has no trainable parameters: attach LoRA (geolora.lora.inject_lora or "
@@ -110,7 +111,7 @@ def trainer_class(base: type, name: str = "adams", lr: float | None = None, **kw
     unwrapped model, and ``accelerate`` then swaps its parameters for the sharded ``DTensor`` s
     (see docs/distributed.md)::
 
-        Trainer = trainer_class(transformers.Trainer, "scaledgd", lr=1e-2, momentum=0.9)
+        Trainer = trainer_class(transformers.Trainer, "scaled_gd", lr=1e-2, momentum=0.9)
         Trainer(model=peft_model, args=args, train_dataset=ds).train()
     """
     if not isinstance(base, type):

@@ -8,8 +8,10 @@ line here.
 Fields: ``invariant`` — the ``X = B A`` trajectory does not depend on the factor gauge
 ``(B R, R⁻¹ A)`` (the method's claim, checked by the fuzz tests); ``needs_robust_start`` — from a
 rank-deficient start (``B = 0``) a pair takes AdamW steps until ``X`` is well conditioned, even
-with ``robust_steps=0``; ``adapter`` — the adapter shape it trains (``"lora"`` pairs,
-``"three_factor"`` ``U S Vᵀ`` adapters, ``"dora"`` pairs with linked magnitudes); ``kwargs`` —
+with ``robust_steps=0``; ``adapter`` — the adapter it trains, a kind of
+:func:`geolora.lora.inject_adapter` (``"lora"`` pairs; ``"dora"`` pairs with magnitudes linked by
+``lora_param_groups(model, dora="linked")``; ``"polar"`` / ``"stella"`` three-factor
+``U S Vᵀ`` adapters with their authors' inits); ``kwargs`` —
 fixed constructor arguments of a variant (e.g. AdamS's low-memory form).
 """
 
@@ -23,9 +25,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["ADAPTERS", "OPTIMIZERS", "OptimizerInfo", "get", "names"]
+__all__ = ["ADAPTERS", "OPTIMIZERS", "PAIR_ADAPTERS", "OptimizerInfo", "get", "names"]
 
-ADAPTERS = ("lora", "three_factor", "dora")
+#: Adapter kinds (those of :func:`geolora.lora.inject_adapter`); the first two train ``(B, A)`` pairs.
+ADAPTERS = ("lora", "dora", "polar", "stella")
+PAIR_ADAPTERS = ("lora", "dora")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class OptimizerInfo:
             raise ValueError(f"invalid optimizer name {self.name!r} (lower case, no spaces)")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"{self.name}: adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+
+    @property
+    def trains_pairs(self) -> bool:
+        """True when the optimizer trains ``(B, A)`` LoRA pairs (adapter ``"lora"`` or ``"dora"``)."""
+        return self.adapter in PAIR_ADAPTERS
 
     def load(self) -> type[torch.optim.Optimizer]:
         """The optimizer class (imported on first use)."""
@@ -245,7 +254,7 @@ _TABLE = (
         False,
         "X Θ Yᵀ, landing field (retraction-free) with Adam",
         "Lion et al., PoLAR, NeurIPS 2025, arXiv:2506.03133",
-        adapter="three_factor",
+        adapter="polar",
     ),
     OptimizerInfo(
         "stella",
@@ -255,7 +264,7 @@ _TABLE = (
         False,
         "U S Vᵀ on Stiefel, AdamW made Riemannian",
         "Li et al., StelLA, NeurIPS 2025, arXiv:2510.01938",
-        adapter="three_factor",
+        adapter="stella",
     ),
 )
 
