@@ -23,7 +23,12 @@ TARGET = ROOT / "geolora" / "bench" / "tuned_lrs.json"
 def entry(results_dir: Path) -> tuple[str, dict]:
     s = json.loads((results_dir / "results.json").read_text())["summary"]
     opts = {
-        r["optimizer"]: {"lr_chosen": r["lr_chosen"], "lr_grid": r["lr_grid"]}
+        r["optimizer"]: {
+            "lr_chosen": r["lr_chosen"],
+            "lr_grid": r["lr_grid"],
+            # the bench uses a shipped lr only under this same configuration
+            "config": s["optimizer_configs"][r["optimizer"]],
+        }
         for r in s["rows"]
         if r["lr_chosen"] is not None and r["lr_source"] == "tuned in this sweep"
     }

@@ -180,3 +180,48 @@ def test_lr_grid_validation() -> None:
             lr_grid(bad)
     with pytest.raises(ValueError, match="points"):
         lr_grid(1e-3, 0)
+
+
+def test_runs_under_another_optimizer_config_are_not_reused(tmp_path: Path) -> None:
+    """A run records its optimizer's configuration id; a store under another id (the
+    optimizer's defaults changed) does not reuse it, a store under the same id does."""
+    from geolora.bench.sweep import RunStore
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    key = RunKey("adams", 1e-3, 0)
+    old = RunStore(url, "s", "sig", {"adams": "aaaa"})
+    trial = old.claim(key)
+    assert trial is not None
+    old.finish(trial, {"metrics": {"val_accuracy": 0.5}}, 0.5)
+    assert key in RunStore(url, "s", "sig", {"adams": "aaaa"}).snapshot()[0]
+    changed = RunStore(url, "s", "sig", {"adams": "bbbb"})
+    assert key not in changed.snapshot()[0]
+    assert changed.claim(key) is not None  # the stale run does not block a new one
+
+
+def test_optimizer_config_sees_defaults_and_template_parts() -> None:
+    """The configuration id changes with a default (LoRA-RITE's row_normalize), holds the
+    hyperparameters only, and is the same in every process."""
+    import geolora.bench.catalog  # noqa: F401
+    from geolora.bench.protocol import config_changes, config_id, optimizer_config
+    from geolora.bench.registry import REGISTRY, OptimizerRegistry, OptimizerSpec
+
+    rite = optimizer_config("lora_rite")
+    assert rite["row_normalize"] is True and rite["class"].endswith("LoRARite")
+    spec = REGISTRY.get("lora_rite")
+    reg = OptimizerRegistry()
+    reg.register(OptimizerSpec("lora_rite", lambda g, lr, **kw: spec.factory(
+        g, lr, **{"row_normalize": False, **kw}), spec.default_lr, spec.invariant, "", ""))
+    other = optimizer_config("lora_rite", reg)
+    assert config_id(other) != config_id(rite)
+    assert config_changes(other, rite) == "row_normalize False -> True"
+    assert config_changes(None, rite) == "no configuration recorded"
+    a = optimizer_config("adams")
+    assert a["robust_steps"] == 10 and a["betas"] == [0.9, 0.999]  # the bench's fixed argument
+    assert "lr" not in a and "engine" not in a and "state" not in a
+    code = ("import geolora.bench.catalog; from geolora.bench.protocol import config_id, "
+            "optimizer_config as c; print(config_id(c('lora_rite')), config_id(c('adams')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert got == [config_id(rite), config_id(a)]

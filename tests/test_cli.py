@@ -77,14 +77,20 @@ def test_check_command_passes():
     assert main(["check"]) == 0
 
 
-def test_shipped_learning_rates_skip_tuning_unless_tune(tmp_path, monkeypatch):
+def test_shipped_learning_rates_skip_tuning_unless_tune(tmp_path, monkeypatch, capsys):
     import geolora.bench.protocol as cmp
 
     shipped = tmp_path / "tuned.json"
     grid = [[0.01, 0.2, 0, None, None], [0.03, 0.1, 0, None, None]]
-    shipped.write_text(json.dumps({"sensing": {
-        "rank": 8, "steps": 300, "signature": "x", "command": "geolora bench --tune", "study": "s.db",
-        "versions": {}, "optimizers": {"adamw": {"lr_chosen": 0.03, "lr_grid": grid}}}}))
+    config = cmp.optimizer_config("adamw")
+
+    def ship(config):
+        shipped.write_text(json.dumps({"sensing": {
+            "rank": 8, "steps": 300, "signature": "x", "command": "geolora bench --tune",
+            "study": "s.db", "versions": {},
+            "optimizers": {"adamw": {"lr_chosen": 0.03, "lr_grid": grid, "config": config}}}}))
+
+    ship(config)
     monkeypatch.setattr(cmp, "TUNED_LRS_FILE", shipped)
     base = ["bench", "--task", "sensing", "--optimizers", "adamw", "--steps", "20", "--seeds", "2",
             "--lr-grid", "3", "--workers", "1"]
@@ -101,3 +107,12 @@ def test_shipped_learning_rates_skip_tuning_unless_tune(tmp_path, monkeypatch):
     assert len(data["runs"]) == 4 and data["summary"]["rows"][0]["lr_source"] == "tuned in this sweep"
     # a different rank has no shipped entry: tuning
     assert cmp.shipped_lrs("sensing", 4) == {}
+    # an lr tuned under another configuration of the optimizer (here: another eps) is stale
+    ship({**config, "eps": 1e-6})
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "c")]) == 0
+    squash = "".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "shippedlrofadamwnotused" in squash and "eps1e-06->1e-08" in squash
+    data = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert len(data["runs"]) == 4 and data["summary"]["rows"][0]["lr_source"] == "tuned in this sweep"
+    assert data["summary"]["optimizer_configs"]["adamw"] == config

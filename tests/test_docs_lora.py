@@ -74,7 +74,7 @@ def test_peft_page_optimizer_table_matches_registry() -> None:
     for line in (DOCS / "peft.md").read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[2] in ("yes", "no"):
-            for name in re.findall(r"`([a-z_]+)`", cells[0]):
+            for name in re.findall(r"`([a-z0-9_]+)`", cells[0]):
                 rows[name] = cells[2] == "yes"
     expected = {n: REGISTRY[n].invariant for n in REGISTRY if not n.startswith("grid_")}
     assert rows == expected

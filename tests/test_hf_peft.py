@@ -234,8 +234,8 @@ def test_create_optimizer_names_and_errors() -> None:
 
 
 BENCH_NAMES = (
-    "adamw", "loraplus", "rpadamw", "lora_rite", "adams", "adams_lm", "lracs", "loram_fr",
-    "loram_br", "stiefel_lora", "scaled_gd", "lifted_sgd", "lifted_shampoo", "lora_pro",
+    "adamw", "loraplus", "rpadamw", "lora_rite", "lora_rite_eq14", "adams", "adams_lm", "lracs",
+    "loram_fr", "loram_br", "stiefel_lora", "scaled_gd", "lifted_sgd", "lifted_shampoo", "lora_pro",
     "riemannion", "reflora", "reflora_s", "lifted_adam",
 )  # fmt: skip
 

@@ -48,6 +48,7 @@ BENCH_LR: dict[str, float] = {
     # row-normalised second moment (the default): steps like Adam's; 2e-2 was the centre for
     # the unnormalised form, whose steps are smaller by the square root of the layer's rows.
     "lora_rite": 1e-3,
+    "lora_rite_eq14": 2e-2,
     "scaled_gd": 1e-2,
     "rpadamw": 1e-3,
     "loraplus": 1e-3,

@@ -44,7 +44,9 @@ __all__ = [
     "DEMO_OPTIMIZERS",
     "TaskRef",
     "compare",
+    "config_id",
     "full_optimizers",
+    "optimizer_config",
     "shipped_lrs",
     "versions",
 ]
@@ -242,6 +244,62 @@ def shipped_lrs(task_name: str, rank: int) -> dict[str, Any]:
     return entry
 
 
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else repr(v)
+    return repr(v)
+
+
+def optimizer_config(name: str, registry: OptimizerRegistry = REGISTRY) -> dict[str, Any]:
+    """The hyperparameters of optimizer ``name`` besides its lr: the class and every entry of
+    ``optimizer.defaults`` (the class's defaults with the bench's fixed arguments applied),
+    read from an optimizer built on a 6×6 probe adapter of the spec's kind.
+
+    A shipped lr and a recorded run count only under the same configuration (see
+    :func:`config_id`), so changing a default (e.g. LoRA-RITE's ``row_normalize``) reruns
+    that optimizer instead of reusing results of the old one. Internals (the template's parts,
+    the step engine) are not part of it: a refactoring that keeps the hyperparameters keeps the
+    results (the reference-trajectory tests hold the numbers).
+    """
+    from geolora.bench.adapters import adapt
+
+    spec = registry.get(name)
+    f = spec.factory
+    factory = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+    torch_state = torch.random.get_rng_state()
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 6))
+        groups = adapt(model, spec.adapter or "lora", rank=2, seed=0)
+        opt = spec.build(groups, spec.default_lr)
+    except Exception as err:  # a user's factory that needs its own model: name it only
+        return {"factory": factory, "probe": f"not built on the probe ({type(err).__name__})"}
+    finally:
+        torch.random.set_rng_state(torch_state)
+    cfg = {k: _jsonable(v) for k, v in sorted(opt.defaults.items()) if k != "lr"}
+    return {"class": f"{type(opt).__module__}.{type(opt).__qualname__}", **cfg}
+
+
+def config_id(config: dict[str, Any]) -> str:
+    """A short stable id (12 hex digits of SHA-1 of the sorted JSON) of an optimizer config."""
+    import hashlib
+
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def config_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """``"row_normalize False -> True, ..."``: how ``new`` differs from ``old`` (for messages)."""
+    if not old:
+        return "no configuration recorded"
+    keys = sorted(set(old) | set(new))
+    diff = [f"{k} {old.get(k, '-')!s} -> {new.get(k, '-')!s}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(diff) or "same"
+
+
 def _robust_kwargs(name: str, registry: OptimizerRegistry) -> dict[str, Any]:
     """``{"robust_steps": 0}`` when the optimizer takes it (init-scale runs start from nonzero
     factors, so no AdamW warm start is needed, and one would break invariance)."""
@@ -313,7 +371,7 @@ def _worker_main(
     torch.set_num_threads(threads)
     try:
         task = ref.build()
-        store = RunStore(storage, study, signature)
+        store = RunStore(storage, study, signature, protocol.configs)
         work(
             Plan(protocol),
             store,
@@ -403,10 +461,18 @@ def compare(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     overrides = getattr(task_obj, "lr_overrides", {}) or {}
     centers = {n: float(overrides.get(n, registry.get(n).default_lr)) for n in names}
+    configs = {n: optimizer_config(n, registry) for n in names}
     shipped_entry = {} if tune else shipped_lrs(task_obj.name, rank)
     shipped_opts = shipped_entry.get("optimizers", {})
-    shipped = {n: float(shipped_opts[n]["lr_chosen"]) for n in names
-               if n in shipped_opts and shipped_opts[n].get("lr_chosen")}
+    shipped, stale = {}, {}
+    for n in names:
+        e = shipped_opts.get(n)
+        if not e or not e.get("lr_chosen"):
+            continue
+        if e.get("config") != configs[n]:  # tuned under other defaults: tune again
+            stale[n] = config_changes(e.get("config"), configs[n])
+            continue
+        shipped[n] = float(e["lr_chosen"])
     lr_sources = {}
     for n in shipped:
         lr_sources[n] = (f"shipped: tuned by `{shipped_entry.get('command', '?')}` "
@@ -424,13 +490,14 @@ def compare(
         init_scales=tuple(float(k) for k in init_scales),
         init_seeds=init_seeds,
         no_init_scale=tuple(n for n in names if registry.get(n).adapter not in GAUGE_ADAPTERS),
+        configs={n: config_id(c) for n, c in configs.items()},
     )
     plan = Plan(protocol)
     signature = signature_of(task_obj, steps, rank)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    store = RunStore(storage, study, signature)
+    store = RunStore(storage, study, signature, protocol.configs)
     released = store.release_stale()
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -445,6 +512,9 @@ def compare(
         + f"; study {study} in {storage}, {workers} worker(s) × {threads} thread(s)"
         + (f"; released {released} stale claim(s)" if released else "")
     )
+    for n, why in stale.items():
+        console.print(f"[yellow]shipped lr of {n} not used[/]: it was tuned under another "
+                      f"configuration ({why}); tuning {n} in this sweep")
     t0 = time.perf_counter()
     prepare = getattr(task_obj, "prepare", None)
     if callable(prepare) and plan.pending(done) and not report_only:
@@ -526,6 +596,7 @@ def compare(
             "shipped_tuning": {k: v for k, v in shipped_entry.items() if k != "optimizers"}
             if shipped else None,
             "signature": signature,
+            "optimizer_configs": configs,
             "study": {"storage": storage, "name": study},
             "command": command or "geolora.bench.compare(...)",
             "versions": versions(),

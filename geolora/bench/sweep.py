@@ -119,6 +119,8 @@ class Protocol:
             ``init_scale_init`` init, at the chosen lr, over ``init_seeds`` seeds.
         no_init_scale: optimizers left out of the init-scale runs (their adapters have no
             ``(B, A)`` gauge, e.g. PoLAR's three factors).
+        configs: per optimizer, its configuration id; runs recorded under another id are
+            stale (see :class:`RunStore`).
         primary, higher_is_better: the metric and its direction; tuning reads ``val_<primary>``.
     """
 
@@ -135,6 +137,7 @@ class Protocol:
     init_seeds: int = 1
     init_scale_init: str = "gaussian"
     no_init_scale: tuple[str, ...] = ()
+    configs: dict[str, str] = field(default_factory=dict)
 
 
 def val_score(result: Mapping[str, Any], primary: str) -> float:
@@ -259,9 +262,20 @@ class RunStore:
         storage: an Optuna storage URL, e.g. ``sqlite:///results/demo/study.db``.
         study_name: the study (one per sweep; several tasks may share it, keys differ).
         signature: the task signature prefixed to every key.
+        configs: per optimizer, the id of its configuration (class and every hyperparameter but
+            the lr, see :func:`geolora.bench.protocol.optimizer_config`). Each run records the
+            id; a finished run whose id differs (or is missing) is not reused, so a sweep
+            resumed after an optimizer's defaults changed reruns that optimizer. None: ids are
+            neither recorded nor checked.
     """
 
-    def __init__(self, storage: str, study_name: str, signature: str) -> None:
+    def __init__(
+        self,
+        storage: str,
+        study_name: str,
+        signature: str,
+        configs: Mapping[str, str] | None = None,
+    ) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -279,12 +293,17 @@ class RunStore:
             sampler=optuna.samplers.RandomSampler(seed=0),
         )
         self.signature = signature
+        self.configs = None if configs is None else dict(configs)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def _mine(self, t: Any) -> RunKey | None:
         key = t.user_attrs.get("run_key")
         if not isinstance(key, dict) or t.user_attrs.get("signature") != self.signature:
             return None
+        if self.configs is not None and (
+            t.user_attrs.get("config") != self.configs.get(key["optimizer"])
+        ):
+            return None  # run with another configuration of this optimizer: stale
         return RunKey(key["optimizer"], key["lr"], key["seed"], key["factor_scale"], key["init"])
 
     def snapshot(self) -> tuple[dict[RunKey, dict[str, Any]], set[RunKey]]:
@@ -329,6 +348,8 @@ class RunStore:
         trial.set_user_attr("signature", self.signature)
         trial.set_user_attr("run_key", {**key.__dict__})
         trial.set_user_attr("key", key.text(self.signature))
+        if self.configs is not None:
+            trial.set_user_attr("config", self.configs.get(key.optimizer))
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("alive_at", time.time())
         TS = self._optuna.trial.TrialState

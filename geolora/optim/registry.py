@@ -146,6 +146,16 @@ _TABLE = (
         "Yen et al., LoRA-RITE, ICLR 2025 (Alg. 1)",
     ),
     OptimizerInfo(
+        "lora_rite_eq14",
+        "geolora.optim.lora_rite",
+        "LoRARite",
+        True,
+        True,
+        "LoRA-RITE with the paper's second moment ḡᵀḡ (no row normalisation)",
+        "Yen et al., LoRA-RITE, ICLR 2025 (Alg. 1, eq. 14)",
+        kwargs={"row_normalize": False},
+    ),
+    OptimizerInfo(
         "scaled_gd",
         "geolora.optim.scaled",
         "ScaledGD",
