@@ -123,10 +123,18 @@ def _subset(records: list[dict[str, Any]], n: int | None, seed: int) -> list[dic
     return [records[i] for i in order[: n or len(records)]]
 
 
-def _check_sizes(**sizes: int | None) -> None:
-    for key, val in sizes.items():
+def _set_subsets(
+    task: Any, n_train: int | None, n_val: int | None, n_test: int | None, data_seed: int
+) -> None:
+    """Check and set the passage subset sizes (positive ints, or None: the whole split) and
+    the seed of their choice (a non-negative int)."""
+    for key, val in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
             raise ValueError(f"{key} must be a positive int or None, got {val!r}")
+    if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
+        raise ValueError(f"data_seed must be a non-negative int, got {data_seed!r}")
+    task.n_train, task.n_val, task.n_test = n_train, n_val, n_test
+    task.data_seed = data_seed
 
 
 class MiniLMGenreTask(EncoderClassificationTask):
@@ -157,15 +165,11 @@ class MiniLMGenreTask(EncoderClassificationTask):
         eval_every: int = 40,
         **kw: Any,
     ) -> None:
-        _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
-        if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
-            raise ValueError(f"data_seed must be a non-negative int, got {data_seed!r}")
+        _set_subsets(self, n_train, n_val, n_test, data_seed)
         if n_train is not None and n_train < batch_size:
             raise ValueError(f"n_train must be >= batch_size = {batch_size}, got {n_train}")
         from geolora.data import GENRES
 
-        self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
-        self.data_seed = data_seed
         super().__init__(
             name=kw.pop("name", "minilm_genre"),
             records=self._genre_records,
@@ -233,11 +237,7 @@ class MiniLMPlayTask(EncoderClassificationTask):
         eval_every: int = 100,
         **kw: Any,
     ) -> None:
-        _check_sizes(n_train=n_train, n_val=n_val, n_test=n_test)
-        if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
-            raise ValueError(f"data_seed must be a non-negative int, got {data_seed!r}")
-        self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
-        self.data_seed = data_seed
+        _set_subsets(self, n_train, n_val, n_test, data_seed)
         super().__init__(
             name=kw.pop("name", "minilm_plays"),
             records=self._play_records,
