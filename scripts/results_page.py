@@ -55,6 +55,12 @@ validation split, never on test; several seeds at the chosen setting; an interva
    as soon as it ends; the same command resumes an interrupted sweep, and `--workers N` (or
    several machines on one `--storage`) share it. `--report-only` writes the tables and plots
    of a sweep in progress without running anything.
+8. **Configurations.** A run and a shipped learning rate carry the id of the optimizer's
+   configuration: its class and every hyperparameter but the lr (`optimizer.defaults`, with
+   the bench's fixed arguments). After a default changes, a resumed sweep reruns that
+   optimizer and a shipped rate tuned under the old default is not used (the bench says which
+   setting changed and tunes it again). `results.json` lists the configurations
+   (`summary.optimizer_configs`).
 """
 
 

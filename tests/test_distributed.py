@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from optim_zoo import ZOO, ZooEntry, zoo_ids  # noqa: E402
+from tiny_models import regression_batch  # noqa: E402
 
 from geolora.lora import inject_lora, mark_only_lora_trainable  # noqa: E402
 from geolora.optim.groups import lora_param_groups  # noqa: E402
@@ -58,10 +59,7 @@ def build_model(init: str = "gaussian") -> nn.Module:
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(WORLD * LOCAL_BATCH, 8, generator=g)
-    y = torch.randn(WORLD * LOCAL_BATCH, 3, generator=g)
-    return x, y
+    return regression_batch(step, WORLD * LOCAL_BATCH, 8, 3, dtype=torch.float32)
 
 
 def make_optimizer(entry: ZooEntry, model: nn.Module) -> torch.optim.Optimizer:

@@ -45,6 +45,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from optim_zoo import ZOO, ZooEntry, zoo_ids  # noqa: E402
+from tiny_models import regression_batch  # noqa: E402
+from tiny_models import trainable_parameters as trained  # noqa: E402
 
 from geolora.lora import inject_lora, mark_only_lora_trainable
 from geolora.optim import AdamS, LoRAPlus, RiemannianPreconditionedAdamW, ScaledGD
@@ -103,19 +105,7 @@ def build_model(init: str, dtype: torch.dtype = torch.float64) -> nn.Module:
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(GLOBAL_BATCH, 12, generator=g, dtype=torch.float64)
-    return x, torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64)
-
-
-def trained(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, whole (``full_tensor`` of sharded ones: a collective)."""
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            p = p.detach()
-            out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).clone()
-    return out
+    return regression_batch(step, GLOBAL_BATCH, 12, 3)
 
 
 def reference(opt_name: str, init: str, steps: int = STEPS) -> dict[str, torch.Tensor]:

@@ -36,6 +36,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tiny_models import regression_batch  # noqa: E402
+from tiny_models import trainable_parameters as whole  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 #: Forked workers inherit the imported torch (a spawned one spends seconds importing it again,
@@ -70,18 +73,7 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(50 + step)
-    x = torch.randn(GLOBAL_BATCH, 12, generator=g, dtype=torch.float64)
-    return x, torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64)
-
-
-def whole(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            p = p.detach()
-            out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).clone()
-    return out
+    return regression_batch(step, GLOBAL_BATCH, 12, 3, seed=50)
 
 
 def single_process() -> dict[str, torch.Tensor]:
