@@ -199,7 +199,7 @@ def test_runs_under_another_optimizer_config_are_not_reused(tmp_path: Path) -> N
     assert changed.claim(key) is not None  # the stale run does not block a new one
 
 
-def test_optimizer_config_sees_defaults_and_template_parts() -> None:
+def test_optimizer_config_is_the_hyperparameters() -> None:
     """The configuration id changes with a default (LoRA-RITE's row_normalize), holds the
     hyperparameters only, and is the same in every process."""
     import geolora.bench.catalog  # noqa: F401

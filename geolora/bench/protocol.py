@@ -244,6 +244,21 @@ def shipped_lrs(task_name: str, rank: int) -> dict[str, Any]:
     return entry
 
 
+def _probe_optimizer(spec: Any, **kw: Any) -> torch.optim.Optimizer:
+    """``spec``'s optimizer (with ``kw``) on a 6×6 linear adapted with the spec's adapter kind
+    at rank 2: what the bench asks of an optimizer before running it. The global RNG is left
+    as it was."""
+    from geolora.bench.adapters import adapt
+
+    torch_state = torch.random.get_rng_state()
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 6))
+        groups = adapt(model, spec.adapter or "lora", rank=2, seed=0)
+        return spec.build(groups, spec.default_lr, **kw)
+    finally:
+        torch.random.set_rng_state(torch_state)
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (tuple, list)):
         return [_jsonable(x) for x in v]
@@ -265,20 +280,13 @@ def optimizer_config(name: str, registry: OptimizerRegistry = REGISTRY) -> dict[
     the step engine) are not part of it: a refactoring that keeps the hyperparameters keeps the
     results (the reference-trajectory tests hold the numbers).
     """
-    from geolora.bench.adapters import adapt
-
     spec = registry.get(name)
     f = spec.factory
     factory = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
-    torch_state = torch.random.get_rng_state()
     try:
-        model = torch.nn.Sequential(torch.nn.Linear(6, 6))
-        groups = adapt(model, spec.adapter or "lora", rank=2, seed=0)
-        opt = spec.build(groups, spec.default_lr)
+        opt = _probe_optimizer(spec)
     except Exception as err:  # a user's factory that needs its own model: name it only
         return {"factory": factory, "probe": f"not built on the probe ({type(err).__name__})"}
-    finally:
-        torch.random.set_rng_state(torch_state)
     cfg = {k: _jsonable(v) for k, v in sorted(opt.defaults.items()) if k != "lr"}
     return {"class": f"{type(opt).__module__}.{type(opt).__qualname__}", **cfg}
 
@@ -303,12 +311,8 @@ def config_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
 def _robust_kwargs(name: str, registry: OptimizerRegistry) -> dict[str, Any]:
     """``{"robust_steps": 0}`` when the optimizer takes it (init-scale runs start from nonzero
     factors, so no AdamW warm start is needed, and one would break invariance)."""
-    spec = registry.get(name)
-    B = torch.nn.Parameter(torch.randn(4, 2))
-    A = torch.nn.Parameter(torch.randn(2, 3))
-    group = [{"params": [B, A], "lora_pair": True, "scaling": 1.0, "name": "probe"}]
     try:
-        spec.build(group, spec.default_lr, robust_steps=0)
+        _probe_optimizer(registry.get(name), robust_steps=0)
     except TypeError:
         return {}
     except ValueError as err:
