@@ -3,7 +3,8 @@
 After a step in which every pair was batched, the next steps reuse its buckets (the per-pair
 phase decisions, hyperparameter keys and state look-ups are skipped) until something that
 decided them changes: a group's items (an lr schedule), a pair gaining or losing its gradient,
-a pair's state (``load_state_dict``, assignment), the groups. These tests run every optimizer with the plan and
+a pair's state (``load_state_dict``, assignment), the groups; a factor changed by user code
+between steps (in place, or ``p.data = t``) is read anew. These tests run every optimizer with the plan and
 with the plan disabled through such changes and require bitwise equal parameters and states,
 check that the plan was really used, and that a non-finite result leaves everything unwritten.
 """
@@ -86,6 +87,11 @@ def _train(
         if k == 4:  # a pair's state dict is replaced by an equal copy (user code may do so)
             B1 = pairs[1][0]
             opt.state[B1] = copy.deepcopy(opt.state[B1])
+        if k == 2:  # user code replaces a factor's data (the next step must read it)
+            pairs[1][1].data = pairs[1][1].data * 0.99
+        if k == 7:  # ... or changes a factor in place
+            with torch.no_grad():
+                pairs[0][0].mul_(1.01)
         if k == 8:  # every group's weight decay changes (same bucketing, new values)
             for g in opt.param_groups:
                 if "weight_decay" in g:

@@ -105,6 +105,13 @@ class _Bucket:
     items: list[_Item]
     steps: list[Tensor]
     staging: dict[str, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
+    #: ``(B stack (L, m, r), A stack (L, r, n))`` in the parameters' dtype: the values the last
+    #: commit wrote into the (ordinary, unsharded) factors, and the version counters of the
+    #: factors and of the stacks after that write. While the counters are unchanged (no in-place
+    #: write, ``load_state_dict`` or ``nn.init`` on a factor since), the next step of the bucket
+    #: reads the stacks instead of stacking the factors again.
+    factors: tuple[Tensor, Tensor] | None = None
+    versions: list[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, items: list[_Item]) -> _Bucket:
@@ -135,6 +142,9 @@ class _Bucket:
         anew, one collective per side for the bucket."""
         items = self.items
         shards = self.shards
+        if self.factors is not None and self.versions == self.factor_versions():
+            MB, AB = self.factors
+            return FactorPoint(MB.to(cdt), AB.mT.to(cdt))
         fresh = all(it.fresh for it in items)
         for it in items:
             it.fresh = False
@@ -150,6 +160,16 @@ class _Bucket:
     def shards(self) -> PairShards | None:
         """The layout shared by the bucket's pairs (``None``: ordinary tensors)."""
         return self.items[0].shards
+
+    def factor_versions(self) -> list[int]:
+        """Version counters and data pointers of the factors (their matrix views share them;
+        ``p.data = t`` changes the pointer, not the counter) and the version counters of the
+        kept stacks (:attr:`factors`; an in-place change of a stack by the step invalidates
+        it)."""
+        out = [f(t) for it in self.items for t in (it.B, it.A) for f in (_version, Tensor.data_ptr)]
+        if self.factors is not None:
+            out += [t._version for t in self.factors]
+        return out
 
 
 @dataclass
@@ -624,13 +644,16 @@ class StepEngine:
         flag = self.opt.commit_in_place
         return like.device.type != "cpu" if flag is None else flag
 
-    def _write_back_views(self, b: _Bucket, name: str, stack: Tensor, like: Tensor) -> list[Tensor]:
+    def _write_back_views(
+        self, b: _Bucket, name: str, stack: Tensor, like: Tensor
+    ) -> tuple[Tensor, list[Tensor]]:
         """Per-pair tensors holding ``stack[i]`` in the parameters' dtype and contiguous layout,
         for one ``torch._foreach_copy_`` into the parameters (its fused multi-tensor route on
         CUDA needs equal dtypes and strides; a strided copy would be one kernel per parameter,
         448 launches per step for 224 pairs on an H100). In-place mode
         (:attr:`~geolora.optim.base.LoRAOptimizer.commit_in_place`) copies ``stack`` into a
-        staging buffer kept with the bucket and returns its views."""
+        staging buffer kept with the bucket and returns its views. Returns the converted stack
+        and its views."""
         if not (self._in_place(like) and like.is_contiguous()):
             return _write_back_views(stack, like)
         staged = b.staging.get(name)
@@ -638,7 +661,7 @@ class StepEngine:
             buf = torch.empty(stack.shape, dtype=like.dtype, device=like.device)
             staged = b.staging[name] = (buf, list(buf.unbind(0)))
         staged[0].copy_(stack)
-        return staged[1]
+        return staged
 
     def _commit_bucket(self, p: _PendingBucket) -> None:
         """Write a computed bucket back: factors, step counters (one stacked buffer whose views
@@ -651,8 +674,15 @@ class StepEngine:
         new_B, new_A = p.new.M, p.new.N.mT
         if b.shards is not None:  # a gathered side: this rank writes its shard
             new_B, new_A = b.shards.local_part(new_B, 0), b.shards.local_part(new_A, 1)
-        torch._foreach_copy_(Bs, self._write_back_views(b, "M", new_B, Bs[0]))
-        torch._foreach_copy_(As, self._write_back_views(b, "A", new_A, As[0]))
+        stack_B, views_B = self._write_back_views(b, "M", new_B, Bs[0])
+        stack_A, views_A = self._write_back_views(b, "A", new_A, As[0])
+        torch._foreach_copy_(Bs, views_B)
+        torch._foreach_copy_(As, views_A)
+        if b.shards is None and stack_B.is_contiguous() and stack_A.is_contiguous():
+            b.factors = (stack_B, stack_A)
+            b.versions = b.factor_versions()
+        else:
+            b.factors = None
         p.given["step"] = p.steps
         p.work["step"] = p.steps.add_(1) if "step" in p.hits else p.steps + 1
         self._commit_state(b, p.work, p.given, p.hits)
@@ -749,6 +779,10 @@ def _work_state(
     if fresh:
         work["pair"] = True
         init = opt._init_pair_state(group, Bm, Am)
+        if shards is None:  # N-side state column-major, like the stacked N (_stack_transposed)
+            init = {
+                k: _column_major_2d(v) if opt._state_side(k) == "N" else v for k, v in init.items()
+            }
         if shards is not None and not shards.whole:
             init = {
                 k: shards.wrap_state(opt._state_side(k), v, k) if isinstance(v, Tensor) else v
@@ -756,6 +790,17 @@ def _work_state(
             }
         work.update(init)
     return work
+
+
+def _version(t: Tensor) -> int:
+    return t._version
+
+
+def _column_major_2d(v: Any) -> Any:
+    """A 2-D tensor ``v`` stored column-major (its transpose contiguous); anything else as is."""
+    if isinstance(v, Tensor) and v.dim() == 2 and not v.T.is_contiguous():
+        return v.T.contiguous().T
+    return v
 
 
 def _is_overflow(exc: RuntimeError) -> bool:
@@ -806,19 +851,21 @@ def _finite_rows(tensors: list[Tensor], i: int) -> bool:
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """``True`` if the norms of all ``tensors`` are finite (so no entry is NaN/inf); ``False``
-    means "check one by one" (also for norms that overflow and for non-plain tensors)."""
+    """``True`` if the sums of all ``tensors`` are finite (so no entry is NaN/inf: one of them
+    would make its tensor's sum NaN/inf); ``False`` means "check one by one" (also for sums that
+    overflow or cancel ``inf − inf``, and for non-plain tensors). A sum reads each tensor once,
+    like a norm, without the squares; half-precision tensors are summed in float32."""
     if not tensors:
         return True
     if not all(type(t) is Tensor for t in tensors):  # e.g. DTensor gradients: exact path
         return False
-    norms = torch._foreach_norm(tensors)
+    sums = [t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum() for t in tensors]
     try:  # one device (the usual case): one stack, one host sync (dtypes are promoted)
-        return bool(torch.isfinite(torch.stack(norms)).all())
+        return bool(torch.isfinite(torch.stack(sums)).all())
     except RuntimeError:  # tensors on several devices
         pass
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-    for n in norms:
+    for n in sums:
         by_device[n.device].append(n.float())
     return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in by_device.values())
 
@@ -860,13 +907,13 @@ def _stack_like(ts: list[Tensor]) -> Tensor:
 
 
 def _stack_transposed(ts: list[Tensor]) -> Tensor:
-    """``torch.stack([t.T for t in ts])`` as a contiguous ``(L, cols, rows)`` tensor (same
-    values and layout), built from one batched concatenation of the ``ts`` and one transposing
-    copy."""
-    return torch.stack(ts).transpose(-1, -2).contiguous()
+    """``torch.stack([t.T for t in ts])`` without a transposing copy: the ``(L, rows, cols)``
+    stack of the ``ts`` seen as ``(L, cols, rows)`` (column-major ``N``; element-wise math and
+    ``bmm`` take it as it is, and the new ``A`` it yields is written back without a transpose)."""
+    return torch.stack(ts).mT
 
 
-def _write_back_views(stack: Tensor, like: Tensor) -> list[Tensor]:
+def _write_back_views(stack: Tensor, like: Tensor) -> tuple[Tensor, list[Tensor]]:
     """``stack[i]`` as views with the parameters' dtype and (contiguous) layout: one conversion
     kernel for the bucket, after which ``torch._foreach_copy_`` can take its fused multi-tensor
     route on CUDA (same dtype, same strides) instead of one strided copy kernel per parameter."""
@@ -874,7 +921,7 @@ def _write_back_views(stack: Tensor, like: Tensor) -> list[Tensor]:
     if like.is_contiguous() and not stack.is_contiguous():
         # (``.to(memory_format=...)`` returns a same-dtype tensor unchanged, whatever its layout)
         stack = stack.contiguous()
-    return list(stack.unbind(0))
+    return stack, list(stack.unbind(0))
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
