@@ -23,6 +23,7 @@ __all__ = [
     "sym",
     "skew",
     "transpose",
+    "gram64",
     "mm_t",
     "addmm_t",
     "cat_columns",
@@ -55,6 +56,19 @@ def mm_t(a: Tensor, b: Tensor) -> Tensor:
     products stay fast.
     """
     return transpose(transpose(b) @ transpose(a))
+
+
+def gram64(f: Tensor) -> Tensor:
+    """``FᵀF`` in float64, ``(..., k, r) -> (..., r, r)`` (products of float32 entries are exact
+    in float64). A column-major ``F`` (``Fᵀ`` contiguous, like the stacked ``N = Aᵀ``) is
+    evaluated as ``Fᵗ (Fᵗ)ᵀ`` on the converted ``Fᵀ``, which CPU BLAS runs 1.3-2x faster at small
+    ``r`` than ``FᵀF`` on a row-major ``F`` (measured, MKL, ``(24, 384, r)``, r = 8 and 32); a
+    transposing copy to get there from a row-major ``F`` would cost more than it saves."""
+    if f.dim() >= 2 and transpose(f).is_contiguous() and not f.is_contiguous():
+        ft = transpose(f).to(torch.float64)
+        return ft @ transpose(ft)
+    f64 = f.to(torch.float64)
+    return transpose(f64) @ f64
 
 
 def cat_columns(a: Tensor, b: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from geolora.linalg import addmm_t, mm_t, qr_pos, svd_small, sym, transpose
+from geolora.linalg import addmm_t, gram64, mm_t, qr_pos, svd_small, sym, transpose
 from geolora.manifolds.frame import (
     Frame,
     addmm,
@@ -345,12 +345,6 @@ class OneSidedStep:
         return FactorPoint(M, N)
 
 
-def _gram64(F: Tensor) -> Tensor:
-    """``FᵀF`` in float64, ``(..., k, r) -> (..., r, r)`` (of the local rows when sharded)."""
-    F64 = F.to(torch.float64)
-    return transpose(F64) @ F64
-
-
 def _damped_inverse(G: Tensor, damping: float) -> Tensor:
     """``(sym(G) + δI)⁻¹`` by Cholesky; NaN where it is not numerically positive definite (the
     step's finiteness check raises)."""
@@ -375,7 +369,7 @@ def scaled_gradients(
     rows): the two Grams are the only sums over rows, reduced together in one round
     (``reduce``, :class:`~geolora.optim.sharding.RowSum`); the rest is row-local.
     """
-    (G_M,), (G_N,) = reduce(M=[_gram64(x.M)], N=[_gram64(x.N)])
+    (G_M,), (G_N,) = reduce(M=[gram64(x.M)], N=[gram64(x.N)])
     inv_N = _damped_inverse(G_N, damping).to(g.M.dtype)
     inv_M = _damped_inverse(G_M, damping).to(g.N.dtype)
     return FactorTangent(mm_t(g.M, inv_N), mm_t(g.N, inv_M))
