@@ -462,12 +462,12 @@ class FactorStep:
         out = []
         for i, (p, num) in enumerate(((x.M, d.M), (x.N, d.N))):
             lr_i = d.lr_scale[i] * lr if d.lr_scale[i] != 1.0 else lr
-            p = p.clone()
-            p.mul_(1 - lr_i * lam)
+            if lam:  # (a factor 1 would leave p as it is: no pass for it)
+                p = p * (1 - lr_i * lam)
             if d.den is None:
-                p.add_(num, alpha=-lr_i / d.divisor)
+                p = torch.add(p, num, alpha=-lr_i / d.divisor)
             else:
-                p.addcdiv_(num, d.den[i], value=-(lr_i / d.divisor))
+                p = torch.addcdiv(p, num, d.den[i], value=-(lr_i / d.divisor))
             out.append(p)
         return FactorPoint(*out)
 
