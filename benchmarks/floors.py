@@ -5,18 +5,23 @@ Each prototype works on factors, gradients and states that are already stacked p
 (``(L, m, r)`` for ``M = B``, column-major ``(L, n, r)`` for ``N = Aᵀ``) and does only the
 arithmetic of the step — no stacking, no finiteness check, no write-back into per-pair
 parameters. It is what a step costs if the engine costs nothing, so ``library / prototype`` is
-the engine's overhead and ``prototype / AdamW`` the floor of the ratio the issue's targets ask
-for. The prototypes' results equal the library's (checked at start, float64, 1e-12).
+the engine's overhead and ``prototype / AdamW`` the floor of the ratio to AdamW. The
+prototypes' results equal the library's (checked at start, float64, 1e-12). For the dense
+optimizers (AdamS, AdamS-low-memory, Lifted(Adam): ``m x n`` moments by the papers'
+definition) the prototype is only their ``O(mnr)`` dense work (:class:`DenseFloor`), a lower
+bound the library's step is compared with.
 
 Per pair (``m × r`` and ``n × r`` factors), in passes over the ``(m + n) r`` factor numbers and
 flops:
 
 * LoRA+ (AdamW on both factors): AdamW's arithmetic, ~12 passes, no products.
-* ScaledGD (momentum 0.9, the registry's setting): two float64 Grams ``MᵀM``, ``NᵀN`` (``2 (m + n) r²`` flops at float64 speed, plus a
-  converting pass each), two ``r × r`` Cholesky inverses (LAPACK, per-matrix cost), two
+* ScaledGD (momentum 0.9, the registry's setting): two float64 Grams ``MᵀM``, ``NᵀN``
+  (``2 (m + n) r²`` flops at float64 speed, plus a converting pass each), two ``r × r`` Cholesky inverses (LAPACK, per-matrix cost), two
   ``(m or n) × r × r`` products (``2 (m + n) r²`` flops, float32), heavy ball and axpy (6 passes).
 * RP-AdamW (δ = 1e-6, weight decay 0.01): ScaledGD's gradient, then AdamW's moments and
   step (~14 passes).
+* Dense: ``ξ`` written once (``2r`` flops per entry), the moments (~8 passes over ``m n``), two
+  ``m x n`` by ``r`` products (``4 m n r`` flops).
 
 Usage::
 
@@ -116,6 +121,45 @@ class RPAdamWProto(LoRAPlusProto):
                          torch.addcdiv(N * shrink, mN, dN, value=-a), gM, gN)
 
 
+class DenseFloor:
+    """The ``O(mnr)`` work of the dense optimizers (AdamS, its low-memory variant, Lifted(Adam)):
+    per pair the dense ``ξ = A Bᵀ`` from width-``2r`` factors, Adam's moments on the ``m x n``
+    entries (the first moment dense, or factored with ``low_memory``), ``Ẋ = m / (√v + ε)`` and
+    the two products ``Ẋ V``, ``Ẋᵀ U`` — no frames, no lift, so a lower bound of the step."""
+
+    def __init__(self, buckets, low_memory=False, betas=(0.9, 0.999), eps=1e-8):
+        self.b, self.lm, self.betas, self.eps = [], low_memory, betas, eps
+        g = torch.Generator().manual_seed(0)
+        for M, N, _, _ in buckets:
+            L, m, r = M.shape
+            n = N.shape[1]
+            rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+            self.b.append({
+                "A": rnd(L, m, 2 * r), "B": rnd(L, n, 2 * r), "U": rnd(L, m, r), "V": rnd(L, n, r),
+                "Am": rnd(L, m, 2 * r), "Bm": rnd(L, n, 2 * r),
+                "m": None if low_memory else torch.zeros(L, m, n), "v": torch.zeros(L, m, n),
+            })
+
+    def step(self):
+        b1, b2 = self.betas
+        for d in self.b:
+            xi = d["A"] @ d["B"].mT
+            if self.lm:
+                m = d["Am"] @ d["Bm"].mT
+            else:
+                d["m"] = m = torch.lerp(d["m"], xi, 1 - b1)
+            d["v"] = v = torch.mul(d["v"], b2).addcmul_(xi, xi, value=1 - b2)
+            Xd = torch.div(m, torch.sqrt(v, out=xi).add_(self.eps), out=xi)
+            mm_t(Xd, d["V"]), mm_t(Xd.mT, d["U"])
+
+
+#: Lower bounds of the dense optimizers (not their whole step: not checked against the library).
+DENSE_FLOORS: dict[str, Callable] = {
+    "adams": DenseFloor,
+    "adams_lm": lambda b: DenseFloor(b, low_memory=True),
+    "lifted_adam": DenseFloor,
+}
+
 PROTOS: dict[str, Callable] = {
     "loraplus": LoRAPlusProto,
     "scaled_gd": ScaledGDProto,
@@ -161,7 +205,7 @@ def main() -> None:
     print(f"{'optimizer':>10} {'r':>3} {'AdamW ms':>9} {'library':>8} {'proto':>8} "
           f"{'lib/AdamW':>9} {'floor':>6}")
     for r in args.rank:
-        for name, proto_cls in PROTOS.items():
+        for name, proto_cls in {**PROTOS, **DENSE_FLOORS}.items():
             base = adamw_factory(torch.device("cpu"))(make_pairs(MINILM_SHAPES, r), 1e-4)
             opt = optimizer_factories([name])[name](make_pairs(MINILM_SHAPES, r), 1e-4)
             proto = proto_cls(_buckets(make_pairs(MINILM_SHAPES, r)))
