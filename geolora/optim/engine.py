@@ -113,13 +113,14 @@ class _Bucket:
     factors: tuple[Tensor, Tensor] | None = None
     versions: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        #: the bucket's identity: its pairs' ``B`` (state caches are kept per key)
+        self.key: tuple[int, ...] = tuple(id(it.B) for it in self.items)
+        self._params = [t for it in self.items for t in (it.B, it.A)]
+
     @classmethod
     def of(cls, items: list[_Item]) -> _Bucket:
         return cls(items, [it.state["step"] for it in items])
-
-    @property
-    def key(self) -> tuple[int, ...]:
-        return tuple(id(it.B) for it in self.items)
 
     def stacked_grads(self) -> FactorTangent:
         """``(∇_M, ∇_N)`` stacked in the compute dtype (``∇_N`` stored like ``N``: the
@@ -166,7 +167,9 @@ class _Bucket:
         ``p.data = t`` changes the pointer, not the counter) and the version counters of the
         kept stacks (:attr:`factors`; an in-place change of a stack by the step invalidates
         it)."""
-        out = [f(t) for it in self.items for t in (it.B, it.A) for f in (_version, Tensor.data_ptr)]
+        params = self._params
+        out = [t._version for t in params]
+        out += [t.data_ptr() for t in params]
         if self.factors is not None:
             out += [t._version for t in self.factors]
         return out
@@ -790,10 +793,6 @@ def _work_state(
             }
         work.update(init)
     return work
-
-
-def _version(t: Tensor) -> int:
-    return t._version
 
 
 def _column_major_2d(v: Any) -> Any:
