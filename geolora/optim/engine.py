@@ -124,7 +124,7 @@ class _Bucket:
 
     def stacked_grads(self) -> FactorTangent:
         """``(∇_M, ∇_N)`` stacked in the compute dtype (``∇_N`` stored like ``N``: the
-        contiguous A gradients stacked as they are, then one transposing copy — stacking
+        contiguous A gradients stacked as they are and seen transposed, column-major — stacking
         transposed views would copy each with its own strided kernel on CUDA)."""
         cdt = compute_dtype(self.items[0].Bm.dtype)
         grads = [it.grads() for it in self.items]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geolora.linalg import addmm_t, eigh_small, eigvalsh_small, mm_t, sym, transpose
+from geolora.linalg import addmm_t, eigh_small, eigvalsh_small, gram64, mm_t, sym, transpose
 from geolora.optim.preconditioners.base import OneSided, Products
 from geolora.optim.validation import check_bool, check_choice
 
@@ -136,7 +136,9 @@ def _preconditioners(
     P64 = P.to(wd)
     V_old = torch.stack([state["exp_avg_sq_M"], state["exp_avg_sq_N"]]).to(wd)
     V_tr = sym(P64 @ V_old @ transpose(P64))
-    gram = torch.stack([_gram64(gbars[0]), _gram64(gbars[1])])
+    # (float64: the Grams' small eigenvalues set (V̂ + ρ̂ I)^{-1/2}, so they need more than the
+    # u λ_max absolute accuracy of a float32 product)
+    gram = torch.stack([gram64(gbars[0]), gram64(gbars[1])])
     if hp["row_normalize"]:
         rows = torch.tensor([gbars[0].shape[-2], gbars[1].shape[-2]], dtype=wd)
         gram = gram / rows.to(gram.device).reshape((2,) + (1,) * (gram.dim() - 1))
@@ -156,11 +158,3 @@ def _preconditioners(
     lam, Q = eigh_small((V_new + rho[..., None, None] * eye) / bc2)
     f = (1.0 - beta1) / (lam.clamp_min(0.0).sqrt() + hp["eps"])
     return ((Q * f.unsqueeze(-2)) @ transpose(Q)).to(gbars[0].dtype)
-
-
-def _gram64(a: Tensor) -> Tensor:
-    """``aᵀ a`` accumulated in float64 (``(..., rows, r) -> (..., r, r)``): its small
-    eigenvalues set the preconditioner ``(V̂ + ρ̂ I)^{-1/2}``, so they need more than the
-    ``u λ_max`` absolute accuracy of a float32 product."""
-    a64 = a.to(torch.float64)
-    return transpose(a64) @ a64
