@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geolora.bench.tasks import check_setup_args, macro_f1
+from geolora.bench.tasks import TaskSchedule, check_positive_ints, check_setup_args, macro_f1
 
 __all__ = [
     "EncodedSplit",
@@ -219,7 +219,7 @@ class _EncoderRun:
 Records = Mapping[str, Sequence[Mapping[str, Any]]]
 
 
-class EncoderClassificationTask:
+class EncoderClassificationTask(TaskSchedule):
     """Classify texts with LoRA on an encoder (see the module docstring).
 
     Args:
@@ -266,16 +266,8 @@ class EncoderClassificationTask:
         lr_overrides: Mapping[str, float] | None = None,
         label_names: Sequence[str] | None = None,
     ) -> None:
-        ints = {
-            "max_length": max_length,
-            "batch_size": batch_size,
-            "eval_batch_size": eval_batch_size,
-            "default_steps": default_steps,
-            "quick_steps": quick_steps,
-        }
-        for key, val in ints.items():
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{key} must be a positive int, got {val!r}")
+        check_positive_ints(max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size)
+        self._init_schedule(default_steps, quick_steps, lr_overrides)
         if top_layers is not None and (
             isinstance(top_layers, bool) or not isinstance(top_layers, int) or top_layers < 1
         ):
@@ -300,12 +292,9 @@ class EncoderClassificationTask:
         self.eval_batch_size = eval_batch_size
         self.alpha = float(alpha)
         self.target = tuple(target)
-        self.default_steps = default_steps
-        self.quick_steps = quick_steps
         self.eval_every = eval_every
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.cache_dtype = cache_dtype
-        self.lr_overrides: Mapping[str, float] = {**self.default_lrs, **(lr_overrides or {})}
         self.label_names = list(label_names) if label_names is not None else None
         self._records_cache: dict[str, list[dict[str, Any]]] | None = None
         self._encoded: dict[str, EncodedSplit] | None = None

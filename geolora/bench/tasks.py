@@ -121,6 +121,34 @@ def check_setup_args(seed: int, rank: int, dtype: torch.dtype, factor_scale: flo
         raise ValueError(f"factor_scale must be a finite number, got {factor_scale!r}")
 
 
+def check_positive_ints(**values: object) -> None:
+    """ValueError naming the first keyword whose value is not a positive int (bools refused)."""
+    for key, val in values.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{key} must be a positive int, got {val!r}")
+
+
+class TaskSchedule:
+    """The run length and lr-grid centres every built-in task carries.
+
+    Subclasses set ``default_lrs`` (per-optimizer lr-grid centres on the task) and call
+    :meth:`_init_schedule` from ``__init__``; user ``lr_overrides`` win over ``default_lrs``.
+    """
+
+    default_lrs: Mapping[str, float] = {}
+    default_steps: int
+    quick_steps: int
+    lr_overrides: Mapping[str, float]
+
+    def _init_schedule(
+        self, default_steps: int, quick_steps: int, lr_overrides: Mapping[str, float] | None
+    ) -> None:
+        check_positive_ints(default_steps=default_steps, quick_steps=quick_steps)
+        self.default_steps = default_steps
+        self.quick_steps = quick_steps
+        self.lr_overrides = {**self.default_lrs, **(lr_overrides or {})}
+
+
 SPLITS = ("val", "test")
 
 
@@ -268,7 +296,7 @@ class _SensingRun:
         return {"rel_error": float(rel), "loss": float(self.loss())}
 
 
-class SensingTask:
+class SensingTask(TaskSchedule):
     """Planted low-rank matrix sensing with a zero base.
 
     Unknown ``X* ∈ R^{m×n}`` of rank ``r*`` (singular values geometric from 1 to
@@ -321,9 +349,8 @@ class SensingTask:
         quick_steps: int = 150,
         lr_overrides: Mapping[str, float] | None = None,
     ) -> None:
-        for key, val in (("m", m), ("n", n), ("default_steps", default_steps), ("quick_steps", quick_steps)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{key} must be a positive int, got {val!r}")
+        check_positive_ints(m=m, n=n)
+        self._init_schedule(default_steps, quick_steps, lr_overrides)
         if true_rank is not None and (not isinstance(true_rank, int) or not 1 <= true_rank <= min(m, n)):
             raise ValueError(f"true_rank must be an int in [1, min(m, n)={min(m, n)}], got {true_rank!r}")
         if not condition >= 1:
@@ -340,9 +367,6 @@ class SensingTask:
         self.oversampling = float(oversampling)
         self.init_scale = float(init_scale)
         self.scaling = float(scaling)
-        self.default_steps = default_steps
-        self.quick_steps = quick_steps
-        self.lr_overrides: Mapping[str, float] = {**self.default_lrs, **(lr_overrides or {})}
 
     def setup(
         self,
@@ -434,7 +458,7 @@ class _TeacherStudentRun:
         }
 
 
-class TeacherStudentTask:
+class TeacherStudentTask(TaskSchedule):
     """Linear teacher–student regression with a LoRA student on a frozen base.
 
     Teacher ``y = (W0 + ΔW*) x + ε``, ``x ~ N(0, I_in)``, ``ε ~ N(0, noise² I_out)``,
@@ -473,17 +497,11 @@ class TeacherStudentTask:
         quick_steps: int = 200,
         lr_overrides: Mapping[str, float] | None = None,
     ) -> None:
-        for key, val in (
-            ("in_features", in_features),
-            ("out_features", out_features),
-            ("n_train", n_train),
-            ("n_test", n_test),
-            ("batch_size", batch_size),
-            ("default_steps", default_steps),
-            ("quick_steps", quick_steps),
-        ):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{key} must be a positive int, got {val!r}")
+        check_positive_ints(
+            in_features=in_features, out_features=out_features, n_train=n_train, n_test=n_test,
+            batch_size=batch_size,
+        )
+        self._init_schedule(default_steps, quick_steps, lr_overrides)
         if batch_size > n_train:
             raise ValueError(f"batch_size must be <= n_train = {n_train}, got {batch_size}")
         lim = min(in_features, out_features)
@@ -501,9 +519,6 @@ class TeacherStudentTask:
         self.noise = float(noise)
         self.n_train, self.n_test, self.batch_size = n_train, n_test, batch_size
         self.scaling = float(scaling)
-        self.default_steps = default_steps
-        self.quick_steps = quick_steps
-        self.lr_overrides: Mapping[str, float] = {**self.default_lrs, **(lr_overrides or {})}
 
     def setup(
         self,
