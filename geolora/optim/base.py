@@ -612,6 +612,15 @@ class PairOptimizer(LoRAOptimizer):
             return False
         return all(bool(getattr(p, "row_shards", False)) for p in parts)
 
+    def _state_side(self, key: str) -> str | None:
+        """A part's ``state_sides`` (``key -> "M" | "N" | None``) where it declares one for
+        ``key``, else the suffix rule of :meth:`LoRAOptimizer._state_side`."""
+        for part in self._parts():
+            sides = getattr(part, "state_sides", None)
+            if sides is not None and key in sides:
+                return sides[key]
+        return super()._state_side(key)
+
     def requires_full_rank(self, group: dict[str, Any]) -> bool:
         return bool(self.geometry.requires_full_rank(group))
 

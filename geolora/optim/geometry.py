@@ -54,7 +54,7 @@ from geolora.optim.preconditioners.base import (
     OneSided,
     Products,
 )
-from geolora.optim.sharding import LOCAL, RowSum
+from geolora.optim.sharding import LOCAL, RowSum, gram_qr_sides
 from geolora.optim.validation import check_bool, check_choice, check_range
 
 __all__ = [
@@ -74,14 +74,18 @@ DECAY_MODES = ("decoupled", "l2")
 
 class QuotientPoint:
     """The point of a stack of pairs in a :class:`QuotientGeometry`: the factors ``x``, their
-    frame and, computed on first use and then shared by the gradient, the preconditioner, the
-    metric norm and the move, the float64 core (:class:`~geolora.manifolds.metrics.FrameCore`)
-    and the inverses of ``R_M``, ``R_N``."""
+    frame, the bucket's row-shard reducer (:class:`~geolora.optim.sharding.RowSum`; for
+    row-sharded factors ``x`` and the frame's ``U``, ``V`` are the local rows) and, computed on
+    first use and then shared by the gradient, the preconditioner, the metric norm and the move,
+    the float64 core (:class:`~geolora.manifolds.metrics.FrameCore`) and the inverses of
+    ``R_M``, ``R_N``."""
 
-    __slots__ = ("x", "frame", "_geometry", "_core", "_inv")
+    __slots__ = ("x", "frame", "_geometry", "_core", "_inv", "reduce")
 
-    def __init__(self, x: FactorPoint, frame: Frame, geometry: QuotientGeometry) -> None:
-        self.x, self.frame, self._geometry = x, frame, geometry
+    def __init__(
+        self, x: FactorPoint, frame: Frame, geometry: QuotientGeometry, reduce: RowSum = LOCAL
+    ) -> None:
+        self.x, self.frame, self._geometry, self.reduce = x, frame, geometry, reduce
         self._core: FrameCore | None = None
         self._inv: tuple[Tensor, Tensor] | None = None
 
@@ -123,9 +127,17 @@ class QuotientGeometry:
     Per-group hyperparameters it reads: ``weight_decay`` and ``decay`` (``"l2"`` adds ``λ X`` to
     ``ξ`` before the preconditioner), ``pinv`` (pseudo-inverses of ``R`` for the unmagnified
     gradients; then rank-deficient factors need no robust start).
+
+    Row-sharded factors (FSDP2, :mod:`geolora.optim.sharding`): the frame is the QR from the
+    all-reduced float64 Grams (:func:`~geolora.optim.sharding.gram_qr_sides`, CholeskyQR2: two
+    ``r x r`` reductions for ``M`` and ``N`` together), so ``U``, ``V`` are the local rows and
+    ``R_M``, ``R_N`` the same on every rank; the unmagnified gradients ``∇_M R_N⁻¹`` are then
+    row-local. The projected gradient, :meth:`project` and :meth:`norm` sum over rows and
+    refuse row shards (no optimizer with a row-sharded step uses them).
     """
 
     functional_state = True
+    row_shards = True  # the frame through the reducer; see the class docstring for the rest
 
     def __init__(
         self,
@@ -156,6 +168,19 @@ class QuotientGeometry:
     def point(
         self, x: FactorPoint, state: dict, group: dict, step: int, reduce: RowSum = LOCAL
     ) -> QuotientPoint:
+        if reduce.sharded:
+            if group.get("pinv", False):
+                raise NotImplementedError(
+                    "pinv=True on row-sharded factors: the pseudo-inverse of a rank-deficient "
+                    "R has no Gram form here; use the default robust start (pinv=False)"
+                )
+            M, N = x.M, x.N
+            (U, RM), (V, RN) = gram_qr_sides(
+                [(M, "M", reduce.rows("M", M.shape[-2])), (N, "N", reduce.rows("N", N.shape[-2]))],
+                reduce,
+            )
+            dt = M.dtype
+            return QuotientPoint(x, Frame(U.to(dt), RM.to(dt), V.to(dt), RN.to(dt)), self, reduce)
         U, RM = qr_pos(x.M, self.qr_method, sign_fix=self.sign_fix)
         V, RN = qr_pos(x.N, self.qr_method, sign_fix=self.sign_fix)
         return QuotientPoint(x, Frame(U, RM, V, RN), self)
@@ -172,6 +197,7 @@ class QuotientGeometry:
             return Products(mm_t(g.M, inv_RN.to(dt)), mm_t(g.N, inv_RM.to(dt)))
         if wants != "tangent":
             raise ValueError(f"QuotientGeometry: unknown gradient form {wants!r}")
+        _whole_rows(p, "the projected gradient")
         xi = project_factor_grads(p.frame, g.M, g.N)
         lam = group.get("weight_decay", 0.0)
         if lam and group.get("decay") == "l2":
@@ -182,11 +208,13 @@ class QuotientGeometry:
     def project(self, p: QuotientPoint, d: Any) -> FixedRankTangent:
         """``P_T(Ẋ)`` of a direction in any of the forms of
         :mod:`geolora.optim.preconditioners.base`, as a tangent relative to ``p.frame``."""
+        _whole_rows(p, "the projection onto the tangent space")
         return to_tangent(p.frame, d)
 
     def norm(self, p: QuotientPoint, t: FixedRankTangent, group: dict | None = None) -> Tensor:
         """``‖lift(t)‖_g``: ``r x r`` work for the built-in metrics, gauge-free for invariant
         ones (:func:`balanced_representative_norm`), else the assembled lift's inner product."""
+        _whole_rows(p, "the metric norm")
         metric = self.metric
         if metric.invariant:
             return balanced_representative_norm(metric, p.frame, t, p.core)
@@ -194,6 +222,13 @@ class QuotientGeometry:
             return metric.lift_sqnorm(p.frame, t, p.core).clamp_min(0).sqrt().to(p.x.M.dtype)
         u = assemble_lift(p.frame, t, metric.lift_coefficients(p.frame, t.M))
         return metric.inner(p.x, u, u).clamp_min(0).sqrt()
+
+
+def _whole_rows(p: QuotientPoint, what: str) -> None:
+    if p.reduce.sharded:
+        raise NotImplementedError(
+            f"QuotientGeometry: {what} sums over the factors' rows and has no row-sharded form"
+        )
 
 
 def to_tangent(frame: Frame, d: Any) -> FixedRankTangent:
@@ -325,6 +360,7 @@ class OneSidedStep:
     orthogonal matrices and ``R_N⁻ᵀ`` by ``R``, so ``X`` moves the same way."""
 
     functional_state = True
+    row_shards = True  # row-local products with r×r matrices (a tangent is split by project)
 
     def __init__(self, *, weight_decay: float = 0.0) -> None:
         self.defaults: dict[str, Any] = {"weight_decay": weight_decay}

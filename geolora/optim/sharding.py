@@ -59,6 +59,7 @@ __all__ = [
     "dtensor_gram",
     "fsdp2_shard_placement",
     "gram_qr",
+    "gram_qr_sides",
     "is_dtensor",
     "load_optimizer_state_dcp",
     "local_tensor",
@@ -80,8 +81,6 @@ ROW_SHARD_REFUSALS: dict[str, str] = {
     "core from Grams) is not written yet",
     "LiftedShampoo": "its row-sharded step (QR frames, the Frequent-Directions sketch Grams) is "
     "not written yet, and its exact statistics (sketch_rank=None) are m×m and n×n",
-    "LoRARite": "its row-sharded step (QR frames and basis transports UᵀU_old, VᵀV_old from "
-    "Grams) is not written yet",
     "LoRAMFixedRank": "its retraction (QR of the m×2r and n×2r blocks [U Up], [V Vp]) has no "
     "row-sharded form yet",
     "LoRAMBoundedRank": "its retraction (QR of V + cV̇p and of K⁺) has no row-sharded form yet",
@@ -138,11 +137,23 @@ class RowSum:
         m_rows: bool = False,
         n_rows: bool = False,
         stats: CommStats | None = None,
+        shape: tuple[int, int] | None = None,
     ) -> None:
         self.group = group
         self.m_rows = m_rows
         self.n_rows = n_rows
         self.stats = stats
+        self.shape = shape  # the global (m, n) of the bucket's pairs, where known
+
+    def rows(self, side: str, local: int) -> int:
+        """The global row count of side ``"M"`` (``m``) or ``"N"`` (``n``) whose local part
+        has ``local`` rows (the same number on every rank, e.g. for a normalisation)."""
+        sharded = self.m_rows if side == "M" else self.n_rows
+        if not sharded:
+            return local
+        if self.shape is None:
+            raise ValueError("RowSum: the global shape of a row-sharded bucket is not known")
+        return self.shape[0] if side == "M" else self.shape[1]
 
     @property
     def sharded(self) -> bool:
@@ -275,7 +286,7 @@ class PairShards:
         if not (m_rows or n_rows):
             return LOCAL
         group = self.B.device_mesh.get_group(self.mesh_dim)
-        return RowSum(group, m_rows, n_rows, self.stats)
+        return RowSum(group, m_rows, n_rows, self.stats, (self.B.shape[0], self.A.shape[1]))
 
     # factors and gradients as the math sees them
     def local_factors(self) -> tuple[Tensor, Tensor]:
@@ -567,38 +578,60 @@ def gram_qr(F: Tensor, row_sum: Callable[..., tuple[list[Tensor], list[Tensor]]]
     Every rank takes the same branch: the decision is made on the reduced Grams.
     Returns ``(Q: (..., k, r) local rows in float64, R: (..., r, r))``.
     """
-    wd = torch.float64
+    return gram_qr_sides([(F, side, rows)], row_sum)[0]
 
-    def reduced(x: Tensor) -> Tensor:
-        g = transpose(x) @ x
-        got = row_sum(M=[g])[0][0] if side == "M" else row_sum(N=[g])[1][0]
-        return 0.5 * (got + transpose(got))
+
+def gram_qr_sides(
+    factors: Sequence[tuple[Tensor, str, int | None]],
+    row_sum: Callable[..., tuple[list[Tensor], list[Tensor]]],
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`gram_qr` of several factors ``(F, side, rows)`` at once (e.g. ``M`` and ``N`` of a
+    bucket): each round reduces the Grams of all of them in one :class:`RowSum` call, so the
+    QR of a pair costs two all-reduces (three where a Gram needs the shift), not four. The
+    shifted branch is taken for all factors when any Gram needs it (decided on reduced Grams:
+    the same on every rank)."""
+    wd = torch.float64
+    sides = [side for _, side, _ in factors]
+
+    def reduced(xs: list[Tensor]) -> list[Tensor]:
+        gs = [transpose(x) @ x for x in xs]
+        got_M, got_N = row_sum(
+            M=[g for g, s in zip(gs, sides) if s == "M"], N=[g for g, s in zip(gs, sides) if s != "M"]
+        )
+        it_M, it_N = iter(got_M), iter(got_N)
+        out = [next(it_M) if s == "M" else next(it_N) for s in sides]
+        return [0.5 * (g + transpose(g)) for g in out]
 
     def chol_step(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         L, info = torch.linalg.cholesky_ex(g)
         R = transpose(L)
-        return torch.linalg.solve_triangular(R, x, upper=True, left=False), R, info
+        return torch.linalg.solve_triangular(R, x, upper=True, left=False), R, info != 0
 
-    x = F.to(wd)
-    g1 = reduced(x)
-    q1, r1, info = chol_step(x, g1)
-    if bool((info != 0).any()):
-        k = x.shape[-2] if rows is None else rows
-        r = x.shape[-1]
+    xs = [F.to(wd) for F, _, _ in factors]
+    g1 = reduced(xs)
+    first = [chol_step(x, g) for x, g in zip(xs, g1)]
+    if any(bool(info.any()) for _, _, info in first):
         u = torch.finfo(wd).eps / 2
-        fro2 = torch.diagonal(g1, dim1=-2, dim2=-1).sum(-1).clamp_min(0)
-        shift = 11.0 * (k * r + r * (r + 1)) * u * fro2
-        eye = torch.eye(r, dtype=wd, device=x.device)
-        q0, r0, info0 = chol_step(x, g1 + shift[..., None, None] * eye)
-        g1b = reduced(q0)
-        q1, r1b, info1 = chol_step(q0, g1b)
-        r1 = r1b @ r0
-        info = (info0 != 0) | (info1 != 0)
-    else:
-        info = info != 0
-    q, r2, info2 = chol_step(q1, reduced(q1))
-    bad = (info | (info2 != 0))[..., None, None]
-    return torch.where(bad, float("nan"), q), torch.where(bad, float("nan"), r2 @ r1)
+        shifted = []
+        for (_, _, rows), x, g in zip(factors, xs, g1):
+            k = x.shape[-2] if rows is None else rows
+            r = x.shape[-1]
+            fro2 = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+            shift = 11.0 * (k * r + r * (r + 1)) * u * fro2
+            eye = torch.eye(r, dtype=wd, device=x.device)
+            shifted.append(chol_step(x, g + shift[..., None, None] * eye))
+        g1b = reduced([q0 for q0, _, _ in shifted])
+        first = []
+        for (q0, r0, info0), g in zip(shifted, g1b):
+            q1, r1b, info1 = chol_step(q0, g)
+            first.append((q1, r1b @ r0, info0 | info1))
+    g2 = reduced([q1 for q1, _, _ in first])
+    out = []
+    for (q1, r1, info), g in zip(first, g2):
+        q, r2, info2 = chol_step(q1, g)
+        bad = (info | info2)[..., None, None]
+        out.append((torch.where(bad, float("nan"), q), torch.where(bad, float("nan"), r2 @ r1)))
+    return out
 
 
 # --- FSDP2 placement -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from geolora.linalg import addmm_t, eigh_small, eigvalsh_small, gram64, mm_t, sym, transpose
 from geolora.optim.preconditioners.base import OneSided, Products
+from geolora.optim.sharding import LOCAL, RowSum
 from geolora.optim.validation import check_bool, check_choice
 
 __all__ = ["SECOND_MOMENT_MODES", "RITEPreconditioner"]
@@ -58,6 +59,20 @@ class RITEPreconditioner:
     gauge_rules: dict[str, str] = {}
     wants = "products"
     functional_state = True
+    #: row-sharded factors: P and the gradient Grams through the point's reducer (one
+    #: all-reduce), everything else row-local or r×r
+    row_shards = True
+    #: which factor's rows each state tensor holds (``None``: ``r x r`` or scalar)
+    state_sides: dict[str, str | None] = {
+        "basis_U": "M",
+        "exp_avg_M": "M",
+        "basis_V": "N",
+        "exp_avg_N": "N",
+        "exp_avg_sq_M": None,
+        "exp_avg_sq_N": None,
+        "escaped_M": None,
+        "escaped_N": None,
+    }
 
     def __init__(
         self,
@@ -102,9 +117,16 @@ class RITEPreconditioner:
     def update(self, state, grad: Products, ctx, hp, step: int) -> OneSided:
         U, V = ctx.frame.U, ctx.frame.V
         gM_bar, gN_bar = grad.ZV, grad.ZtU
-        # The M-moments live in the basis of N (P_M = Vᵀ V_old) and vice versa.
-        P = torch.stack([transpose(V) @ state["basis_V"], transpose(U) @ state["basis_U"]])
-        precond = _preconditioners(hp, state, (gM_bar, gN_bar), P, step)
+        # The M-moments live in the basis of N (P_M = Vᵀ V_old) and vice versa. P and the
+        # gradient Grams are the step's only sums over rows: one reduction for row shards.
+        reduce: RowSum = getattr(ctx.point, "reduce", LOCAL)
+        (P_N, gram_M), (P_M, gram_N) = reduce(
+            M=[transpose(U) @ state["basis_U"], gram64(gM_bar)],
+            N=[transpose(V) @ state["basis_V"], gram64(gN_bar)],
+        )
+        rows = (reduce.rows("M", gM_bar.shape[-2]), reduce.rows("N", gN_bar.shape[-2]))
+        P = torch.stack([P_M, P_N])
+        precond = _preconditioners(hp, state, torch.stack([gram_M, gram_N]), rows, P, step)
         beta1 = hp["betas"][0]
         # M̄ = β₁ M̄_old Pᵀ + (1 − β₁) ḡ (V̂ + ρ̂ I)^{-1/2}: two fused products per factor.
         moms = []
@@ -122,14 +144,16 @@ class RITEPreconditioner:
 def _preconditioners(
     hp: dict[str, Any],
     state: dict[str, Tensor],
-    gbars: tuple[Tensor, Tensor],
+    gram: Tensor,
+    rows: tuple[int, int],
     P: Tensor,
     step: int,
 ) -> Tensor:
     """Lines 6–8 of Algorithm 1 for both factors at once (the ``r x r`` work stacked along a
     leading dim of size 2: ``M``, ``N``): updates the second moments and escaped masses in
     ``state`` and returns ``(1 − β₁)(V̂ + ρ̂ I)^{-1/2}`` of both, ``(2, ..., r, r)`` in the
-    factors' dtype. ``P``: the basis transports ``(2, ..., r, r)``."""
+    factors' dtype. ``gram``: the float64 Grams ``ḡᵀḡ`` of the unmagnified gradients, ``rows``
+    their global row counts ``(m, n)``, ``P``: the basis transports ``(2, ..., r, r)``."""
     beta1, beta2 = hp["betas"]
     ema = hp["second_moment"] == "ema"
     wd = torch.float64
@@ -138,10 +162,9 @@ def _preconditioners(
     V_tr = sym(P64 @ V_old @ transpose(P64))
     # (float64: the Grams' small eigenvalues set (V̂ + ρ̂ I)^{-1/2}, so they need more than the
     # u λ_max absolute accuracy of a float32 product)
-    gram = torch.stack([gram64(gbars[0]), gram64(gbars[1])])
     if hp["row_normalize"]:
-        rows = torch.tensor([gbars[0].shape[-2], gbars[1].shape[-2]], dtype=wd)
-        gram = gram / rows.to(gram.device).reshape((2,) + (1,) * (gram.dim() - 1))
+        count = torch.tensor(rows, dtype=wd, device=gram.device)
+        gram = gram / count.reshape((2,) + (1,) * (gram.dim() - 1))
     rho = torch.stack([state["escaped_M"], state["escaped_N"]]).to(wd)
     if hp["escaped_mass"]:
         lam_both = eigvalsh_small(torch.stack([V_old, V_tr]))
@@ -157,4 +180,4 @@ def _preconditioners(
     eye = torch.eye(V_new.shape[-1], dtype=wd, device=V_new.device)
     lam, Q = eigh_small((V_new + rho[..., None, None] * eye) / bc2)
     f = (1.0 - beta1) / (lam.clamp_min(0.0).sqrt() + hp["eps"])
-    return ((Q * f.unsqueeze(-2)) @ transpose(Q)).to(gbars[0].dtype)
+    return ((Q * f.unsqueeze(-2)) @ transpose(Q)).to(P.dtype)
