@@ -41,12 +41,12 @@ import torch.multiprocessing as mp
 from geolora.bench.perf import MINILM_SHAPES
 
 WORLD = 2
-OPTIMIZERS = ("loraplus", "scaledgd", "rpadamw", "lracs")
+OPTIMIZERS = ("loraplus", "scaledgd", "rpadamw", "lora_rite", "lracs")
 LAYOUTS = ("replicated", "rows", "default")
 
 
 def _optimizer(name: str, groups: list[dict], sharded: bool) -> torch.optim.Optimizer:
-    from geolora.optim import LRACS, LoRAPlus, RiemannianPreconditionedAdamW, ScaledGD
+    from geolora.optim import LRACS, LoRAPlus, LoRARite, RiemannianPreconditionedAdamW, ScaledGD
 
     if name == "loraplus":
         return LoRAPlus(groups, lr=1e-4)
@@ -54,6 +54,8 @@ def _optimizer(name: str, groups: list[dict], sharded: bool) -> torch.optim.Opti
         return ScaledGD(groups, lr=1e-4, momentum=0.9)
     if name == "rpadamw":
         return RiemannianPreconditionedAdamW(groups, lr=1e-4)
+    if name == "lora_rite":
+        return LoRARite(groups, lr=1e-4)
     return LRACS(groups, lr=1e-4, robust_steps=0, sharded="gather" if sharded else "auto")
 
 

@@ -299,6 +299,7 @@ def _run_refuse(rank: int, world: int) -> dict[str, str]:
     for case, (opt_name, placement, kw) in {
         "adams": ("adams", "rows", {}),
         "rows_split": ("rpadamw", "default", {"sharded": "rows"}),
+        "rite_pinv": ("lora_rite", "rows", {"pinv": True}),
     }.items():
         model = build_model("gaussian")
         replicated = _shard(model, world, placement, False)
@@ -539,6 +540,7 @@ def test_refusals_are_clear(runs) -> None:
     msg = res[0]["rows_split"]
     assert msg.startswith("ValueError: RiemannianPreconditionedAdamW(sharded='rows')")
     assert "shard_placement_fn" in msg
+    assert res[0]["rite_pinv"].startswith("NotImplementedError: pinv=True on row-sharded factors")
     assert res[1] == res[0]
 
 

@@ -120,12 +120,12 @@ class RITEPreconditioner:
         # The M-moments live in the basis of N (P_M = Vᵀ V_old) and vice versa. P and the
         # gradient Grams are the step's only sums over rows: one reduction for row shards.
         reduce: RowSum = getattr(ctx.point, "reduce", LOCAL)
-        (P_N, gram_M), (P_M, gram_N) = reduce(
-            M=[transpose(U) @ state["basis_U"], gram64(gM_bar)],
-            N=[transpose(V) @ state["basis_V"], gram64(gN_bar)],
-        )
+        P_N, P_M = transpose(U) @ state["basis_U"], transpose(V) @ state["basis_V"]
+        if reduce.sharded:  # the transports travel with the float64 Grams: one buffer, one call
+            P_N, P_M = P_N.to(torch.float64), P_M.to(torch.float64)
+        (P_N, gram_M), (P_M, gram_N) = reduce(M=[P_N, gram64(gM_bar)], N=[P_M, gram64(gN_bar)])
         rows = (reduce.rows("M", gM_bar.shape[-2]), reduce.rows("N", gN_bar.shape[-2]))
-        P = torch.stack([P_M, P_N])
+        P = torch.stack([P_M, P_N]).to(U.dtype)
         precond = _preconditioners(hp, state, torch.stack([gram_M, gram_N]), rows, P, step)
         beta1 = hp["betas"][0]
         # M̄ = β₁ M̄_old Pᵀ + (1 − β₁) ḡ (V̂ + ρ̂ I)^{-1/2}: two fused products per factor.
