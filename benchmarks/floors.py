@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from geolora.bench.perf import MINILM_SHAPES, adamw_factory, make_pairs, optimizer_factories
-from geolora.linalg import gram64, mm_t, spd_inverse, sym
+from geolora.linalg import addmm_t, gram64, mm_t, spd_inverse, sym
 
 
 def _buckets(groups: list[dict]) -> list[tuple[torch.Tensor, ...]]:
@@ -121,6 +121,55 @@ class RPAdamWProto(LoRAPlusProto):
                          torch.addcdiv(N * shrink, mN, dN, value=-a), gM, gN)
 
 
+class RITEProto:
+    """LoRA-RITE (Yen et al. 2025, Algorithm 1) with the library's defaults and precision choices:
+    Householder QR frames, float64 gradient Grams (``row_normalize``), the transported second
+    moment, the escaped mass from two ``r x r`` eigenvalue solves, ``eigh`` for
+    ``(V̂ + ρ̂ I)^{-1/2}``, first moments in the factor dtype; both sides' ``r x r`` work stacked,
+    as in :mod:`geolora.optim.preconditioners.rite`."""
+
+    def __init__(self, buckets, lr=1e-4, betas=(0.9, 0.999), eps=1e-6):
+        self.b, self.lr, self.betas, self.eps, self.t = buckets, lr, betas, eps, 0
+        self.s = []
+        for M, N, gM, gN in buckets:
+            L, m, r = M.shape
+            z64 = torch.zeros(2, L, r, r, dtype=torch.float64)
+            self.s.append({"U": torch.zeros_like(M), "V": torch.zeros_like(N),
+                           "mM": torch.zeros_like(M), "mN": torch.zeros_like(N),
+                           "sq": z64, "rho": torch.zeros(2, L, dtype=torch.float64)})
+
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+        wd = torch.float64
+        for i, (M, N, gM, gN) in enumerate(self.b):
+            st, dt, r = self.s[i], M.dtype, M.shape[-1]
+            U, RM = torch.linalg.qr(M)
+            V, RN = torch.linalg.qr(N)
+            eye = torch.eye(r, dtype=wd)
+            inv_RN, inv_RM = torch.linalg.solve_triangular(
+                torch.stack([RN, RM]).to(wd), eye, upper=True).to(dt).unbind(0)
+            gMb, gNb = mm_t(gM, inv_RN), mm_t(gN, inv_RM)
+            P = torch.stack([V.mT @ st["V"], U.mT @ st["U"]])
+            rows = torch.tensor([M.shape[-2], N.shape[-2]], dtype=wd).reshape(2, 1, 1, 1)
+            gram = torch.stack([gram64(gMb), gram64(gNb)]) / rows
+            P64 = P.to(wd)
+            V_tr = sym(P64 @ st["sq"] @ P64.mT)
+            lam2 = torch.linalg.eigvalsh(torch.stack([st["sq"], V_tr]))
+            rho = b2 * (st["rho"] + (lam2[0] - lam2[1]).abs().amax(-1))
+            st["sq"] = b2 * V_tr + (1 - b2) * gram
+            st["rho"] = rho
+            lam, Q = torch.linalg.eigh((st["sq"] + rho[..., None, None] * eye) / bc2)
+            pre = ((Q * ((1 - b1) / (lam.clamp_min(0).sqrt() + self.eps)).unsqueeze(-2)) @ Q.mT)
+            pre = pre.to(dt)
+            st["mM"] = mM = addmm_t(mm_t(gMb, pre[0]), st["mM"], P[0].mT, alpha=b1)
+            st["mN"] = mN = addmm_t(mm_t(gNb, pre[1]), st["mN"], P[1].mT, alpha=b1)
+            st["U"], st["V"] = U, V
+            self.b[i] = (addmm_t(M, mM, inv_RN.mT, alpha=-self.lr / bc1),
+                         addmm_t(N, mN, inv_RM.mT, alpha=-self.lr / bc1), gM, gN)
+
+
 class DenseFloor:
     """The ``O(mnr)`` work of the dense optimizers (AdamS, its low-memory variant, Lifted(Adam)):
     per pair the dense ``ξ = A Bᵀ`` from width-``2r`` factors, Adam's moments on the ``m x n``
@@ -164,6 +213,7 @@ PROTOS: dict[str, Callable] = {
     "loraplus": LoRAPlusProto,
     "scaled_gd": ScaledGDProto,
     "rpadamw": RPAdamWProto,
+    "lora_rite": RITEProto,
 }
 
 
