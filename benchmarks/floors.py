@@ -20,6 +20,12 @@ flops:
   ``(m or n) × r × r`` products (``2 (m + n) r²`` flops, float32), heavy ball and axpy (6 passes).
 * RP-AdamW (δ = 1e-6, weight decay 0.01): ScaledGD's gradient, then AdamW's moments and
   step (~14 passes).
+* LoRA-RITE (defaults: EMA, escaped mass, bias correction, ``row_normalize``): two Householder
+  QRs (``~4 (m + n) r²`` flops, LAPACK per matrix), two float64 gradient Grams (``2 (m + n) r²``
+  flops at float64 speed plus a converting pass each), two ``(m or n) × r × r`` transports
+  ``VᵀV_old``, ``UᵀU_old``, four ``(m or n) × r × r`` products for the unmagnified gradients and
+  the moments, two for the step (``~14 (m + n) r²`` flops in all), and per pair and side two
+  ``r × r`` eigenvalue solves and one ``eigh`` in float64 (LAPACK, ~70 µs each at r = 32 here).
 * Dense: ``ξ`` written once (``2r`` flops per entry), the moments (~8 passes over ``m n``), two
   ``m x n`` by ``r`` products (``4 m n r`` flops).
 
@@ -131,7 +137,7 @@ class RITEProto:
     def __init__(self, buckets, lr=1e-4, betas=(0.9, 0.999), eps=1e-6):
         self.b, self.lr, self.betas, self.eps, self.t = buckets, lr, betas, eps, 0
         self.s = []
-        for M, N, gM, gN in buckets:
+        for M, N, _, _ in buckets:
             L, m, r = M.shape
             z64 = torch.zeros(2, L, r, r, dtype=torch.float64)
             self.s.append({"U": torch.zeros_like(M), "V": torch.zeros_like(N),
