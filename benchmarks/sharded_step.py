@@ -12,7 +12,6 @@ step alone. Three layouts per optimizer:
 * ``default``: FSDP2's default ``Shard(0)`` for both, so ``A`` is split along ``r`` and the
   optimizer gathers it (and its gradient) every step.
 
-``LRACS`` (no row-sharded step yet) runs its ``sharded="gather"`` mode in the sharded layouts.
 Reported per step (rank 0): median wall time after a barrier (``--steps`` timed steps after
 ``--warmup``), bytes all-reduced (the ``r x r`` sums), bytes gathered, the number of
 collectives, and the bytes of all factors (``(m + n) r`` floats per pair). Writes
@@ -45,7 +44,7 @@ OPTIMIZERS = ("loraplus", "scaledgd", "rpadamw", "lora_rite", "lracs")
 LAYOUTS = ("replicated", "rows", "default")
 
 
-def _optimizer(name: str, groups: list[dict], sharded: bool) -> torch.optim.Optimizer:
+def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     from geolora.optim import LRACS, LoRAPlus, LoRARite, RiemannianPreconditionedAdamW, ScaledGD
 
     if name == "loraplus":
@@ -56,7 +55,7 @@ def _optimizer(name: str, groups: list[dict], sharded: bool) -> torch.optim.Opti
         return RiemannianPreconditionedAdamW(groups, lr=1e-4)
     if name == "lora_rite":
         return LoRARite(groups, lr=1e-4)
-    return LRACS(groups, lr=1e-4, robust_steps=0, sharded="gather" if sharded else "auto")
+    return LRACS(groups, lr=1e-4, robust_steps=0)
 
 
 def _pairs(layout: str, r: int) -> tuple[list[dict], list[tuple[torch.Tensor, ...]]]:
@@ -97,7 +96,7 @@ def _run(rank: int, port: int, out: str, args: dict[str, int]) -> None:
         for name in OPTIMIZERS:
             for layout in LAYOUTS:
                 groups, grads = _pairs(layout, args["rank"])
-                opt = _optimizer(name, groups, layout != "replicated")
+                opt = _optimizer(name, groups)
                 times = []
                 warmup, steps = args["warmup"], args["steps"]
                 for it in range(warmup + steps):

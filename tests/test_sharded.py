@@ -9,7 +9,8 @@ process here.
   the factors equal one process on the same global batch to 1e-12 (the only difference is the
   summation order of the batch mean and of the r×r Grams). Covers the robust start from
   ``B = 0``, a pair left out of sharding next to sharded ones, every row-shardable optimizer
-  (LoRA+, ScaledGD with momentum, RPAdamW, LoRA-RITE — 1e-11 for RITE, see ``TOL64_OPT``),
+  (LoRA+, ScaledGD with momentum, RPAdamW, LoRA-RITE — 1e-11 for RITE, see ``TOL64_OPT`` —,
+  LRACS under the balanced and the preconditioned metric, LiftedSGD with Nesterov momentum),
   the whole-pair gather of an optimizer without a
   row-sharded step (AdamS, ``sharded="gather"``), and the optimizer state stored as
   ``DTensor`` s with the factors' placements.
@@ -52,7 +53,15 @@ from tiny_models import regression_batch  # noqa: E402
 from tiny_models import trainable_parameters as trained  # noqa: E402
 
 from geolora.lora import inject_lora, mark_only_lora_trainable
-from geolora.optim import AdamS, LoRAPlus, LoRARite, RiemannianPreconditionedAdamW, ScaledGD
+from geolora.optim import (
+    LRACS,
+    AdamS,
+    LiftedSGD,
+    LoRAPlus,
+    LoRARite,
+    RiemannianPreconditionedAdamW,
+    ScaledGD,
+)
 from geolora.optim.groups import lora_param_groups
 
 pytestmark = pytest.mark.slow
@@ -81,6 +90,11 @@ OPTIMIZERS: dict[str, Any] = {
     "adams_gather": lambda g, **k: AdamS(g, lr=1e-2, robust_steps=1, sharded="gather", **k),
     "adams": lambda g, **k: AdamS(g, lr=1e-2, robust_steps=1, **k),
     "lora_rite": lambda g, **k: LoRARite(g, lr=1e-2, robust_steps=1, **k),
+    "lracs": lambda g, **k: LRACS(g, lr=1e-2, robust_steps=1, **k),
+    "lifted_sgd_nesterov": lambda g, **k: LiftedSGD(
+        g, lr=2e-2, momentum=0.9, nesterov=True, robust_steps=1, **k
+    ),
+    "lracs_precond": lambda g, **k: LRACS(g, lr=1e-2, robust_steps=1, metric="preconditioned", **k),
 }
 
 # name -> (optimizer, init, lora_A placement ("rows": dim 1 where possible), replicated pair)
@@ -93,11 +107,14 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "adams_gather": ("adams_gather", "gaussian", "rows", False),
     "rite_zero_rows_mixed": ("lora_rite", "zero", "rows", True),
     "rite_default": ("lora_rite", "gaussian", "default", False),
+    "lracs_zero_rows_mixed": ("lracs", "zero", "rows", True),
+    "lracs_precond_default": ("lracs_precond", "gaussian", "default", False),
+    "lifted_sgd_nesterov_rows": ("lifted_sgd_nesterov", "gaussian", "rows", False),
 }
 RUNS: dict[int, list[str]] = {
     4: [
         "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default",
-        "rite_zero_rows_mixed", "gram_qr", "dcp_save", "dcp_save_rite",
+        "rite_zero_rows_mixed", "lracs_zero_rows_mixed", "gram_qr", "dcp_save", "dcp_save_rite",
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
@@ -576,6 +593,29 @@ def test_rite_state_sides_and_one_all_reduce_per_round(runs) -> None:
     assert res["comm"][0] == 3 * (STEPS - 1)
 
 
+def test_lracs_state_sides_and_reductions(runs) -> None:
+    """LRACS on row shards: the row scales ``racs_q`` (m) and column scales ``racs_s`` (n)
+    stored with the factors' row placements; per bucket and geometric step 16 all-reduces: 2
+    for the frames, 1 for the projected gradient's core, 10 for the 5 power iterations (the
+    first ``AᵀA``; then ``AᵀQA`` with ``‖q‖²``, and ``BᵀSB`` with ``‖s‖²``), 1 max for the
+    scales' floors, 1 for projecting the scaled direction, 1 for the limiter's metric norm."""
+    res = _ok(runs[2][0]["lracs_zero_rows_mixed"])
+    st = res["state"]
+    assert st["0.lora_B.racs_q"] == "DTensor(Shard(dim=0),) torch.float64 (13,)"
+    assert st["0.lora_B.racs_s"] == "DTensor(Shard(dim=0),) torch.float64 (12,)"
+    assert st["0.lora_B.racs_phi"] == "Tensor torch.float64 ()"
+    assert res["comm"][0] == 16 * (STEPS - 1)
+
+
+def test_lifted_momentum_state_sides(runs) -> None:
+    """LiftedSGD's factored heavy-ball momentum: the stored frame and ``Up``, ``Vp`` hold factor
+    rows (DTensors with the factors' row placements), the core ``S`` is whole."""
+    st = _ok(runs[2][0]["lifted_sgd_nesterov_rows"])["state"]
+    for key, rows in (("U", 13), ("Up", 13), ("V", 12), ("Vp", 12)):
+        assert st[f"0.lora_B.momentum_{key}"] == f"DTensor(Shard(dim=0),) torch.float64 ({rows}, 3)"
+    assert st["0.lora_B.momentum_S"] == "Tensor torch.float64 (3, 3)"
+
+
 def test_rite_fp32_sharded_within_rounding(runs) -> None:
     """float32 LoRA-RITE: the sharded frame is CholeskyQR2 in float64, one process uses
     Householder QR in float32, so the factors agree to the float32 rounding that those frames
@@ -609,7 +649,7 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
         assert (R - Rh).abs().max() / Rh.abs().max() < 1e-14, name
 
 
-ROW_SHARDED = {"loraplus", "scaled_gd", "rpadamw", "lora_rite"}
+ROW_SHARDED = {"loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd"}
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))

@@ -36,7 +36,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from geolora.linalg import addmm_t, gram64, mm_t, qr_pos, svd_small, sym, transpose
+from geolora.linalg import (
+    addmm_t,
+    gram64,
+    mm_t,
+    qr_pos,
+    svd_small,
+    sym,
+    transpose,
+    tri_solve_right,
+)
 from geolora.manifolds.frame import (
     Frame,
     addmm,
@@ -132,8 +141,9 @@ class QuotientGeometry:
     all-reduced float64 Grams (:func:`~geolora.optim.sharding.gram_qr_sides`, CholeskyQR2: two
     ``r x r`` reductions for ``M`` and ``N`` together), so ``U``, ``V`` are the local rows and
     ``R_M``, ``R_N`` the same on every rank; the unmagnified gradients ``∇_M R_N⁻¹`` are then
-    row-local. The projected gradient, :meth:`project` and :meth:`norm` sum over rows and
-    refuse row shards (no optimizer with a row-sharded step uses them).
+    row-local. The projected gradient, :meth:`project` (:func:`sharded_tangent`) and
+    :meth:`norm` (from the reduced Grams ``UpᵀUp``, ``VpᵀVp``) take one reduction each; a
+    dense direction and metrics without closed-form core coefficients refuse row shards.
     """
 
     functional_state = True
@@ -197,8 +207,12 @@ class QuotientGeometry:
             return Products(mm_t(g.M, inv_RN.to(dt)), mm_t(g.N, inv_RM.to(dt)))
         if wants != "tangent":
             raise ValueError(f"QuotientGeometry: unknown gradient form {wants!r}")
-        _whole_rows(p, "the projected gradient")
-        xi = project_factor_grads(p.frame, g.M, g.N)
+        if p.reduce.sharded:  # ∇_X V = ∇_M R_N⁻¹ and ∇_Xᵀ U = ∇_N R_M⁻¹ are row-local
+            GV = tri_solve_right(g.M, p.frame.RN)
+            GtU = tri_solve_right(g.N, p.frame.RM)
+            xi = sharded_tangent(p, Products(GV, GtU))
+        else:
+            xi = project_factor_grads(p.frame, g.M, g.N)
         lam = group.get("weight_decay", 0.0)
         if lam and group.get("decay") == "l2":
             # ∇_X (λ/2 ‖X‖²) = λ X = U W Vᵀ, already tangent.
@@ -207,17 +221,30 @@ class QuotientGeometry:
 
     def project(self, p: QuotientPoint, d: Any) -> FixedRankTangent:
         """``P_T(Ẋ)`` of a direction in any of the forms of
-        :mod:`geolora.optim.preconditioners.base`, as a tangent relative to ``p.frame``."""
-        _whole_rows(p, "the projection onto the tangent space")
+        :mod:`geolora.optim.preconditioners.base`, as a tangent relative to ``p.frame``
+        (on row shards: :func:`sharded_tangent`)."""
+        if p.reduce.sharded:
+            return sharded_tangent(p, d)
         return to_tangent(p.frame, d)
 
     def norm(self, p: QuotientPoint, t: FixedRankTangent, group: dict | None = None) -> Tensor:
         """``‖lift(t)‖_g``: ``r x r`` work for the built-in metrics, gauge-free for invariant
-        ones (:func:`balanced_representative_norm`), else the assembled lift's inner product."""
-        _whole_rows(p, "the metric norm")
+        ones (:func:`balanced_representative_norm`), else the assembled lift's inner product.
+        On row shards the Grams ``UpᵀUp``, ``VpᵀVp`` are reduced (one round); metrics without
+        closed-form core coefficients refuse row shards."""
         metric = self.metric
+        grams = None
+        if p.reduce.sharded:
+            if not metric.has_core:
+                _whole_rows(p, f"the norm under {type(metric).__name__} (no core coefficients)")
+            Pu, Pv = tangent_grams(t)
+            (Pu,), (Pv,) = p.reduce(M=[Pu], N=[Pv])
+            grams = (Pu, Pv)
+            if not metric.invariant:
+                sq = metric.sqnorm_from_grams(p.core, t.M.to(torch.float64), Pu, Pv)
+                return sq.clamp_min(0).sqrt().to(p.x.M.dtype)
         if metric.invariant:
-            return balanced_representative_norm(metric, p.frame, t, p.core)
+            return balanced_representative_norm(metric, p.frame, t, p.core, grams)
         if metric.has_core:
             return metric.lift_sqnorm(p.frame, t, p.core).clamp_min(0).sqrt().to(p.x.M.dtype)
         u = assemble_lift(p.frame, t, metric.lift_coefficients(p.frame, t.M))
@@ -229,6 +256,47 @@ def _whole_rows(p: QuotientPoint, what: str) -> None:
         raise NotImplementedError(
             f"QuotientGeometry: {what} sums over the factors' rows and has no row-sharded form"
         )
+
+
+def sharded_tangent(p: QuotientPoint, d: Any) -> FixedRankTangent:
+    """:func:`to_tangent` on row shards: ``p.frame``'s ``U``, ``V`` and the direction's tall
+    factors are local rows, and the ``r x r`` products that sum over rows go through
+    ``p.reduce`` in one round. ``Products``: ``S = Σ Uᵀ(ZV)``; ``LowRank``: ``S = (UᵀA)(BᵀV)``
+    from ``Σ UᵀA``, ``Σ BᵀV``; ``OneSided`` (``Ẋ = DM Vᵀ + U DNᵀ``): ``a = Σ UᵀDM``,
+    ``b = Σ DNᵀV``, ``S = a + b``, ``Up = DM − U a``, ``Vp = DN − V bᵀ``. A dense ``m x n``
+    direction has no row-sharded form."""
+    U, V = p.frame.U, p.frame.V
+    if isinstance(d, FixedRankTangent):
+        return d
+    if isinstance(d, Products):
+        (S,), _ = p.reduce(M=[transpose(U) @ d.ZV])
+        t = FixedRankTangent(
+            S, addmm(d.ZV, U, S, alpha=-1.0), addmm(d.ZtU, V, transpose(S), alpha=-1.0)
+        )
+        return _scaled_tangent(t, d.scale)
+    if isinstance(d, OneSided):
+        (a,), (b,) = p.reduce(M=[transpose(U) @ d.DM], N=[transpose(d.DN) @ V])
+        t = FixedRankTangent(
+            a + b, addmm(d.DM, U, a, alpha=-1.0), addmm(d.DN, V, transpose(b), alpha=-1.0)
+        )
+        return _scaled_tangent(t, 1.0 / d.divisor)
+    if isinstance(d, LowRank):
+        (UtA,), (BtV,) = p.reduce(M=[transpose(U) @ d.A], N=[transpose(d.B) @ V])
+        ZV, ZtU = mm_t(d.A, BtV), mm_t(d.B, transpose(UtA))
+        S = UtA @ BtV
+        return FixedRankTangent(
+            S, addmm(ZV, U, S, alpha=-1.0), addmm(ZtU, V, transpose(S), alpha=-1.0)
+        )
+    _whole_rows(p, f"the projection of a {type(d).__name__} direction")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _scaled_tangent(t: FixedRankTangent, c: Any) -> FixedRankTangent:
+    if isinstance(c, (int, float)) and c == 1.0:
+        return t
+    if isinstance(c, Tensor):
+        c = c[..., None, None]
+    return FixedRankTangent(c * t.M, c * t.Up, c * t.Vp)
 
 
 def to_tangent(frame: Frame, d: Any) -> FixedRankTangent:
@@ -260,7 +328,11 @@ def to_tangent(frame: Frame, d: Any) -> FixedRankTangent:
 
 
 def balanced_representative_norm(
-    metric: QuotientMetric, frame: Frame, t: FixedRankTangent, core: FrameCore | None = None
+    metric: QuotientMetric,
+    frame: Frame,
+    t: FixedRankTangent,
+    core: FrameCore | None = None,
+    grams: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``‖lift(Ẋ)‖_g`` for a gauge-invariant metric, evaluated at the balanced representative
     ``(U Φ Σ^{1/2}, V Ψ Σ^{1/2})`` of ``X = U W Vᵀ`` (``W = Φ Σ Ψᵀ``).
@@ -278,15 +350,20 @@ def balanced_representative_norm(
     lift through ``core``; no ``m x r`` product is formed. Returned in the factors' dtype.
     """
     dt = frame.U.dtype
+    if grams is not None:  # the Grams UpᵀUp, VpᵀVp given (reduced over row shards)
+        core = FrameCore.of(frame) if core is None else core
     if metric.has_core and metric.gauge_free_sqnorm:
         # closed form in gauge-free quantities: no change of representative needed (and no SVD
         # with an SVD-free core solver, see FrameCore)
+        if grams is not None:
+            sq = metric.sqnorm_from_grams(core, t.M.to(torch.float64), *grams)
+            return sq.clamp_min(0).sqrt().to(dt)
         return metric.lift_sqnorm(frame, t, core).clamp_min(0).sqrt().to(dt)
     if metric.has_core:
         core = FrameCore.of(frame) if core is None else core
         phi, sig, psi = core.svd()
         f64 = torch.float64
-        Pu, Pv = tangent_grams(t)
+        Pu, Pv = tangent_grams(t) if grams is None else grams
         root = torch.diag_embed(sig.sqrt())
         eye = torch.eye(sig.shape[-1], dtype=f64, device=sig.device).expand_as(root)
         bal_core = FrameCore(root, root, svd=(eye, sig, eye))
@@ -326,6 +403,8 @@ class Lift:
     """
 
     functional_state = True
+    #: the lift's coefficients are r×r (metrics with a core) and the update row-local
+    row_shards = True
 
     def __init__(self, *, decay: bool = True, weight_decay: float = 0.0) -> None:
         self.decay = decay
@@ -341,6 +420,8 @@ class Lift:
         self, geometry: QuotientGeometry, p: QuotientPoint, d: Any, state, group, step, pre
     ) -> FactorPoint:
         t = geometry.project(p, d)
+        if p.reduce.sharded and not geometry.metric.has_core:
+            _whole_rows(p, f"the lift under {type(geometry.metric).__name__} (no core coefficients)")
         lr = group["lr"]
         shrink = _shrink(group, lr, self.decay and group.get("decay") == "decoupled")
         coeffs = geometry.metric.coefficients(p.frame, t.M, p.core)

@@ -75,10 +75,6 @@ SHARDED_MODES = ("auto", "rows", "gather")
 ROW_SHARD_REFUSALS: dict[str, str] = {
     "AdamS": "its Adam moments are dense m×n matrices: a row-sharded step needs V and Vp whole "
     "on every rank and a reduce-scatter of Ẋᵀ U (n×r), not only r×r sums",
-    "LRACS": "its row-sharded step (QR frames from Gram–Cholesky, two r×r reductions per power "
-    "iteration) is not written yet",
-    "LiftedSGD": "its row-sharded step (QR frames from Gram–Cholesky, the projected gradient's "
-    "core from Grams) is not written yet",
     "LiftedShampoo": "its row-sharded step (QR frames, the Frequent-Directions sketch Grams) is "
     "not written yet, and its exact statistics (sketch_rank=None) are m×m and n×n",
     "LoRAMFixedRank": "its retraction (QR of the m×2r and n×2r blocks [U Up], [V Vp]) has no "
@@ -161,27 +157,30 @@ class RowSum:
         return self.m_rows or self.n_rows
 
     def __call__(
-        self, M: Sequence[Tensor] = (), N: Sequence[Tensor] = ()
+        self, M: Sequence[Tensor] = (), N: Sequence[Tensor] = (), *, op: str = "sum"
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """``op="max"``: the maxima over the shards instead of the sums (e.g. of a per-shard
+        ``amax``)."""
         M, N = list(M), list(N)
         todo = (M if self.m_rows else []) + (N if self.n_rows else [])
         if not todo:
             return M, N
-        summed = iter(self._all_reduce(todo))
+        summed = iter(self._all_reduce(todo, op))
         if self.m_rows:
             M = [next(summed) for _ in M]
         if self.n_rows:
             N = [next(summed) for _ in N]
         return M, N
 
-    def _all_reduce(self, pieces: list[Tensor]) -> list[Tensor]:
+    def _all_reduce(self, pieces: list[Tensor], op: str = "sum") -> list[Tensor]:
+        red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
         out: list[Tensor | None] = [None] * len(pieces)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(pieces):
             by_dtype.setdefault(t.dtype, []).append(i)
         for idx in by_dtype.values():
             buf = torch.cat([pieces[i].reshape(-1) for i in idx])
-            dist.all_reduce(buf, group=self.group)
+            dist.all_reduce(buf, op=red, group=self.group)
             if self.stats is not None:
                 self.stats.all_reduce_calls += 1
                 self.stats.all_reduce_bytes += buf.numel() * buf.element_size()

@@ -135,6 +135,7 @@ class IdentityPreconditioner:
     name = "identity"
     gauge_rules: dict[str, str] = {}  # no state
     functional_state = True
+    row_shards = True  # nothing to sum
     defaults: dict[str, Any] = {}
 
     def init_state(self, m: int, n: int, r: int, like: Tensor) -> dict[str, Tensor]:

@@ -15,12 +15,13 @@ from torch import Tensor
 from geolora.linalg import mm_t, transpose
 from geolora.manifolds.frame import Frame, addmm
 from geolora.manifolds.types import FixedRankTangent
+from geolora.optim.sharding import LOCAL, RowSum
 
 __all__ = ["FactoredMomentum", "HeavyBall", "transport_factored"]
 
 
 def transport_factored(
-    frame: Frame, U_old: Tensor, V_old: Tensor, t: FixedRankTangent
+    frame: Frame, U_old: Tensor, V_old: Tensor, t: FixedRankTangent, reduce: RowSum = LOCAL
 ) -> FixedRankTangent:
     """Projection transport of a factored tangent vector stored at the old frame ``(U_old,
     V_old)`` onto the current tangent space: ``P_{T_X}(U_old S V_oldᵀ + Up V_oldᵀ + U_old Vpᵀ)``
@@ -29,7 +30,8 @@ def transport_factored(
     With ``Z`` that matrix and the ``r x r`` overlaps ``P_U = U_oldᵀ U``, ``P_V = V_oldᵀ V``,
     ``Q_V = Vpᵀ V``, ``R_U = Upᵀ U``: ``Z V = U_old (S P_V + Q_V) + Up P_V``,
     ``Zᵀ U = V_old (Sᵀ P_U + R_U) + Vp P_U`` and ``Uᵀ Z V = P_Uᵀ (S P_V + Q_V) + R_Uᵀ P_V``;
-    then ``Up' = Z V − U S'``, ``Vp' = Zᵀ U − V S'ᵀ``.
+    then ``Up' = Z V − U S'``, ``Vp' = Zᵀ U − V S'ᵀ``. On row shards (``reduce``) the four
+    overlaps are sums over rows: one reduction, the rest is row-local.
     """
     U, V = frame.U, frame.V
     S, Up, Vp = t
@@ -37,6 +39,8 @@ def transport_factored(
     PV = transpose(V_old) @ V
     QV = transpose(Vp) @ V
     RU = transpose(Up) @ U
+    if reduce.sharded:
+        (PU, RU), (PV, QV) = reduce(M=[PU, RU], N=[PV, QV])
     CM = S @ PV + QV
     CN = transpose(S) @ PU + RU
     ZV = addmm(mm_t(Up, PV), U_old, CM)
@@ -62,6 +66,11 @@ class FactoredMomentum:
 
     def __init__(self, beta: float = 0.9, dampening: bool = False, prefix: str = "exp_avg") -> None:
         self.beta, self.dampening, self.prefix = beta, dampening, prefix
+        p = prefix
+        #: which factor's rows each state tensor holds (row-sharded storage)
+        self.state_sides: dict[str, str | None] = {
+            f"{p}_U": "M", f"{p}_V": "N", f"{p}_S": None, f"{p}_Up": "M", f"{p}_Vp": "N",
+        }
 
     def init_state(self, m: int, n: int, r: int, like: Tensor) -> dict[str, Tensor]:
         z = like.new_zeros
@@ -82,7 +91,8 @@ class FactoredMomentum:
             mom = FixedRankTangent(c * xi.M, c * xi.Up, c * xi.Vp)
         else:
             old = FixedRankTangent(state[f"{p}_S"], state[f"{p}_Up"], state[f"{p}_Vp"])
-            tr = transport_factored(ctx.frame, state[f"{p}_U"], state[f"{p}_V"], old)
+            reduce = getattr(ctx.point, "reduce", LOCAL)
+            tr = transport_factored(ctx.frame, state[f"{p}_U"], state[f"{p}_V"], old, reduce)
             if c == 1.0:
                 mom = FixedRankTangent(*(torch.add(b, a, alpha=beta) for a, b in zip(tr, xi)))
             else:
@@ -100,11 +110,13 @@ class HeavyBall:
     name = "heavy_ball"
     gauge_rules: dict[str, str] = {}  # matrix space: a tangent stored with its frame
     functional_state = True
+    row_shards = True  # the transport's overlaps through the point's reducer
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False) -> None:
         self.mom = FactoredMomentum(momentum, dampening=False, prefix="momentum")
         self.nesterov = nesterov
         self.defaults = {"momentum": momentum}
+        self.state_sides = self.mom.state_sides
 
     def init_state(self, m, n, r, like):
         return self.mom.init_state(m, n, r, like)

@@ -37,16 +37,21 @@ from geolora.linalg import transpose
 from geolora.manifolds.frame import tangent_to_factors
 from geolora.manifolds.types import FixedRankTangent
 from geolora.optim.preconditioners.base import LowRank
+from geolora.optim.sharding import LOCAL, RowSum
 from geolora.optim.validation import check_range
 
 
-def racs_scalings(A: Tensor, B: Tensor, iters: int = 5) -> tuple[Tensor, Tensor]:
+def racs_scalings(
+    A: Tensor, B: Tensor, iters: int = 5, reduce: RowSum = LOCAL
+) -> tuple[Tensor, Tensor]:
     """One-sample RACS scalings ``(s, q)`` of ``G = A Bᵀ`` (LoRA-S eq. 14).
 
     Starting from ``q = 1``, ``iters`` times: ``s = Diag(Gᵀ Q G) / ‖q‖²``, then
     ``q = Diag(G S Gᵀ) / ‖s‖²``, both from the factors in ``O((m + n) k²)``.
     Shapes ``A: (..., m, k)``, ``B: (..., n, k)`` → ``s: (..., n)``, ``q: (..., m)``.
-    A zero ``G`` gives ``s = q = 0``.
+    A zero ``G`` gives ``s = q = 0``. Row shards (``A``, ``q`` the local rows of the ``M``
+    side, ``B``, ``s`` of the ``N`` side): ``Aᵀ Q A`` with ``‖q‖²`` and ``Bᵀ S B`` with ``‖s‖²``
+    are sums over rows, two reductions per iteration.
     """
     tiny = torch.finfo(A.dtype).tiny
     # Row-major copies: the row-wise dot products below reduce along the contiguous dim.
@@ -54,23 +59,31 @@ def racs_scalings(A: Tensor, B: Tensor, iters: int = 5) -> tuple[Tensor, Tensor]
     At, Bt = transpose(A), transpose(B)
     # First iteration from q = 1: Aᵀ Diag(1) A = Aᵀ A and ‖q‖² = m.
     C = At @ A
-    qq = A.new_full(A.shape[:-2] + (1,), float(A.shape[-2]))
+    qq = A.new_full(A.shape[:-2] + (1,), float(reduce.rows("M", A.shape[-2])))
+    if reduce.sharded:
+        (C,), _ = reduce(M=[C])
     q = s = None
     for it in range(iters):
         if it:
             C = At @ (A * q.unsqueeze(-1))  # Aᵀ Diag(q) A
             qq = linalg.vecdot(q, q).unsqueeze(-1)
+            if reduce.sharded:
+                (C, qq), _ = reduce(M=[C, qq])
         s = linalg.vecdot(B @ C, B).clamp_min_(0).div_(qq.clamp_min(tiny))
         D = Bt @ (B * s.unsqueeze(-1))  # Bᵀ Diag(s) B
         ss = linalg.vecdot(s, s).unsqueeze(-1)
+        if reduce.sharded:
+            _, (D, ss) = reduce(N=[D, ss])
         q = linalg.vecdot(A @ D, A).clamp_min_(0).div_(ss.clamp_min(tiny))
     return s, q
 
 
-def inv_sqrt_floored(v: Tensor, eps: float) -> Tensor:
+def inv_sqrt_floored(v: Tensor, eps: float, top: Tensor | None = None) -> Tensor:
     """``max(v, eps · max(v))^{-1/2}`` along the last dim (a relative floor, so the result is
-    scale-free and finite for zero rows/columns); an all-zero ``v`` maps to ones."""
-    top = v.amax(dim=-1, keepdim=True)
+    scale-free and finite for zero rows/columns); an all-zero ``v`` maps to ones. ``top``: the
+    maximum when it is known (over all row shards)."""
+    if top is None:
+        top = v.amax(dim=-1, keepdim=True)
     floor = torch.where(top > 0, (eps * top).clamp_min(torch.finfo(v.dtype).tiny), 1.0)
     return torch.maximum(v, floor).rsqrt()
 
@@ -92,6 +105,10 @@ class RACSPreconditioner:
     name = "racs"
     gauge_rules: dict[str, str] = {}  # row/column scales of ξ: matrix space
     functional_state = True
+    #: row shards: the power iteration's sums, the floors' maxima, the projection and the
+    #: limiter's metric norm through the point's reducer (module docstring of sharding)
+    row_shards = True
+    state_sides: dict[str, str | None] = {"racs_s": "N", "racs_q": "M", "racs_phi": None}
 
     def __init__(
         self,
@@ -124,13 +141,20 @@ class RACSPreconditioner:
     ) -> FixedRankTangent:
         beta, gamma, eps = hp["beta"], hp["gamma"], hp["eps"]
         A, B = tangent_to_factors(ctx.frame, xi)
-        s, q = racs_scalings(A, B, self.power_iters)
+        reduce: RowSum = getattr(ctx.point, "reduce", LOCAL)
+        s, q = racs_scalings(A, B, self.power_iters, reduce)
         ms = torch.mul(state["racs_s"], beta).add_(s, alpha=1 - beta)
         mq = torch.mul(state["racs_q"], beta).add_(q, alpha=1 - beta)
         state["racs_s"], state["racs_q"] = ms, mq
         bc = 1.0 - beta**step if self.bias_correction else 1.0
-        dq = inv_sqrt_floored(mq / bc, eps)
-        ds = inv_sqrt_floored(ms / bc, eps)
+        mq, ms = mq / bc, ms / bc
+        top_q = top_s = None
+        if reduce.sharded:  # the relative floors need the maxima over all rows
+            (top_q,), (top_s,) = reduce(
+                M=[mq.amax(dim=-1, keepdim=True)], N=[ms.amax(dim=-1, keepdim=True)], op="max"
+            )
+        dq = inv_sqrt_floored(mq, eps, top_q)
+        ds = inv_sqrt_floored(ms, eps, top_s)
         t = ctx.project(LowRank(A * dq.unsqueeze(-1), B * ds.unsqueeze(-1)))
         norm = ctx.metric_norm(t).to(ms.dtype)
         phi = state["racs_phi"]
