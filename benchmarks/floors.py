@@ -26,6 +26,7 @@ flops:
   ``VᵀV_old``, ``UᵀU_old``, four ``(m or n) × r × r`` products for the unmagnified gradients and
   the moments, two for the step (``~14 (m + n) r²`` flops in all), and per pair and side two
   ``r × r`` eigenvalue solves and one ``eigh`` in float64 (LAPACK, ~70 µs each at r = 32 here).
+* LRACS: its five power iterations alone (:class:`RACSFloor`) — a lower bound of the step.
 * Dense: ``ξ`` written once (``2r`` flops per entry), the moments (~8 passes over ``m n``), two
   ``m x n`` by ``r`` products (``4 m n r`` flops).
 
@@ -46,6 +47,7 @@ import torch
 
 from geolora.bench.perf import MINILM_SHAPES, adamw_factory, make_pairs, optimizer_factories
 from geolora.linalg import addmm_t, gram64, mm_t, spd_inverse, sym
+from geolora.optim.preconditioners.racs import racs_scalings
 
 
 def _buckets(groups: list[dict]) -> list[tuple[torch.Tensor, ...]]:
@@ -208,8 +210,29 @@ class DenseFloor:
             mm_t(Xd, d["V"]), mm_t(Xd.mT, d["U"])
 
 
-#: Lower bounds of the dense optimizers (not their whole step: not checked against the library).
+class RACSFloor:
+    """LRACS's power iteration alone (LoRA-S eq. 14, 5 iterations, as in
+    :func:`geolora.optim.preconditioners.racs.racs_scalings`) on width-``2r`` factors
+    ``A: (L, m, 2r)``, ``B: (L, n, 2r)`` of the projected gradient: per iteration ``AᵀQA``,
+    ``B C``, ``BᵀSB``, ``A D`` (``4 (m + n) (2r)²`` flops) and five passes over the factors —
+    a lower bound of the LRACS step (no frame, projection, lift or limiter)."""
+
+    def __init__(self, buckets, iters=5):
+        g = torch.Generator().manual_seed(0)
+        self.iters = iters
+        self.b = [(torch.randn(M.shape[0], M.shape[1], 2 * M.shape[2], generator=g),
+                   torch.randn(N.shape[0], N.shape[1], 2 * N.shape[2], generator=g))
+                  for M, N, _, _ in buckets]
+
+    def step(self):
+        for A, B in self.b:
+            racs_scalings(A, B, self.iters)
+
+
+#: Lower bounds (part of the step: not checked against the library): the dense optimizers'
+#: ``O(mnr)`` work and LRACS's power iteration.
 DENSE_FLOORS: dict[str, Callable] = {
+    "lracs": RACSFloor,
     "adams": DenseFloor,
     "adams_lm": lambda b: DenseFloor(b, low_memory=True),
     "lifted_adam": DenseFloor,
