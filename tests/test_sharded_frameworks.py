@@ -12,7 +12,8 @@ the swap of the optimizer's parameters for the sharded ``DTensor`` s.
   global batch to 1e-12, with FSDP2's default placements (``lora_A`` split along ``r``: the
   optimizer gathers it) and with the LoRA modules sharded beforehand by ``fully_shard(...,
   shard_placement_fn=fsdp2_shard_placement(model))`` (``lora_A`` row-sharded, nothing
-  gathered; accelerate leaves modules that are already sharded alone).
+  gathered; accelerate leaves modules that are already sharded alone) — ScaledGD in both,
+  LoRA-RITE row-sharded too (to 1e-11: its sharded frames come from CholeskyQR2).
 * Trainer: a tiny peft-LoRA BERT (built from a config, no download) trained for 4 steps by
   ``trainer_class(transformers.Trainer, "scaled_gd", ...)`` with ``fsdp=True``,
   ``fsdp_config={"version": 2, ...}``: the LoRA factors are ``DTensor`` s, geolora stepped them
@@ -65,20 +66,32 @@ def build_model() -> nn.Module:
     return model.double()
 
 
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    from geolora.optim import ScaledGD
+def make_optimizer(model: nn.Module, name: str = "scaled_gd") -> torch.optim.Optimizer:
+    from geolora.optim import LoRARite, ScaledGD
     from geolora.optim.groups import lora_param_groups
 
+    if name == "lora_rite":
+        return LoRARite(lora_param_groups(model), lr=1e-2)
     return ScaledGD(lora_param_groups(model), lr=5e-2, momentum=0.9)
+
+
+#: accelerate case -> (optimizer, LoRA modules sharded beforehand, tolerance vs one process);
+#: LoRA-RITE's sharded frames come from CholeskyQR2, one process's from Householder QR
+#: (tests/test_sharded.py, TOL64_OPT), hence its looser bound
+ACCELERATE_CASES = {
+    "accelerate_default": ("scaled_gd", False, 1e-12),
+    "accelerate_presharded": ("scaled_gd", True, 1e-12),
+    "accelerate_presharded_rite": ("lora_rite", True, 1e-11),
+}
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return regression_batch(step, GLOBAL_BATCH, 12, 3, seed=50)
 
 
-def single_process() -> dict[str, torch.Tensor]:
+def single_process(name: str = "scaled_gd") -> dict[str, torch.Tensor]:
     model = build_model()
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, name)
     for t in range(STEPS):
         x, y = batch(t)
         opt.zero_grad()
@@ -102,7 +115,7 @@ def _reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _run_accelerate(rank: int, presharded: bool) -> dict[str, Any]:
+def _run_accelerate(rank: int, presharded: bool, name: str = "scaled_gd") -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -120,7 +133,7 @@ def _run_accelerate(rank: int, presharded: bool) -> dict[str, Any]:
         fn = fsdp2_shard_placement(model)
         for module in lora_modules(model).values():
             fully_shard(module, shard_placement_fn=fn)
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, name)
     model, opt = acc.prepare(model, opt)
     rows = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
     for t in range(STEPS):
@@ -204,11 +217,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
-    cases = {
-        "accelerate_default": lambda: _run_accelerate(rank, False),
-        "accelerate_presharded": lambda: _run_accelerate(rank, True),
-        "trainer": lambda: _run_trainer(rank, str(Path(out) / "trainer")),
+    cases: dict[str, Any] = {
+        case: (lambda opt=opt, pre=pre: _run_accelerate(rank, pre, opt))
+        for case, (opt, pre, _) in ACCELERATE_CASES.items()
     }
+    cases["trainer"] = lambda: _run_trainer(rank, str(Path(out) / "trainer"))
     try:
         for name, run in cases.items():
             try:
@@ -236,19 +249,20 @@ def _ok(res: Any) -> Any:
     return res
 
 
-@pytest.mark.parametrize("case", ["accelerate_default", "accelerate_presharded"])
+@pytest.mark.parametrize("case", list(ACCELERATE_CASES))
 def test_accelerate_fsdp2_equals_single_process(case: str, runs) -> None:
+    opt_name, presharded, tol = ACCELERATE_CASES[case]
     got = [_ok(r[case]) for r in runs]
-    want = single_process()
+    want = single_process(opt_name)
     start = whole(build_model())
     for n, w in want.items():
         assert not torch.equal(w, start[n]), f"{n} not trained"
         for r in got:
             err = (r["params"][n] - w).abs().max().item()
-            assert err <= 1e-12, f"{n}: max |accelerate − single| = {err:.3g}"
+            assert err <= tol, f"{n}: max |accelerate − single| = {err:.3g}"
     pl = got[0]["placements"]
     assert pl["0.lora_B"] == "(Shard(dim=0),)"
-    assert pl["0.lora_A"] == ("(Shard(dim=1),)" if case.endswith("presharded") else "(Shard(dim=0),)")
+    assert pl["0.lora_A"] == ("(Shard(dim=1),)" if presharded else "(Shard(dim=0),)")
 
 
 def test_trainer_fsdp2_with_geolora_optimizer(runs) -> None:
