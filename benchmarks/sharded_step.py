@@ -12,7 +12,8 @@ step alone. Three layouts per optimizer:
 * ``default``: FSDP2's default ``Shard(0)`` for both, so ``A`` is split along ``r`` and the
   optimizer gathers it (and its gradient) every step.
 
-Reported per step (rank 0): median wall time after a barrier (``--steps`` timed steps after
+AdamS (dense moments, no row-sharded step) runs its ``sharded="gather"`` mode in the sharded
+layouts. Reported per step (rank 0): median wall time after a barrier (``--steps`` timed steps after
 ``--warmup``), bytes all-reduced (the ``r x r`` sums), bytes gathered, the number of
 collectives, and the bytes of all factors (``(m + n) r`` floats per pair). Writes
 ``--out`` (JSON) and prints a Markdown table. Usage::
@@ -40,12 +41,19 @@ import torch.multiprocessing as mp
 from geolora.bench.perf import MINILM_SHAPES
 
 WORLD = 2
-OPTIMIZERS = ("loraplus", "scaledgd", "rpadamw", "lora_rite", "lracs")
+OPTIMIZERS = ("loraplus", "scaledgd", "rpadamw", "lora_rite", "lracs", "adams")
 LAYOUTS = ("replicated", "rows", "default")
 
 
 def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    from geolora.optim import LRACS, LoRAPlus, LoRARite, RiemannianPreconditionedAdamW, ScaledGD
+    from geolora.optim import (
+        LRACS,
+        AdamS,
+        LoRAPlus,
+        LoRARite,
+        RiemannianPreconditionedAdamW,
+        ScaledGD,
+    )
 
     if name == "loraplus":
         return LoRAPlus(groups, lr=1e-4)
@@ -55,6 +63,8 @@ def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
         return RiemannianPreconditionedAdamW(groups, lr=1e-4)
     if name == "lora_rite":
         return LoRARite(groups, lr=1e-4)
+    if name == "adams":  # no row-sharded step (dense moments): the explicit whole-pair gather
+        return AdamS(groups, lr=1e-4, robust_steps=0, sharded="gather")
     return LRACS(groups, lr=1e-4, robust_steps=0)
 
 
