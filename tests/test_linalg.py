@@ -13,6 +13,7 @@ from geolora.linalg import (
     eigvalsh_small,
     lyapunov_sequence,
     polar,
+    polar_overlap,
     qf,
     qr_pos,
     skew,
@@ -77,6 +78,24 @@ def test_polar_is_closest_orthonormal():
     h = p.mT @ a
     assert torch.allclose(h, h.mT, atol=1e-12)
     assert bool((torch.linalg.eigvalsh(h) > 0).all())
+
+
+@pytest.mark.parametrize("r", [1, 8, 32])
+def test_polar_overlap_equals_the_svd_polar_factor(r):
+    """Newton–Schulz on overlaps of frames: nearby frames, a signed permutation (columns that
+    swapped order), unrelated frames (small singular values) and a singular overlap (the SVD
+    fallback) all give :func:`polar`'s factor; the 2-D input too."""
+    gen = torch.Generator().manual_seed(r)
+    u = torch.linalg.qr(torch.randn(6, 50, r, dtype=f64, generator=gen))[0]
+    near = torch.linalg.qr(u + 1e-2 * torch.randn(u.shape, dtype=f64, generator=gen))[0]
+    far = torch.linalg.qr(torch.randn(u.shape, dtype=f64, generator=gen))[0]
+    perm = torch.eye(r, dtype=f64)[torch.randperm(r, generator=gen)]
+    c = torch.cat([u.mT @ near, (u.mT @ near) @ (-perm), u.mT @ far])
+    c[-1, :, 0] = 0.0  # singular: no Newton–Schulz limit, the SVD's factor
+    got, want = polar_overlap(c), polar(c)
+    assert float((got - want).abs().max()) < 1e-13
+    assert float((got.mT @ got - torch.eye(r, dtype=f64)).abs().max()) < 1e-13
+    assert float((polar_overlap(c[0]) - want[0]).abs().max()) < 1e-13
 
 
 def test_solve_sylvester_gram_matches_scipy_100_cases():

@@ -130,6 +130,7 @@ from geolora.linalg import (
     compute_dtype,
     mm_t,
     polar,
+    polar_overlap,
     qr_pos,
     rank_deficient,
     svd_small,
@@ -307,9 +308,8 @@ def _adam_leaves(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Coordinate-wise moments and direction (:meth:`ManifoldPairOptimizer._adam`) on lists of
     tensors: gradient ``g``, stored moments ``w``, ``v`` (not modified); ``average`` maps a list
-    of second-moment-like tensors to their cluster averages. Fields of equal width may be
-    concatenated along the rows by the caller (one pass per operation instead of one per
-    field). Returns new lists ``(d, m, v)``."""
+    of second-moment-like tensors to their cluster averages. Returns new lists
+    ``(d, m, v)``."""
     b1, b2 = group["betas"]
     m = torch._foreach_lerp(g, w, b1)  # β₁ w + (1 − β₁) g
     v = torch._foreach_mul(v, b2)
@@ -361,8 +361,9 @@ def frame_alignment(old: Tensor, new: Tensor) -> Tensor:
 
 def _squared_polar(c: Tensor) -> Tensor:
     """``Q ∘ Q`` for ``Q = polar(c)`` (float64), in ``c``'s dtype: :func:`frame_alignment` from
-    ``c = oldᵀ new`` when it is already known. ``c: (..., r, r)``."""
-    q = polar(c.to(torch.float64))
+    ``c = oldᵀ new`` when it is already known. ``c: (..., r, r)``; Newton–Schulz for the
+    overlap of nearby frames, the SVD where it does not converge (:func:`polar_overlap`)."""
+    q = polar_overlap(c.to(torch.float64))
     return (q * q).to(c.dtype)
 
 
@@ -506,16 +507,10 @@ class FixedRankGeometry(_OwnedPoint):
         """The cluster average of equal singular values (``None``: all distinct)."""
         return _cluster_weights(p.pt.S)
 
-    # Coordinate-wise statistics: ``M`` and ``[Up; Vp]`` (both r wide, rows concatenated: one
-    # pass per operation); the cluster average acts on both sides of M, on the right of the rest.
-    def pack(self, t: FixedRankTangent) -> list[Tensor]:
-        return [t.M, torch.cat([t.Up, t.Vp], dim=-2)]
-
-    def unpack(self, leaves: list[Tensor], p: FixedRankPair) -> FixedRankTangent:
-        return FixedRankTangent(leaves[0], leaves[1][..., : p.m, :], leaves[1][..., p.m :, :])
-
-    def packed_average(self, w: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
-        return lambda ls: [transpose(w) @ ls[0] @ w, mm_t(ls[1], w)]
+    def averaging(self, w: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
+        """The cluster average ``W`` on the leaves ``[M, Up, Vp]`` of a coordinate-wise
+        statistic: ``Wᵀ M W``, ``Up W``, ``Vp W``."""
+        return lambda ls: [transpose(w) @ ls[0] @ w, mm_t(ls[1], w), mm_t(ls[2], w)]
 
     def tangent_type(self) -> type:
         return FixedRankTangent
@@ -616,15 +611,10 @@ class BoundedRankGeometry(_OwnedPoint):
     def cluster_weights(self, p: BoundedRankPair) -> Tensor | None:
         return _cluster_weights(p.s)
 
-    # Coordinate-wise statistics: [K̇; V̇p] (both r wide) concatenated along the rows.
-    def pack(self, t: BoundedRankTangent) -> list[Tensor]:
-        return [torch.cat(list(t), dim=-2)]
-
-    def unpack(self, leaves: list[Tensor], p: BoundedRankPair) -> BoundedRankTangent:
-        return BoundedRankTangent(leaves[0][..., : p.m, :], leaves[0][..., p.m :, :])
-
-    def packed_average(self, w: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
-        return lambda ls: [mm_t(ls[0], w)]
+    def averaging(self, w: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
+        """The cluster average ``W`` on the leaves ``[K̇, V̇p]`` of a coordinate-wise statistic:
+        ``K̇ W``, ``V̇p W``."""
+        return lambda ls: [mm_t(t, w) for t in ls]
 
     def tangent_type(self) -> type:
         return BoundedRankTangent
@@ -815,15 +805,17 @@ class ManifoldAdam:
         cls = self.tangent_type
         if hp["coordinate_wise"]:
             w_avg = geo.cluster_weights(p)
+            # One list of leaves per statistic, the tangent's fields (concatenating fields of
+            # equal width along the rows saved no time: the copies cost more than the calls).
             dl, ml, vl = _adam_leaves(
                 hp,
-                geo.pack(grad),
-                geo.pack(_tangent(state, "exp_avg", cls)),
-                geo.pack(_tangent(state, "exp_avg_sq", cls)),
+                list(grad),
+                list(_tangent(state, "exp_avg", cls)),
+                list(_tangent(state, "exp_avg_sq", cls)),
                 step,
-                None if w_avg is None else geo.packed_average(w_avg),
+                None if w_avg is None else geo.averaging(w_avg),
             )
-            d, m, v = (geo.unpack(t, p) for t in (dl, ml, vl))
+            d, m, v = (cls(*t) for t in (dl, ml, vl))
         else:
             b1, b2 = hp["betas"]
             man = geo.manifold(p, hp) if isinstance(geo, BoundedRankGeometry) else geo.manifold(p)
