@@ -27,12 +27,19 @@ flops:
   the moments, two for the step (``~14 (m + n) r²`` flops in all), and per pair and side two
   ``r × r`` eigenvalue solves and one ``eigh`` in float64 (LAPACK, ~70 µs each at r = 32 here).
 * LRACS: its five power iterations alone (:class:`RACSFloor`) — a lower bound of the step.
+* LoRAM-FR / LoRAM-BR: their retraction alone as the library computes it (:class:`RetractionFloor`:
+  FR two Householder QRs of ``(m or n) x 2r`` blocks, the ``2r x 2r`` float64 SVD, the new
+  frames; BR the QR of ``V + cV̇p``, the R of ``K⁺``, the ``r x r`` float64 SVD), and the whole
+  template arithmetic without the engine (``loram_fr*``, ``loram_br*``: :class:`TemplateFloor`
+  replays the optimizer's ``_update_pairs`` on one step's stacked buffers). Per pair the
+  tall products are ~17 (BR) and ~22 (FR) ``(m or n) x r x r`` products — at ``r = 8`` a
+  ``(24, 384, 8) x (24, 8, 8)`` product takes about as long as one AdamW pass over its factor.
 * Dense: ``ξ`` written once (``2r`` flops per entry), the moments (~8 passes over ``m n``), two
   ``m x n`` by ``r`` products (``4 m n r`` flops).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/floors.py [--rank 8 32] [--rounds 5]
+    OMP_NUM_THREADS=1 python benchmarks/floors.py [--rank 8 32] [--rounds 5] [--only loram_br]
 """
 
 from __future__ import annotations
@@ -229,13 +236,75 @@ class RACSFloor:
             racs_scalings(A, B, self.iters)
 
 
+class _Captured:
+    """The arguments of one step's ``_update_pairs`` calls (one per bucket) of the registry's
+    optimizer ``name``, captured after ``warm`` steps on the MiniLM shapes at rank ``r`` (so
+    that LoRAM is on its manifold)."""
+
+    def __init__(self, name: str, r: int, warm: int = 3) -> None:
+        self.opt = optimizer_factories([name])[name](make_pairs(MINILM_SHAPES, r), 1e-4)
+        for _ in range(warm):
+            self.opt.step()
+        self.calls: list[tuple] = []
+        inner = self.opt._update_pairs
+
+        def spy(group, x, g, work, step):
+            self.calls.append((group, x, g, dict(work), step))
+            return inner(group, x, g, work, step)
+
+        self.opt._update_pairs = spy
+        self.opt.step()
+        self.opt._update_pairs = inner
+
+
+class TemplateFloor(_Captured):
+    """The template's arithmetic without the engine: the optimizer's own ``_update_pairs``
+    replayed on one step's pre-stacked factors, gradients and states (no stacking, finiteness
+    check or write-back). ``library / this`` is the engine's share of the step."""
+
+    def __init__(self, buckets, name: str = "loram_br") -> None:
+        M = buckets[0][0]
+        super().__init__(name, M.shape[-1])
+
+    def step(self):
+        for group, x, g, work, step in self.calls:
+            self.opt._update_pairs(group, x, g, dict(work), step)
+
+
+class RetractionFloor(_Captured):
+    """LoRAM's retraction alone, as the library computes it on pre-stacked buckets (FR: QRs of
+    ``[U Up]``, ``[V Vp]``, the ``2r x 2r`` float64 SVD and the new frames, LoRAM Alg. 3; BR: the
+    Q-factor retraction, the ``r x r`` float64 SVD of the canonical representative, Alg. 7), along
+    the step's direction — a lower bound of the step (no gradient, moments or transport)."""
+
+    def __init__(self, buckets, name: str = "loram_br") -> None:
+        M = buckets[0][0]
+        super().__init__(name, M.shape[-1])
+        geo, self.todo = self.opt.geometry, []
+        for group, x, g, work, step in self.calls:
+            p = geo.point(x, work, group, step)
+            self.todo.append((p, geo.gradient(p, g, group, step), group))
+
+    def step(self):
+        for p, d, group in self.todo:
+            self.opt.geometry.retract(p, d, group)
+
+
 #: Lower bounds (part of the step: not checked against the library): the dense optimizers'
-#: ``O(mnr)`` work and LRACS's power iteration.
+#: ``O(mnr)`` work, LRACS's power iteration, LoRAM's retraction and template arithmetic.
 DENSE_FLOORS: dict[str, Callable] = {
     "lracs": RACSFloor,
     "adams": DenseFloor,
     "adams_lm": lambda b: DenseFloor(b, low_memory=True),
     "lifted_adam": DenseFloor,
+    "loram_fr": lambda b: RetractionFloor(b, "loram_fr"),
+    "loram_br": lambda b: RetractionFloor(b, "loram_br"),
+}
+
+#: The template's arithmetic without the engine (:class:`TemplateFloor`), next to the library.
+TEMPLATE_FLOORS: dict[str, Callable] = {
+    "loram_fr": lambda b: TemplateFloor(b, "loram_fr"),
+    "loram_br": lambda b: TemplateFloor(b, "loram_br"),
 }
 
 PROTOS: dict[str, Callable] = {
@@ -275,16 +344,25 @@ def main() -> None:
     ap.add_argument("--rank", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--only", nargs="+", help="registry names to time (default: all)")
     args = ap.parse_args()
     for name in PROTOS:
+        if args.only and name not in args.only:
+            continue
         err = _check(name)
         if err > 1e-12:
             raise SystemExit(f"{name}: the prototype differs from the library by {err:.2e}")
     print(f"threads {torch.get_num_threads()}; process CPU time, min over rounds of the median")
     print(f"{'optimizer':>10} {'r':>3} {'AdamW ms':>9} {'library':>8} {'proto':>8} "
           f"{'lib/AdamW':>9} {'floor':>6}")
+    rows = [(k, v) for k, v in PROTOS.items()] + list(DENSE_FLOORS.items())
+    rows += [(f"{k}*", v) for k, v in TEMPLATE_FLOORS.items()]
+    only = set(args.only or [])
     for r in args.rank:
-        for name, proto_cls in {**PROTOS, **DENSE_FLOORS}.items():
+        for label, proto_cls in rows:
+            name = label.rstrip("*")
+            if only and name not in only:
+                continue
             base = adamw_factory(torch.device("cpu"))(make_pairs(MINILM_SHAPES, r), 1e-4)
             opt = optimizer_factories([name])[name](make_pairs(MINILM_SHAPES, r), 1e-4)
             proto = proto_cls(_buckets(make_pairs(MINILM_SHAPES, r)))
@@ -295,7 +373,7 @@ def main() -> None:
                 for k, o in (("a", base), ("o", opt), ("p", proto)):
                     t[k].append(statistics.median(_times(o.step, args.steps)))
             a, o, p = (1e3 * min(t[k]) for k in "aop")
-            print(f"{name:>10} {r:>3} {a:9.2f} {o:8.2f} {p:8.2f} {o / a:9.2f} {p / a:6.2f}")
+            print(f"{label:>10} {r:>3} {a:9.2f} {o:8.2f} {p:8.2f} {o / a:9.2f} {p / a:6.2f}")
 
 
 if __name__ == "__main__":
