@@ -58,6 +58,8 @@ from geolora.optim import (
     AdamS,
     LiftedSGD,
     LoRAPlus,
+    LoRAMBoundedRank,
+    LoRAMFixedRank,
     LoRARite,
     RiemannianPreconditionedAdamW,
     ScaledGD,
@@ -81,7 +83,11 @@ TOL64 = 1e-12
 #: the two differ by rounding (~1e-16 relative), which RITE's inverse square root of the
 #: gradient Grams amplifies where an eigenvalue is small (measured: 8.7e-13 on pair 4's A in
 #: rite_default, 3e-14 elsewhere), hence a 10x looser bound for it.
-TOL64_OPT = {"lora_rite": 1e-11}
+#: LoRAM-FR from B = 0: after one robust step ‖X‖ ~ lr and each step moves X by as much, so the
+#: truncated SVD keeps r of 2r singular values with a small gap, and every step amplifies
+#: rounding. One process changing only its QR method (Householder -> CholeskyQR2) moves 5.6e-12;
+#: the sharded run (CholeskyQR2, sums in another order) measured 1.3e-11 (5e-15 from a Gaussian B).
+TOL64_OPT = {"lora_rite": 1e-11, "loram_fr": 1e-10}
 
 OPTIMIZERS: dict[str, Any] = {
     "loraplus": lambda g, **k: LoRAPlus(g, lr=2e-3, robust_steps=1, **k),
@@ -95,6 +101,8 @@ OPTIMIZERS: dict[str, Any] = {
         g, lr=2e-2, momentum=0.9, nesterov=True, robust_steps=1, **k
     ),
     "lracs_precond": lambda g, **k: LRACS(g, lr=1e-2, robust_steps=1, metric="preconditioned", **k),
+    "loram_fr": lambda g, **k: LoRAMFixedRank(g, lr=1e-3, robust_steps=1, **k),
+    "loram_br": lambda g, **k: LoRAMBoundedRank(g, lr=1e-2, **k),
 }
 
 # name -> (optimizer, init, lora_A placement ("rows": dim 1 where possible), replicated pair)
@@ -110,11 +118,16 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "lracs_zero_rows_mixed": ("lracs", "zero", "rows", True),
     "lracs_precond_default": ("lracs_precond", "gaussian", "default", False),
     "lifted_sgd_nesterov_rows": ("lifted_sgd_nesterov", "gaussian", "rows", False),
+    "loram_fr_zero_rows_mixed": ("loram_fr", "zero", "rows", True),
+    "loram_fr_default": ("loram_fr", "gaussian", "default", False),
+    "loram_br_zero_rows_mixed": ("loram_br", "zero", "rows", True),
+    "loram_br_default": ("loram_br", "gaussian", "default", False),
 }
 RUNS: dict[int, list[str]] = {
     4: [
         "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default",
-        "rite_zero_rows_mixed", "lracs_zero_rows_mixed", "gram_qr", "dcp_save", "dcp_save_rite",
+        "rite_zero_rows_mixed", "lracs_zero_rows_mixed", "loram_fr_zero_rows_mixed",
+        "loram_br_zero_rows_mixed", "gram_qr", "dcp_save", "dcp_save_rite",
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
@@ -317,6 +330,8 @@ def _run_refuse(rank: int, world: int) -> dict[str, str]:
         "adams": ("adams", "rows", {}),
         "rows_split": ("rpadamw", "default", {"sharded": "rows"}),
         "rite_pinv": ("lora_rite", "rows", {"pinv": True}),
+        "loram_norm": ("loram_br", "rows", {"coordinate_wise": False}),
+        "loram_prox": ("loram_br", "rows", {"nuclear_mode": "prox"}),
     }.items():
         model = build_model("gaussian")
         replicated = _shard(model, world, placement, False)
@@ -558,6 +573,8 @@ def test_refusals_are_clear(runs) -> None:
     assert msg.startswith("ValueError: RiemannianPreconditionedAdamW(sharded='rows')")
     assert "shard_placement_fn" in msg
     assert res[0]["rite_pinv"].startswith("NotImplementedError: pinv=True on row-sharded factors")
+    assert res[0]["loram_norm"].startswith("NotImplementedError: LoRAM with coordinate_wise=False")
+    assert res[0]["loram_prox"].startswith("NotImplementedError: nuclear_mode='prox' does not run")
     assert res[1] == res[0]
 
 
@@ -616,6 +633,32 @@ def test_lifted_momentum_state_sides(runs) -> None:
     assert st["0.lora_B.momentum_S"] == "Tensor torch.float64 (3, 3)"
 
 
+def test_loram_state_sides_and_reductions(runs) -> None:
+    """LoRAM on row shards: the owned point's frames and the moments of the tall tangent blocks
+    stored with the factors' row placements, ``S`` and the ``M`` moments whole. All-reduces per
+    bucket (pairs 0 and 4): LoRAM-FR 2 per pair to enter (the QRs of ``B``, ``Aᵀ`` together),
+    then per step 1 (``UᵀZV``; 2 at the first) + 2 (CholeskyQR2 of ``[U Up]``, ``[V Vp]``) + 1
+    (transport); LoRAM-BR enters at ``B = 0`` with 4 per pair (the shifted CholeskyQR3 rounds and
+    one for the rank-deficient ``B``'s eigen-decomposition), then per step 1 (``‖K‖`` columns) +
+    1 (``VᵀZ``; 2 at the first) + 5 (QR of ``V + cV̇p``, ``V̇pᵀQ``, QR of ``K⁺``) + 1 (transport)."""
+    fr = _ok(runs[2][0]["loram_fr_zero_rows_mixed"])
+    st = fr["state"]
+    assert st["0.lora_B.U"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    assert st["0.lora_B.V"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
+    assert st["0.lora_B.S"] == "Tensor torch.float64 (3,)"
+    assert st["0.lora_B.exp_avg_M"] == "Tensor torch.float64 (3, 3)"
+    assert st["0.lora_B.exp_avg_sq_Up"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    assert st["0.lora_B.exp_avg_Vp"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
+    assert st["2.lora_B.U"] == "Tensor torch.float64 (12, 3)"  # the replicated pair
+    assert fr["comm"][0] == 2 * 2 + 4 * (STEPS - 1) + 1  # one robust step first
+    br = _ok(runs[2][0]["loram_br_zero_rows_mixed"])
+    st = br["state"]
+    assert st["0.lora_B.K"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    assert st["0.lora_B.exp_avg_sq_K"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    assert st["0.lora_B.exp_avg_Vp"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
+    assert br["comm"][0] == 2 * 4 + 8 * STEPS + 1
+
+
 def test_rite_fp32_sharded_within_rounding(runs) -> None:
     """float32 LoRA-RITE: the sharded frame is CholeskyQR2 in float64, one process uses
     Householder QR in float32, so the factors agree to the float32 rounding that those frames
@@ -649,7 +692,9 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
         assert (R - Rh).abs().max() / Rh.abs().max() < 1e-14, name
 
 
-ROW_SHARDED = {"loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd"}
+ROW_SHARDED = {
+    "loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd", "loram_fr", "loram_br",
+}
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))

@@ -634,7 +634,11 @@ class PairOptimizer(LoRAOptimizer):
         return self.geometry.refactor_update(group, B, A, work, st, label)
 
     def _init_pair_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        state = dict(self.geometry.init_state(group, B, A))
+        geo_init = self.geometry.init_state
+        if self.shard_sum.sharded:  # local rows: the entry's sums over rows through the reducer
+            state = dict(geo_init(group, B, A, reduce=self.shard_sum))
+        else:
+            state = dict(geo_init(group, B, A))
         like = torch.empty((), dtype=compute_dtype(B.dtype), device=B.device)
         init = self.preconditioner.init_state
         kw = {"hp": group} if "hp" in inspect.signature(init).parameters else {}

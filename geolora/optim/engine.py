@@ -781,7 +781,14 @@ def _work_state(
     work.setdefault("robust_step", torch.tensor(0.0))
     if fresh:
         work["pair"] = True
-        init = opt._init_pair_state(group, Bm, Am)
+        if shards is not None and not shards.whole:
+            # the entry of an optimizer that owns a point (a QR or SVD of the whole factors)
+            # takes its sums over rows through the pair's reducer: one round per pair, once
+            opt.shard_sum = shards.row_sum()
+        try:
+            init = opt._init_pair_state(group, Bm, Am)
+        finally:
+            opt.shard_sum = LOCAL
         if shards is None:  # N-side state column-major, like the stacked N (_stack_transposed)
             init = {
                 k: _column_major_2d(v) if opt._state_side(k) == "N" else v for k, v in init.items()

@@ -150,6 +150,7 @@ from geolora.manifolds.types import (
 from geolora.optim.adamw import PendingAdamW
 from geolora.optim.preconditioners.factor import adamw_moments
 from geolora.optim.riemannian import adam_direction
+from geolora.optim.sharding import LOCAL, RowSum, dtensor_gram, gram_qr_blocks, is_dtensor
 from geolora.optim.validation import check_bool, check_choice, check_range
 from geolora.retractions.bounded_rank import (
     canonical_qfactor_retraction,
@@ -208,6 +209,10 @@ def _moments(
     if not coordinate_wise:
         st["exp_avg_sq"] = _zeros(like, 1, 1)
     return st
+
+
+#: The moment prefixes of :class:`ManifoldAdam`'s state keys ``<prefix>_<field>``.
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _tangent(state: dict[str, Tensor], prefix: str, cls: type) -> Any:
@@ -427,15 +432,46 @@ class _OwnedPoint:
         return d  # directions are tangent vectors of the manifold already
 
 
+def row_sharded_svd(B: Tensor, A: Tensor, reduce: RowSum) -> FixedRankPoint:
+    """:meth:`FixedRank.from_factors` (``allow_zero=True``) of ``X = B A`` for factors whose rows
+    are sharded: ``B: (m_local, r)``, ``A: (r, n_local)`` the local parts. The QRs of ``B`` and
+    ``Aᵀ`` from reduced Grams (:func:`~geolora.optim.sharding.gram_qr_blocks`: two rounds for both,
+    one more where a factor is rank deficient), the ``r x r`` SVD of the core ``R_B R_Aᵀ`` in
+    float64 (the same on every rank), ``U = Q_B Ũ``, ``V = Q_A Ṽ`` on the local rows."""
+    cd = compute_dtype(torch.promote_types(B.dtype, A.dtype))
+    (qb, rb), (qa, ra) = gram_qr_blocks([(B.to(cd), "M"), (transpose(A).to(cd), "N")], reduce)
+    uc, s, vch = torch.linalg.svd(rb @ transpose(ra), full_matrices=False)
+    return FixedRankPoint((qb @ uc).to(cd), s.to(cd), (qa @ transpose(vch)).to(cd))
+
+
+def factor_rank_deficient(F: Tensor, rows: int = 0) -> bool:
+    """:func:`~geolora.linalg.rank_deficient` of ``B`` (``rows=0``) or of ``Aᵀ`` (``F = A``,
+    ``rows=1``). A ``DTensor`` factor (FSDP2) is tested from its reduced float64 Gram, whose
+    eigenvalues resolve ``σ_min`` only down to ``√eps σ_max``: there the test is
+    ``σ_min ≤ max(rtol, 1e-7) σ_max`` (the same on every rank)."""
+    if not is_dtensor(F):
+        return rank_deficient(F if rows == 0 else transpose(F))
+    lam = torch.linalg.eigvalsh(dtensor_gram(F, rows)).clamp_min(0)
+    s = lam.sqrt()  # increasing
+    rtol = max(1e-7, 1e-12 if compute_dtype(F.dtype) == torch.float64 else 1e-6)
+    return not (bool(s[-1] > 0) and bool(s[0] > rtol * s[-1]))
+
+
+def _sharded_qr(reduce: RowSum) -> Callable[[list[Tensor]], list[tuple[Tensor, Tensor]]]:
+    """The QR of a retraction's blocks ``[M-side, N-side]`` through ``reduce``."""
+    return lambda blocks: gram_qr_blocks(list(zip(blocks, ("M", "N"))), reduce)
+
+
 class FixedRankPair(NamedTuple):
-    """A stack of pairs on the fixed-rank manifold: the point, the factors ``x`` of this step
-    and the shape."""
+    """A stack of pairs on the fixed-rank manifold: the point, the factors ``x`` of this step,
+    the (global) shape and the row-shard reducer (:data:`~geolora.optim.sharding.LOCAL`: none)."""
 
     pt: FixedRankPoint
     x: FactorPoint
     m: int
     n: int
     r: int
+    reduce: RowSum = LOCAL
 
 
 class FixedRankGeometry(_OwnedPoint):
@@ -450,33 +486,55 @@ class FixedRankGeometry(_OwnedPoint):
 
     ``lr_units="dW"`` measures the step in ``ΔW = s X`` (the retraction goes ``−(lr / s) Ẋ``);
     a group's ``weight_decay`` (if declared) shrinks ``X`` by ``1 − lr λ`` before the step.
+
+    Row-sharded factors (FSDP2): ``U``, ``V`` and the tangent blocks ``Up``, ``Vp`` are stored with
+    the factors' rows, ``S`` and ``M`` whole. The sums over rows go through the point's reducer:
+    the entry's QRs of ``B``, ``Aᵀ``, the projection ``UᵀZV`` (and at the first step ``UᵀM``,
+    ``VᵀN``), the retraction's QRs of ``[U Up]``, ``[V Vp]`` (CholeskyQR2 on reduced Grams,
+    :func:`~geolora.optim.sharding.gram_qr_blocks`) and the transport's ``UpᵀU⁺``, ``VpᵀV⁺``; the
+    ``2r x 2r`` SVD and everything ``r x r`` is computed alike on every rank.
     """
+
+    row_shards = True
+    state_sides: dict[str, str | None] = {"U": "M", "S": None, "V": "N"}
 
     def __init__(self, lr_units: str = "X") -> None:
         check_choice("lr_units", lr_units, ("X", "dW"))
         self.lr_units = lr_units
 
     def entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
-        return "robust" if rank_deficient(B) or rank_deficient(A.T) else "enter"
+        deficient = factor_rank_deficient(B) or factor_rank_deficient(A, 1)
+        return "robust" if deficient else "enter"
 
-    def init_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        m, r = B.shape
-        pt = FixedRank(m, A.shape[1], r).from_factors(B.detach(), A.detach(), allow_zero=True)
+    def init_state(
+        self, group: dict[str, Any], B: Tensor, A: Tensor, reduce: RowSum = LOCAL
+    ) -> dict[str, Tensor]:
+        if reduce.sharded:  # local rows
+            pt = row_sharded_svd(B.detach(), A.detach(), reduce)
+        else:
+            m, r = B.shape
+            pt = FixedRank(m, A.shape[1], r).from_factors(B.detach(), A.detach(), allow_zero=True)
         return {"U": pt.U, "S": pt.S, "V": pt.V}
 
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
         return FactorPoint(state["U"] * state["S"].unsqueeze(-2), state["V"])
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int, reduce: Any = None) -> FixedRankPair:
+    def point(
+        self, x: FactorPoint, state: dict, group: dict, step: int, reduce: RowSum = LOCAL
+    ) -> FixedRankPair:
         pt = FixedRankPoint(state["U"], state["S"], state["V"])
         m, r = pt.U.shape[-2:]
-        return FixedRankPair(pt, x, m, pt.V.shape[-2], r)
+        n = pt.V.shape[-2]
+        return FixedRankPair(pt, x, reduce.rows("M", m), reduce.rows("N", n), r, reduce)
 
     @staticmethod
-    def products(pt: FixedRankPoint, x: FactorPoint, g: FactorTangent, step: int):
+    def products(
+        pt: FixedRankPoint, x: FactorPoint, g: FactorTangent, step: int, reduce: RowSum = LOCAL
+    ):
         """``(∇_X V, ∇_Xᵀ U)`` from autograd's ``(∇_M, ∇_N) = (∇_X N, ∇_Xᵀ M)``."""
         if step == 1:  # (M, N) are the factors the manifold was entered from
-            return right_solve(g.M, transpose(pt.V) @ x.N), right_solve(g.N, transpose(pt.U) @ x.M)
+            (um,), (vn,) = reduce(M=[transpose(pt.U) @ x.M], N=[transpose(pt.V) @ x.N])
+            return right_solve(g.M, vn), right_solve(g.N, um)
         s = pt.S.unsqueeze(-2)
         # ∇_Xᵀ u_i = ∇_N[:, i] / S_i, and 0 where S_i = 0 (finite ∇_N / inf = 0: one pass).
         return g.M, g.N / torch.where(s != 0, s, torch.inf)
@@ -485,9 +543,9 @@ class FixedRankGeometry(_OwnedPoint):
         self, p: FixedRankPair, g: FactorTangent, group: dict, step: int, wants: str = "tangent"
     ) -> FixedRankTangent:
         u, _, v_ = p.pt
-        zv, ztu = self.products(p.pt, p.x, g, step)
+        zv, ztu = self.products(p.pt, p.x, g, step, p.reduce)
         # P_T(Z) from ZV, ZᵀU (Alg. 2): M = UᵀZV, Up = ZV − U M, Vp = ZᵀU − V Mᵀ.
-        mg = transpose(u) @ zv
+        (mg,), _ = p.reduce(M=[transpose(u) @ zv])
         grad = FixedRankTangent(
             mg, addmm_t(zv, u, mg, alpha=-1.0), addmm_t(ztu, v_, transpose(mg), alpha=-1.0)
         )
@@ -524,12 +582,15 @@ class FixedRankGeometry(_OwnedPoint):
         lam = group.get("weight_decay", 0.0)
         pt = p.pt
         base = pt if not lam else FixedRankPoint(pt.U, pt.S * (1.0 - group["lr"] * lam), pt.V)
-        new, cu64, cv64 = retract_with_overlaps(base, d.M, d.Up, d.Vp, -lr)
+        sharded = p.reduce.sharded
+        qr = _sharded_qr(p.reduce) if sharded else None
+        new, cu64, cv64 = retract_with_overlaps(base, d.M, d.Up, d.Vp, -lr, qr)
         dt = pt.U.dtype
         cu, cv = cu64.to(dt), cv64.to(dt)  # UᵀU⁺, VᵀV⁺
+        sums = p.reduce if sharded else None
 
         def vector(t: FixedRankTangent) -> FixedRankTangent:
-            return self.mask(transport_with_overlaps(pt, new, cu, cv, t), p)
+            return self.mask(transport_with_overlaps(pt, new, cu, cv, t, sums), p)
 
         def coordinates(v: FixedRankTangent) -> FixedRankTangent:
             # frame_alignment(U, U⁺), frame_alignment(V, V⁺) from UᵀU⁺, VᵀV⁺
@@ -545,8 +606,8 @@ class FixedRankGeometry(_OwnedPoint):
 
 class BoundedRankPair(NamedTuple):
     """A stack of pairs on the desingularized bounded-rank manifold: the canonical point
-    ``(K, V)``, the factors ``x``, the column norms ``s`` of ``K`` (its singular values) and
-    the shape."""
+    ``(K, V)``, the factors ``x``, the column norms ``s`` of ``K`` (its singular values), the
+    (global) shape and the row-shard reducer."""
 
     pt: BoundedRankPoint
     x: FactorPoint
@@ -554,6 +615,7 @@ class BoundedRankPair(NamedTuple):
     m: int
     n: int
     r: int
+    reduce: RowSum = LOCAL
 
 
 class BoundedRankGeometry(_OwnedPoint):
@@ -567,37 +629,61 @@ class BoundedRankGeometry(_OwnedPoint):
     retraction with the nuclear-norm term (per-group ``nuclear_norm``, ``nuclear_mode``; Alg. 7),
     then the canonical representative; transport by projection (Alg. 8). Entry: a rank-deficient
     ``A`` enters by re-factoring only (no gradient conversion exists); ``K = 0`` is a point.
+
+    Row-sharded factors (FSDP2): ``K``, ``V`` and the moments of ``K̇``, ``V̇p`` are stored with
+    the factors' rows. The sums over rows go through the point's reducer: the entry's QRs, the
+    column norms of ``K``, ``VᵀZ`` of the gradient, the retraction's QRs of ``V + cV̇p`` and
+    ``K⁺`` (CholeskyQR2, :func:`~geolora.optim.sharding.gram_qr_blocks`) with ``V̇pᵀQ``, and the
+    transport's three overlaps; ``nuclear_mode="prox"`` refuses row shards.
     """
 
-    def entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
-        return "refactor" if rank_deficient(A.T) else "enter"
+    row_shards = True
+    state_sides: dict[str, str | None] = {"K": "M", "V": "N"}
 
-    def init_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
-        m, r = B.shape
-        pt = FixedRank(m, A.shape[1], r).from_factors(B.detach(), A.detach(), allow_zero=True)
+    def entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
+        return "refactor" if factor_rank_deficient(A, 1) else "enter"
+
+    def init_state(
+        self, group: dict[str, Any], B: Tensor, A: Tensor, reduce: RowSum = LOCAL
+    ) -> dict[str, Tensor]:
+        if reduce.sharded:  # local rows
+            pt = row_sharded_svd(B.detach(), A.detach(), reduce)
+        else:
+            m, r = B.shape
+            pt = FixedRank(m, A.shape[1], r).from_factors(B.detach(), A.detach(), allow_zero=True)
         return {"K": pt.U * pt.S.unsqueeze(-2), "V": pt.V}
 
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
         return FactorPoint(state["K"], state["V"])
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int, reduce: Any = None) -> BoundedRankPair:
+    def point(
+        self, x: FactorPoint, state: dict, group: dict, step: int, reduce: RowSum = LOCAL
+    ) -> BoundedRankPair:
         pt = BoundedRankPoint(state["K"], state["V"])
         m, r = pt.K.shape[-2:]
-        return BoundedRankPair(pt, x, pt.K.norm(dim=-2), m, pt.V.shape[-2], r)
+        n = pt.V.shape[-2]
+        if reduce.sharded:  # column norms of K from the reduced sums of squares
+            (sq,), _ = reduce(M=[(pt.K * pt.K).sum(dim=-2)])
+            s = sq.sqrt()
+        else:
+            s = pt.K.norm(dim=-2)
+        return BoundedRankPair(pt, x, s, reduce.rows("M", m), reduce.rows("N", n), r, reduce)
 
     def gradient(
         self, p: BoundedRankPair, g: FactorTangent, group: dict, step: int, wants: str = "tangent"
     ) -> BoundedRankTangent:
         k, v_ = p.pt
         if step == 1:  # (M, N) are the factors the manifold was entered from
-            gv, gtk = right_solve(g.M, transpose(v_) @ p.x.N), g.N @ (transpose(p.x.N) @ v_)
+            _, (vn,) = p.reduce(N=[transpose(v_) @ p.x.N])
+            gv, gtk = right_solve(g.M, vn), g.N @ transpose(vn)
         else:
             gv, gtk = g.M, g.N
         # The stored K is canonical, K = U diag(S): its column norms are the singular values and
         # KᵀK = diag(s²), so the metric's (KᵀK + 2αI)⁻¹ is the diagonal 1/(s² + 2α).
         ginv = metric_inverse_diag(p.s.to(torch.float64), group["alpha"], k)
         # Alg. 6: (∇V, (I − VVᵀ) ∇ᵀK (KᵀK + 2αI)⁻¹)
-        vpg = addmm_t(gtk, v_, transpose(v_) @ gtk, alpha=-1.0) * ginv.unsqueeze(-2)
+        _, (vg,) = p.reduce(N=[transpose(v_) @ gtk])
+        vpg = addmm_t(gtk, v_, vg, alpha=-1.0) * ginv.unsqueeze(-2)
         return self.mask(BoundedRankTangent(gv, vpg), p)
 
     @staticmethod
@@ -622,13 +708,16 @@ class BoundedRankGeometry(_OwnedPoint):
     def retract(
         self, p: BoundedRankPair, d: BoundedRankTangent, group: dict[str, Any]
     ) -> tuple[BoundedRankPoint, Transport]:
+        sharded = p.reduce.sharded
+        qr = (lambda F, side: gram_qr_blocks([(F, side)], p.reduce)[0]) if sharded else None
+        sums = p.reduce if sharded else None
         new, sig, a = canonical_qfactor_retraction(
-            p.pt, p.s, d, -group["lr"], group["nuclear_norm"], group["nuclear_mode"]
+            p.pt, p.s, d, -group["lr"], group["nuclear_norm"], group["nuclear_mode"], qr, sums
         )
         alpha = group["alpha"]
 
         def vector(t: BoundedRankTangent) -> BoundedRankTangent:
-            return self.mask(canonical_transport(p.pt, new, sig, a, t, alpha), p)
+            return self.mask(canonical_transport(p.pt, new, sig, a, t, alpha, sums), p)
 
         def coordinates(v: BoundedRankTangent) -> BoundedRankTangent:
             w = _squared_polar(a)  # frame_alignment(V, V⁺) from a = VᵀV⁺
@@ -722,6 +811,7 @@ class Retraction:
     returned."""
 
     functional_state = True
+    row_shards = True  # glue: the geometry's retraction and the preconditioner's transport
     defaults: dict[str, Any] = {}
 
     def apply(self, geometry: Any, p: Any, d: Any, state, group, step, pre) -> FactorPoint:
@@ -754,6 +844,7 @@ class ManifoldAdam:
 
     name = "manifold_adam"
     functional_state = True
+    row_shards = True  # element-wise on the fields (the norm-based variant refuses row shards)
     gauge_rules: dict[str, str] = {}  # the point is owned: the factor gauge never reaches it
 
     def __init__(
@@ -770,6 +861,13 @@ class ManifoldAdam:
     ) -> None:
         self.fields = fields
         self.tangent_type = tangent_type
+        # which factor's rows each moment holds (row-sharded storage), read off the shapes
+        probe = {f: shape(-1, -2, -3)[0] for f, shape in fields.items()}
+        side_of = {-1: "M", -2: "N"}
+        self.state_sides: dict[str, str | None] = {
+            f"{k}_{f}": side_of.get(first) for f, first in probe.items() for k in _MOMENTS
+        }
+        self.state_sides["exp_avg_sq"] = None
         self.defaults: dict[str, Any] = {
             "betas": betas,
             "eps": eps,
@@ -817,6 +915,12 @@ class ManifoldAdam:
             )
             d, m, v = (cls(*t) for t in (dl, ml, vl))
         else:
+            if p.reduce.sharded:
+                raise NotImplementedError(
+                    "LoRAM with coordinate_wise=False (one second moment per pair from the "
+                    "Riemannian norm) does not run on row-sharded factors; use the default "
+                    "coordinate_wise=True, or sharded='gather'"
+                )
             b1, b2 = hp["betas"]
             man = geo.manifold(p, hp) if isinstance(geo, BoundedRankGeometry) else geo.manifold(p)
             d, m, v, _ = adam_direction(

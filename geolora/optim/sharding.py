@@ -59,6 +59,7 @@ __all__ = [
     "dtensor_gram",
     "fsdp2_shard_placement",
     "gram_qr",
+    "gram_qr_blocks",
     "gram_qr_sides",
     "is_dtensor",
     "load_optimizer_state_dcp",
@@ -631,6 +632,49 @@ def gram_qr_sides(
         bad = (info | info2)[..., None, None]
         out.append((torch.where(bad, float("nan"), q), torch.where(bad, float("nan"), r2 @ r1)))
     return out
+
+
+def gram_qr_blocks(
+    blocks: Sequence[tuple[Tensor, str]], row_sum: RowSum
+) -> list[tuple[Tensor, Tensor]]:
+    """Thin ``F = Q R`` of row-sharded tall blocks ``(F, side)`` that may be rank deficient (a
+    retraction's ``[U Up]`` with a zero direction ``Up``, LoRA's ``B = 0``), float64.
+
+    :func:`gram_qr_sides` (CholeskyQR2, ``R`` upper triangular with a positive diagonal, the
+    sign-fixed QR) where it succeeds; a block where it fails (NaN: the reduced Gram is singular)
+    and whose Gram is finite gets, from one more round, the eigen-decomposition ``Σ FᵀF = W Λ
+    Wᵀ``: ``R = Λ^{1/2} Wᵀ`` and ``Q = F W Λ^{-1/2}`` on the eigenvalues above ``r·eps·λ_max``
+    (zero columns elsewhere), so ``Q R = F`` still holds and ``Q`` has orthonormal nonzero
+    columns. ``R`` is then not triangular: callers use only ``F = Q R`` (a core ``R C Rᵀ`` whose
+    SVD follows). Every rank takes the same branch (reduced quantities only)."""
+    out = gram_qr_sides([(F, side, row_sum.rows(side, F.shape[-2])) for F, side in blocks], row_sum)
+    bad = [bool(torch.isnan(r).any()) for _, r in out]
+    if not any(bad):
+        return out
+    wd = torch.float64
+    xs = [F.to(wd) for F, _ in blocks]
+    grams = [transpose(x) @ x for x in xs]
+    got_M, got_N = row_sum(
+        M=[g for g, (_, s) in zip(grams, blocks) if s == "M"],
+        N=[g for g, (_, s) in zip(grams, blocks) if s != "M"],
+    )
+    it_M, it_N = iter(got_M), iter(got_N)
+    grams = [next(it_M) if s == "M" else next(it_N) for _, s in blocks]
+    fixed = []
+    for (q, r), x, g, b in zip(out, xs, grams, bad):
+        if not b or not bool(torch.isfinite(g).all()):
+            fixed.append((q, r))
+            continue
+        lam, w = torch.linalg.eigh(0.5 * (g + transpose(g)))
+        lam = lam.clamp_min(0)
+        keep = lam > g.shape[-1] * torch.finfo(wd).eps * lam.amax(-1, keepdim=True)
+        root = lam.sqrt()
+        inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
+        r_eig = root.unsqueeze(-1) * transpose(w)
+        q_eig = (x @ w) * inv.unsqueeze(-2)
+        nan = torch.isnan(r).flatten(-2).any(-1)[..., None, None]
+        fixed.append((torch.where(nan, q_eig, q), torch.where(nan, r_eig, r)))
+    return fixed
 
 
 # --- FSDP2 placement -----------------------------------------------------------------------------

@@ -11,6 +11,8 @@ leading batch dimensions and costs ``O((m + n) r²)``; none forms an ``m × n`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -262,6 +264,8 @@ def canonical_qfactor_retraction(
     c: float,
     lam: float,
     nuclear_mode: str = "subgradient",
+    qr: Callable[[Tensor, str], tuple[Tensor, Tensor]] | None = None,
+    sums: Callable | None = None,
 ) -> tuple[BoundedRankPoint, Tensor, Tensor]:
     """Q-factor retraction with the nuclear-norm term (LoRAM Alg. 7) along ``c·d``, then the
     canonical representative (:func:`canonical_bounded_rank`), for stacked ``(L, ·, ·)`` operands.
@@ -274,11 +278,27 @@ def canonical_qfactor_retraction(
     R_Qᵀ − c V̇pᵀQ`` from ``V + cV̇p = Q R_Q``: one ``n × r × r`` product for both. Then
     ``K⁺ = Ū S̄ Hᵀ`` (QR of ``K⁺``, SVD of its ``R`` in float64) gives ``(K⁺H, V⁺H)``.
     Returns ``((K⁺H, V⁺H), σ, VᵀV⁺H)`` with ``σ`` (float64) the singular values of ``K⁺``.
+
+    Row-sharded factors: ``qr(F, side)`` gives the float64 QR of a factor's local rows through
+    the shards' reducer and ``sums(M=[...], N=[...])`` reduces ``V̇pᵀq`` (``"prox"`` is not
+    available there: it needs the SVD of the whole ``K⁺``).
     """
     k, v = x
     dk, dvp = d
-    q, rq, dq = _qr_signed(torch.add(v, dvp, alpha=c))  # V⁺ = q diag(dq)
+    if qr is None:
+        q, rq, dq = _qr_signed(torch.add(v, dvp, alpha=c))  # V⁺ = q diag(dq)
+    else:
+        if lam and nuclear_mode != "subgradient":
+            raise NotImplementedError(
+                "nuclear_mode='prox' does not run on row-sharded factors (it soft-thresholds "
+                "the singular values of the whole K⁺); use nuclear_mode='subgradient' or "
+                "sharded='gather'"
+            )
+        q64, rq = qr(torch.add(v, dvp, alpha=c), "N")
+        q, dq = q64.to(v.dtype), torch.ones(rq.shape[:-1], dtype=rq.dtype, device=rq.device)
     e = transpose(dvp) @ q  # V̇pᵀ q
+    if sums is not None:
+        _, (e,) = sums(N=[e])
     vq = transpose(rq) * dq.unsqueeze(-2) - c * e  # Vᵀ q = R₀ᵀ − c V̇pᵀ q  (R₀ = diag(dq) R)
     cq = vq * dq.unsqueeze(-2)  # VᵀV⁺
     a1 = cq + (c * e) * dq.unsqueeze(-2)  # VᵀV⁺ + c V̇pᵀV⁺
@@ -288,7 +308,7 @@ def canonical_qfactor_retraction(
     k_new = addmm_t(mm_t(k, a1), dk, cq, alpha=c)
     if lam and nuclear_mode != "subgradient":
         k_new = singular_value_threshold(k_new, lam)
-    rk = _qr_r(k_new)
+    rk = _qr_r(k_new) if qr is None else qr(k_new, "M")[1]
     _, sig, psi_h = svd_small(rk.to(torch.float64))
     psi64 = transpose(psi_h)
     psi = psi64.to(k.dtype)
@@ -304,6 +324,7 @@ def canonical_transport(
     a: Tensor,
     t: BoundedRankTangent,
     alpha: float,
+    sums: Callable | None = None,
 ) -> BoundedRankTangent:
     """Projection transport (LoRAM Alg. 8,
     :func:`~geolora.retractions.bounded_rank.projection_transport`) of ``t = (K̇, V̇p)`` at ``x``
@@ -314,14 +335,16 @@ def canonical_transport(
     (``T₁ = K̇ᵀK⁺ + 2αB``, ``T₂ = KᵀK⁺ + 2αA``), ``V⁺ᵀY = AᵀT₁ + BᵀT₂``, so
     ``V̇p⁺ = (V T₁ + V̇p T₂ − V⁺(AᵀT₁ + BᵀT₂)) diag(1/(σ² + 2α))``: three ``n × r × r``
     products, the metric inverse (diagonal at the canonical ``K⁺``) folded into the ``r × r``
-    factors.
+    factors. ``sums``: the reducer of ``V̇pᵀV⁺``, ``K̇ᵀK⁺``, ``KᵀK⁺`` for row-sharded factors.
     """
     k, v = x
     kd, vp = t
-    b = transpose(vp) @ y.V
+    b, kdk, kk = transpose(vp) @ y.V, transpose(kd) @ y.K, transpose(k) @ y.K
+    if sums is not None:
+        (kdk, kk), (b,) = sums(M=[kdk, kk], N=[b])
     zv = addmm_t(mm_t(kd, a), k, b)
-    t1 = torch.add(transpose(kd) @ y.K, b, alpha=2.0 * alpha)
-    t2 = torch.add(transpose(k) @ y.K, a, alpha=2.0 * alpha)
+    t1 = torch.add(kdk, b, alpha=2.0 * alpha)
+    t2 = torch.add(kk, a, alpha=2.0 * alpha)
     t3 = torch.baddbmm(transpose(b) @ t2, transpose(a), t1)
     g1 = metric_inverse_diag(sig, alpha, y.K).unsqueeze(-2)
     vp1 = addmm_t(addmm_t(mm_t(v, t1 * g1), vp, t2 * g1), y.V, t3 * g1, alpha=-1.0)

@@ -13,6 +13,7 @@ matrix: everything costs O((m + n) r²) plus ``2r×2r`` work done in float64. Th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -168,7 +169,7 @@ def _qr_r(a: Tensor) -> Tensor:
 
 
 def retract_with_overlaps(
-    x: FixedRankPoint, m: Tensor, up: Tensor, vp: Tensor, c: float
+    x: FixedRankPoint, m: Tensor, up: Tensor, vp: Tensor, c: float, qr: Callable | None = None
 ) -> tuple[FixedRankPoint, Tensor, Tensor]:
     """The truncated-SVD retraction (LoRAM Alg. 3) along
     ``Ẋ = c (U M Vᵀ + Up Vᵀ + U Vpᵀ)`` for stacked ``(L, ·, ·)`` operands, with few passes
@@ -182,11 +183,19 @@ def retract_with_overlaps(
     into ``Ũ``, ``Ṽ``). Cost: two QRs of ``(m or n) × 2r``, two ``(m or n) × 2r × r`` products.
     Also returns ``C_U = UᵀU⁺ = R_U1ᵀŨ``, ``C_V = VᵀV⁺ = R_V1ᵀṼ`` (float64, from ``U = Q_U R_U1``:
     no product of the tall factors).
+
+    ``qr``: for factors whose rows are sharded, a function giving ``[(Q_U, R_U), (Q_V, R_V)]``
+    (float64, ``Q R`` the block) for the blocks ``[[U Up], [V Vp]]`` through the shards'
+    reducer (:func:`geolora.optim.sharding.gram_qr_blocks`); default the Householder QRs here.
     """
     u, s, v = x
     r = s.shape[-1]
-    qu, ru, du = _qr_signed(cat_columns(u, up), implicit=True)
-    qv, rv, dv = _qr_signed(cat_columns(v, vp), implicit=True)
+    if qr is None:
+        qu, ru, du = _qr_signed(cat_columns(u, up), implicit=True)
+        qv, rv, dv = _qr_signed(cat_columns(v, vp), implicit=True)
+    else:
+        (qu, ru), (qv, rv) = qr([cat_columns(u, up), cat_columns(v, vp)])
+        du = dv = None
     wd = torch.float64
     ru, rv = ru.to(wd), rv.to(wd)
     top = torch.diag_embed(s.to(wd)) + c * m.to(wd)
@@ -199,8 +208,11 @@ def retract_with_overlaps(
     )
     a, sig, bh = svd_small(core, full_matrices=False)
     a, b = a[..., :r], transpose(bh[..., :r, :])
-    u_new = _q_times(qu, (du.unsqueeze(-1) * a).to(u.dtype))
-    v_new = _q_times(qv, (dv.unsqueeze(-1) * b).to(v.dtype))
+    if du is None or dv is None:  # explicit Q with a positive diagonal of R (float64)
+        u_new, v_new = (qu @ a).to(u.dtype), (qv @ b).to(v.dtype)
+    else:
+        u_new = _q_times(qu, (du.unsqueeze(-1) * a).to(u.dtype))
+        v_new = _q_times(qv, (dv.unsqueeze(-1) * b).to(v.dtype))
     # UᵀU⁺ = R_U1ᵀ Ũ and VᵀV⁺ = R_V1ᵀ Ṽ (U = Q_U R_U1, Q_UᵀQ_U = I): r × r, float64.
     cu = transpose(ru1) @ a
     cv = transpose(rv1) @ b
@@ -208,7 +220,12 @@ def retract_with_overlaps(
 
 
 def transport_with_overlaps(
-    x: FixedRankPoint, y: FixedRankPoint, cu: Tensor, cv: Tensor, t: FixedRankTangent
+    x: FixedRankPoint,
+    y: FixedRankPoint,
+    cu: Tensor,
+    cv: Tensor,
+    t: FixedRankTangent,
+    sums: Callable | None = None,
 ) -> FixedRankTangent:
     """Projection transport ``P_{T_Y}(Ẋ)`` (LoRAM Alg. 4) of
     ``t = (M, Up, Vp)`` at ``x``, given ``C_U = UᵀU_Y``, ``C_V = VᵀV_Y`` (stacked
@@ -218,11 +235,14 @@ def transport_with_overlaps(
     ``ẊᵀU_Y = V F + Vp C_U`` (``F = Mᵀ C_U + D_U``), ``M_Y = U_YᵀẊV_Y = C_Uᵀ E + D_Uᵀ C_V``,
     ``Up_Y = ẊV_Y − U_Y M_Y``, ``Vp_Y = ẊᵀU_Y − V_Y M_Yᵀ``: the same vector as
     :func:`~geolora.retractions.fixed_rank.fixed_rank_transport` with ``M_Y`` from ``r × r``
-    products (no orthogonality of ``Up``, ``Vp`` to ``U``, ``V`` assumed).
+    products (no orthogonality of ``Up``, ``Vp`` to ``U``, ``V`` assumed). ``sums``: for
+    row-sharded factors, the reducer ``sums(M=[D_U], N=[D_V])`` of the two overlaps.
     """
     mt, upt, vpt = t
     du = transpose(upt) @ y.U
     dv = transpose(vpt) @ y.V
+    if sums is not None:
+        (du,), (dv,) = sums(M=[du], N=[dv])
     e = torch.baddbmm(dv, mt, cv)
     f = torch.baddbmm(du, transpose(mt), cu)
     m_y = torch.baddbmm(transpose(du) @ cv, transpose(cu), e)
