@@ -10,7 +10,9 @@ process here.
   summation order of the batch mean and of the r×r Grams). Covers the robust start from
   ``B = 0``, a pair left out of sharding next to sharded ones, every row-shardable optimizer
   (LoRA+, ScaledGD with momentum, RPAdamW, LoRA-RITE — 1e-11 for RITE, see ``TOL64_OPT`` —,
-  LRACS under the balanced and the preconditioned metric, LiftedSGD with Nesterov momentum),
+  LRACS under the balanced and the preconditioned metric, LiftedSGD with Nesterov momentum,
+  StiefelLoRA with each retraction, coordinate-wise, from ``B = 0`` and from a rank-deficient
+  ``B``),
   the whole-pair gather of an optimizer without a
   row-sharded step (AdamS, ``sharded="gather"``), and the optimizer state stored as
   ``DTensor`` s with the factors' placements.
@@ -27,7 +29,7 @@ process here.
   every rank (``"skip"``).
 * Refusals name the optimizer; ``sharded="rows"`` refuses a rank-split ``lora_A``.
 * ``torch.distributed.checkpoint``: saved after 5 steps on 4 processes, resumed on 2, 5 more
-  steps == 10 steps of one process (RPAdamW and LoRA-RITE).
+  steps == 10 steps of one process (RPAdamW, LoRA-RITE and StiefelLoRA from ``B = 0``).
 * LoRA-RITE in float32: within 1e-6 relative of one process (its frames come from another QR
   algorithm, so not bitwise).
 """
@@ -57,12 +59,13 @@ from geolora.optim import (
     LRACS,
     AdamS,
     LiftedSGD,
-    LoRAPlus,
     LoRAMBoundedRank,
     LoRAMFixedRank,
+    LoRAPlus,
     LoRARite,
     RiemannianPreconditionedAdamW,
     ScaledGD,
+    StiefelLoRA,
 )
 from geolora.optim.groups import lora_param_groups
 
@@ -103,6 +106,11 @@ OPTIMIZERS: dict[str, Any] = {
     "lracs_precond": lambda g, **k: LRACS(g, lr=1e-2, robust_steps=1, metric="preconditioned", **k),
     "loram_fr": lambda g, **k: LoRAMFixedRank(g, lr=1e-3, robust_steps=1, **k),
     "loram_br": lambda g, **k: LoRAMBoundedRank(g, lr=1e-2, **k),
+    # (no robust start: B = 0 enters St(m, r) by a re-factoring step, the default)
+    "stiefel_lora": lambda g, **k: StiefelLoRA(g, lr=1e-2, **k),
+    "stiefel_polar": lambda g, **k: StiefelLoRA(g, lr=1e-2, retraction="polar", **k),
+    "stiefel_cw": lambda g, **k: StiefelLoRA(g, lr=1e-2, coordinate_wise=True, **k),
+    "stiefel_cayley": lambda g, **k: StiefelLoRA(g, lr=1e-2, retraction="cayley", **k),
 }
 
 # name -> (optimizer, init, lora_A placement ("rows": dim 1 where possible), replicated pair)
@@ -122,16 +130,23 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "loram_fr_default": ("loram_fr", "gaussian", "default", False),
     "loram_br_zero_rows_mixed": ("loram_br", "zero", "rows", True),
     "loram_br_default": ("loram_br", "gaussian", "default", False),
+    "stiefel_rows_mixed": ("stiefel_lora", "gaussian", "rows", True),
+    "stiefel_zero_rows": ("stiefel_lora", "zero", "rows", False),
+    "stiefel_polar_default": ("stiefel_polar", "gaussian", "default", False),
+    "stiefel_cw_zero_rows_mixed": ("stiefel_cw", "zero", "rows", True),
+    "stiefel_cayley_rows": ("stiefel_cayley", "gaussian", "rows", False),
 }
 RUNS: dict[int, list[str]] = {
     4: [
         "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default",
         "rite_zero_rows_mixed", "lracs_zero_rows_mixed", "loram_fr_zero_rows_mixed",
-        "loram_br_zero_rows_mixed", "gram_qr", "dcp_save", "dcp_save_rite",
+        "loram_br_zero_rows_mixed", "stiefel_rows_mixed", "stiefel_zero_rows",
+        "stiefel_polar_default", "stiefel_cayley_rows", "gram_qr", "dcp_save", "dcp_save_rite",
+        "dcp_save_stiefel",
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
-        "dcp_resume", "dcp_resume_rite",
+        "dcp_resume", "dcp_resume_rite", "dcp_resume_stiefel", "stiefel_deficient", "stiefel_nan",
     ],
 }
 
@@ -270,11 +285,14 @@ def closed_form_run(
     opt_name: str = "rpadamw",
     factory: Any = None,
     steps: int = STEPS,
+    prepare: Any = None,
 ) -> dict:
     """``STEPS`` steps of the two bare pairs with the closed-form gradients (sharded with
     ``lora_A`` along dim 1 when ``world > 1``); ``factory(groups)`` builds the optimizer
-    (default: ``OPTIMIZERS[opt_name]``)."""
+    (default: ``OPTIMIZERS[opt_name]``), ``prepare(module)`` changes the pairs before."""
     mod = _Pairs(dtype)
+    if prepare is not None:
+        prepare(mod)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -290,6 +308,25 @@ def closed_form_run(
         opt.step()
     return {"params": {n: _whole(p).clone() for n, p in mod.named_parameters()},
             "state": _describe_state(opt, mod)}
+
+
+def _repeat_column(mod: _Pairs) -> None:
+    with torch.no_grad():
+        mod.B0[:, 2] = mod.B0[:, 0]  # nonzero, rank 2 < r
+
+
+def stiefel_deficient_run(world: int = 1) -> dict:
+    """StiefelLoRA from a nonzero rank-deficient ``B`` (pair0). On row shards it takes AdamW
+    robust steps until its reduced Gram says full rank, then enters: one process given
+    ``robust_steps=1`` for that pair does the same (one process's default re-factors it with
+    Householder QR instead)."""
+
+    def factory(groups: list[dict]) -> StiefelLoRA:
+        if world == 1:
+            groups[0]["robust_steps"] = 1
+        return StiefelLoRA(groups, lr=1e-2)
+
+    return closed_form_run(torch.float64, world, factory=factory, steps=4, prepare=_repeat_column)
 
 
 def _run_nan(kind: str, rank: int, world: int) -> dict[str, Any]:
@@ -321,6 +358,38 @@ def _run_nan(kind: str, rank: int, world: int) -> dict[str, Any]:
         after = {n: _whole(p).clone() for n, p in mod.named_parameters()}
         out[f"{mode}_changed"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
         out[f"{mode}_skips"] = int(opt.state[B0].get("nonfinite_skips", 0))
+    return out
+
+
+def _run_stiefel_nan(rank: int, world: int) -> dict[str, Any]:
+    """StiefelLoRA with each retraction: two clean steps, then a NaN in rank 1's shard of
+    ``pair0``'s ``exp_avg_B`` (only that rank's local sums are NaN before the reductions), in
+    ``raise`` and ``skip`` mode: ``(outcome, parameters changed by that step)``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    out: dict[str, Any] = {}
+    for retraction in ("qr", "polar", "cayley"):
+        for mode in ("raise", "skip"):
+            mod = _Pairs(torch.float64)
+            fully_shard(mod, mesh=init_device_mesh("cpu", (world,)),
+                        shard_placement_fn=lambda p: Shard(1) if p.shape[0] == 3 else None)
+            opt = StiefelLoRA(mod.groups(), lr=1e-2, nonfinite=mode, retraction=retraction)
+            for _ in range(2):
+                _set_closed_form_grads(mod)
+                opt.step()
+            before = {n: _whole(p).clone() for n, p in mod.named_parameters()}
+            _set_closed_form_grads(mod)
+            if rank == 1:
+                opt.state[mod.get_parameter("B0")]["exp_avg_B"]._local_tensor[0, 0] = float("nan")
+            try:
+                opt.step()
+                got = "stepped"
+            except FloatingPointError:
+                got = "FloatingPointError"
+            changed = [n for n, p in mod.named_parameters() if not torch.equal(_whole(p), before[n])]
+            out[f"{retraction}:{mode}"] = (got, sorted(changed))
     return out
 
 
@@ -393,7 +462,7 @@ def _run_zoo(rank: int, world: int) -> dict[str, Any]:
 
 DCP_OPT, DCP_INIT = "rpadamw", "zero"
 #: checkpoint case suffix -> optimizer (LoRA-RITE: factor-row state basis_U/V, r×r state whole)
-DCP_CASES = {"": DCP_OPT, "_rite": "lora_rite"}
+DCP_CASES = {"": DCP_OPT, "_rite": "lora_rite", "_stiefel": "stiefel_lora"}
 
 
 def _run_dcp(stage: str, rank: int, world: int, ckpt: str, opt_name: str = DCP_OPT) -> dict[str, Any]:
@@ -444,6 +513,10 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_gram_qr(rank, world)
                 elif name == "zoo":
                     results[name] = _run_zoo(rank, world)
+                elif name == "stiefel_deficient":
+                    results[name] = stiefel_deficient_run(world)
+                elif name == "stiefel_nan":
+                    results[name] = _run_stiefel_nan(rank, world)
                 else:
                     stage, _, case = name[4:].partition("_")
                     case = f"_{case}" if case else ""
@@ -564,6 +637,14 @@ def test_nonfinite_on_one_rank_stops_every_rank(kind: str, runs) -> None:
     assert "pair0" in res[0]["raise"] and "pair0" in res[1]["raise"]
 
 
+def test_stiefel_nonfinite_on_one_rank_stops_every_rank(runs) -> None:
+    res = [_ok(r["stiefel_nan"]) for r in runs[2]]
+    assert res[1] == res[0]
+    for retraction in ("qr", "polar", "cayley"):
+        assert res[0][f"{retraction}:raise"] == ("FloatingPointError", [])  # nothing written
+        assert res[0][f"{retraction}:skip"] == ("stepped", ["A1", "B1"])  # pair0 skipped
+
+
 def test_refusals_are_clear(runs) -> None:
     res = [_ok(r["refuse"]) for r in runs[2]]
     msg = res[0]["adams"]
@@ -581,9 +662,13 @@ def test_refusals_are_clear(runs) -> None:
 @pytest.mark.parametrize("case", list(DCP_CASES), ids=[DCP_CASES[c] for c in DCP_CASES])
 def test_dcp_save_on_4_resume_on_2(case: str, runs) -> None:
     saved = _ok(runs[4][0][f"dcp_save{case}"])["state"]
-    assert saved["0.lora_B.exp_avg_M"].startswith("DTensor(Shard(dim=0),)")
+    first = "exp_avg_B" if case == "_stiefel" else "exp_avg_M"
+    assert saved[f"0.lora_B.{first}"].startswith("DTensor(Shard(dim=0),)")
     got = _ok(runs[2][0][f"dcp_resume{case}"])
-    assert got["state"]["0.lora_B.exp_avg_M"].startswith("DTensor(Shard(dim=0),)")
+    assert got["state"][f"0.lora_B.{first}"].startswith("DTensor(Shard(dim=0),)")
+    if case == "_stiefel":  # the owned point holds factor rows, the norm-based v_B is whole
+        assert got["state"]["0.lora_B.B"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+        assert got["state"]["0.lora_B.exp_avg_sq_B"] == "Tensor torch.float64 (1, 1)"
     if case == "_rite":  # the bases are factor rows, the r×r statistics whole on every rank
         assert got["state"]["0.lora_B.basis_V"].startswith("DTensor(Shard(dim=0),)")
         assert got["state"]["0.lora_B.exp_avg_sq_N"] == "Tensor torch.float64 (3, 3)"
@@ -659,6 +744,42 @@ def test_loram_state_sides_and_reductions(runs) -> None:
     assert br["comm"][0] == 2 * 4 + 8 * STEPS + 1
 
 
+def test_stiefel_state_sides_and_reductions(runs) -> None:
+    """StiefelLoRA on row shards: the point (``B`` on St(m, r), ``N = (R A)ᵀ``) and the first
+    moments stored with the factors' row placements, the norm-based second moment of ``B`` one
+    number per pair (whole), the coordinate-wise one with ``B``'s rows. All-reduces: entry per
+    sharded pair, 1 (``B = 0``: a max over the ranks) or 3 (that max and CholeskyQR2's two
+    Grams); per bucket and step ``Bᵀ∇`` (1; step 1 also ``R = QᵀM``: 2), ``‖g_B‖²`` (1, norm-based
+    only), the QR retraction's Grams (2) and the transport's ``B⁺ᵀm`` (1)."""
+    res = _ok(runs[2][0]["stiefel_rows_mixed"])
+    st = res["state"]
+    assert st["0.lora_B.B"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    assert st["0.lora_B.N"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
+    assert st["0.lora_B.exp_avg_B"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    for key in ("exp_avg_A", "exp_avg_sq_A"):
+        assert st[f"0.lora_B.{key}"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
+    assert st["0.lora_B.exp_avg_sq_B"] == "Tensor torch.float64 (1, 1)"
+    assert st["2.lora_B.B"] == "Tensor torch.float64 (12, 3)"  # the replicated pair
+    # Gaussian init: 2 sharded pairs enter (3 each), then one bucket: 6 + 5 · 9
+    assert res["comm"] == (2 * 3 + 6 + 5 * (STEPS - 1), 0)
+    res = _ok(runs[2][0]["stiefel_cw_zero_rows_mixed"])
+    assert res["state"]["0.lora_B.exp_avg_sq_B"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    # B = 0: a re-factoring step (1 each), then 9 coordinate-wise steps: 5 + 4 · 8
+    assert res["comm"] == (2 * 1 + 5 + 4 * (STEPS - 2), 0)
+
+
+def test_stiefel_rank_deficient_b_takes_robust_steps_on_shards(runs) -> None:
+    got = [_ok(r["stiefel_deficient"]) for r in runs[2]]
+    want = stiefel_deficient_run()["params"]
+    for n, w in want.items():
+        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
+        err = (got[0]["params"][n] - w).abs().max().item()
+        assert err <= TOL64, f"{n}: max |sharded − single (robust_steps=1)| = {err:.3g}"
+    st = got[0]["state"]
+    assert st["B0.B"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"  # entered afterwards
+    assert not any("robust_exp_avg" in k for k in st)
+
+
 def test_rite_fp32_sharded_within_rounding(runs) -> None:
     """float32 LoRA-RITE: the sharded frame is CholeskyQR2 in float64, one process uses
     Householder QR in float32, so the factors agree to the float32 rounding that those frames
@@ -694,6 +815,7 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
 
 ROW_SHARDED = {
     "loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd", "loram_fr", "loram_br",
+    "stiefel_lora",
 }
 
 

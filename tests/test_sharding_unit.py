@@ -1,6 +1,8 @@
 """Single-process checks of :mod:`geolora.optim.sharding` (the multi-process behaviour is in
 tests/test_sharded.py): the Gram-based QR against Householder QR in float64, its shifted
-fallback, the identity reducer, the ``sharded`` option and the FSDP2 placement function."""
+fallback, the Gram-based polar factor and the row-sharded Stiefel manifold against their
+single-process forms, the identity reducer, the ``sharded`` option and the FSDP2 placement
+function."""
 
 from __future__ import annotations
 
@@ -8,14 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from geolora.linalg import qr_pos
+from geolora.linalg import polar, qr_pos
 from geolora.lora import inject_lora
+from geolora.manifolds.stiefel import Stiefel
 from geolora.optim import AdamS, ScaledGD
 from geolora.optim.groups import lora_param_groups
+from geolora.optim.manifold_pair import RowShardedStiefel
 from geolora.optim.sharding import (
     LOCAL,
     RowSum,
     fsdp2_shard_placement,
+    gram_polar,
     gram_qr,
     gram_sqrt,
     pair_shards,
@@ -66,6 +71,38 @@ def test_gram_sqrt_gives_singular_values_of_the_product() -> None:
     M, N = _matrix(30, 4, 1e3, 1), _matrix(20, 4, 1e2, 2)
     s = torch.linalg.svdvals(gram_sqrt(M.mT @ M) @ gram_sqrt(N.mT @ N).mT)
     assert (s - torch.linalg.svdvals(M @ N.mT)[..., :4]).abs().max() < 1e-12
+
+
+def _stiefel_point_and_tangent(m: int = 17, r: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    man = Stiefel(m, r)
+    g = torch.Generator().manual_seed(5)
+    X = man.random_point(2, generator=g)
+    U = man.proj(X, 0.3 * torch.randn(2, m, r, generator=g, dtype=torch.float64))
+    return X, U
+
+
+def test_gram_polar_equals_svd_polar() -> None:
+    X, U = _stiefel_point_and_tangent()
+    P = gram_polar(X + U, LOCAL)
+    assert (P - polar(X + U)).abs().max() < 1e-14
+    assert (P.mT @ P - torch.eye(4, dtype=P.dtype)).abs().max() < 1e-14
+
+
+def test_row_sharded_stiefel_with_the_identity_reducer_is_stiefel() -> None:
+    """One shard holding every row: the same projection and norm; the QR, polar and Cayley
+    retractions from reduced ``r x r`` quantities within rounding of Householder QR, the SVD and
+    the dense ``m x m`` Cayley solve."""
+    X, U = _stiefel_point_and_tangent()
+    Z = torch.randn_like(X)
+    for name in ("qr", "polar", "cayley"):
+        one, rows = Stiefel(17, 4, retraction=name), RowShardedStiefel(17, 4, name, RowSum())
+        assert torch.equal(rows.proj(X, Z), one.proj(X, Z))
+        assert torch.equal(rows.inner(X, U), one.inner(X, U))
+        assert (rows.retr(X, U) - one.retr(X, U)).abs().max() < 1e-14
+        assert (rows.transp(X, rows.retr(X, U), U) - one.transp(X, one.retr(X, U), U)).abs().max() < 1e-14
+    with pytest.raises(ValueError, match="retraction"):
+        RowShardedStiefel(17, 4, "exp", RowSum())
+    assert RowSum().local_rows("M", X) is X  # nothing sharded: the whole tensor
 
 
 def test_local_row_sum_is_identity() -> None:

@@ -301,11 +301,12 @@ class LoRAOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             f"own a manifold point"
         )
 
-    def _state_side(self, key: str) -> str | None:
+    def _state_side(self, key: str, group: dict[str, Any] | None = None) -> str | None:
         """Which factor's rows a pair state tensor ``key`` holds along dim 0: ``"M"`` (``m``
         rows, like ``B``), ``"N"`` (``n`` rows, like ``Aᵀ``) or ``None`` (anything else: ``r x
         r`` statistics, scalars). Decides how the state of sharded factors is stored (a
-        ``DTensor`` with the factor's placements for ``"M"``/``"N"``). Default: keys ending in
+        ``DTensor`` with the factor's placements for ``"M"``/``"N"``). ``group``: the pair's
+        param group (for a side that depends on a hyperparameter). Default: keys ending in
         ``_M`` / ``_N``; override for other names."""
         if key.endswith("_M"):
             return "M"
@@ -612,14 +613,16 @@ class PairOptimizer(LoRAOptimizer):
             return False
         return all(bool(getattr(p, "row_shards", False)) for p in parts)
 
-    def _state_side(self, key: str) -> str | None:
-        """A part's ``state_sides`` (``key -> "M" | "N" | None``) where it declares one for
+    def _state_side(self, key: str, group: dict[str, Any] | None = None) -> str | None:
+        """A part's ``state_sides`` (``key -> "M" | "N" | None``, or a callable ``group ->
+        side`` for a key whose shape depends on a hyperparameter) where it declares one for
         ``key``, else the suffix rule of :meth:`LoRAOptimizer._state_side`."""
         for part in self._parts():
             sides = getattr(part, "state_sides", None)
             if sides is not None and key in sides:
-                return sides[key]
-        return super()._state_side(key)
+                side = sides[key]
+                return side(group or {}) if callable(side) else side
+        return super()._state_side(key, group)
 
     def requires_full_rank(self, group: dict[str, Any]) -> bool:
         return bool(self.geometry.requires_full_rank(group))
@@ -635,7 +638,8 @@ class PairOptimizer(LoRAOptimizer):
 
     def _init_pair_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
         geo_init = self.geometry.init_state
-        if self.shard_sum.sharded:  # local rows: the entry's sums over rows through the reducer
+        # local rows: a geometry whose entry sums over rows takes the reducer (``reduce=``)
+        if self.shard_sum.sharded and "reduce" in inspect.signature(geo_init).parameters:
             state = dict(geo_init(group, B, A, reduce=self.shard_sum))
         else:
             state = dict(geo_init(group, B, A))

@@ -94,7 +94,7 @@ class _Item:
         return self.shards.local_factors()
 
     def side(self, opt: Any, key: str) -> str | None:
-        return None if self.shards is None else opt._state_side(key)
+        return None if self.shards is None else opt._state_side(key, self.group)
 
 
 @dataclass
@@ -336,12 +336,7 @@ class StepEngine:
             if shards is not None and not shards.whole:  # local rows, gathered other sides
                 Bm, Am = shards.math_factors()
             work = _work_state(opt, group, Bm, Am, st, staged, shards)
-            if kind == "refactor":
-                if shards is not None and not shards.whole:
-                    raise NotImplementedError(
-                        f"{type(opt).__name__}: the manifold entry ('refactor') of {label!r} "
-                        f"does not run on row-sharded factors; use sharded='gather'"
-                    )
+            if kind == "refactor":  # (row-sharded: the local rows of the point, its state)
                 q = opt._refactor_update(group, Bm, Am, work, st, label)
                 singles.append(q if shards is None else shards.retarget(q, Bm, Am))
                 reusable = False
@@ -635,7 +630,7 @@ class StepEngine:
                 stacked[k] = entry[0]
                 hits.add(k)
             elif b.shards is not None:  # stored DTensors (or whole tensors): the local parts
-                side = self.opt._state_side(k)
+                side = self.opt._state_side(k, b.items[0].group)
                 stacked[k] = _stack_like(
                     [it.shards.local_state(side, it.state[k]) for it in b.items]
                 )
@@ -724,7 +719,7 @@ class StepEngine:
             owners.add(id(v))
             views = v.unbind(0)
             if shards is not None and not shards.whole:  # row-sharded sides: DTensors
-                side = self.opt._state_side(k) if k not in SCALAR_KEYS else None
+                side = self.opt._state_side(k, b.items[0].group) if k not in SCALAR_KEYS else None
                 views = tuple(it.shards.wrap_state(side, t, k) for it, t in zip(b.items, views))
             for st, view in zip(states, views):
                 st[k] = view
@@ -781,7 +776,8 @@ def _work_state(
     work.setdefault("robust_step", torch.tensor(0.0))
     if fresh:
         work["pair"] = True
-        if shards is not None and not shards.whole:
+        rows = shards is not None and not shards.whole
+        if rows:
             # the entry of an optimizer that owns a point (a QR or SVD of the whole factors)
             # takes its sums over rows through the pair's reducer: one round per pair, once
             opt.shard_sum = shards.row_sum()
@@ -791,11 +787,12 @@ def _work_state(
             opt.shard_sum = LOCAL
         if shards is None:  # N-side state column-major, like the stacked N (_stack_transposed)
             init = {
-                k: _column_major_2d(v) if opt._state_side(k) == "N" else v for k, v in init.items()
+                k: _column_major_2d(v) if opt._state_side(k, group) == "N" else v
+                for k, v in init.items()
             }
-        if shards is not None and not shards.whole:
+        if rows:
             init = {
-                k: shards.wrap_state(opt._state_side(k), v, k) if isinstance(v, Tensor) else v
+                k: shards.wrap_state(opt._state_side(k, group), v, k) if isinstance(v, Tensor) else v
                 for k, v in init.items()
             }
         work.update(init)

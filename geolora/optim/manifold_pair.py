@@ -134,6 +134,7 @@ from geolora.linalg import (
     qr_pos,
     rank_deficient,
     svd_small,
+    sym,
     transpose,
 )
 from geolora.manifolds.bounded_rank import BoundedRank
@@ -150,7 +151,16 @@ from geolora.manifolds.types import (
 from geolora.optim.adamw import PendingAdamW
 from geolora.optim.preconditioners.factor import adamw_moments
 from geolora.optim.riemannian import adam_direction
-from geolora.optim.sharding import LOCAL, RowSum, dtensor_gram, gram_qr_blocks, is_dtensor
+from geolora.optim.sharding import (
+    LOCAL,
+    RowSum,
+    dtensor_gram,
+    gram_polar,
+    gram_qr,
+    gram_qr_blocks,
+    is_dtensor,
+    local_tensor,
+)
 from geolora.optim.validation import check_bool, check_choice, check_range
 from geolora.retractions.bounded_rank import (
     canonical_qfactor_retraction,
@@ -172,6 +182,7 @@ __all__ = [
     "FixedRankGeometry",
     "ManifoldAdam",
     "Retraction",
+    "RowShardedStiefel",
     "SpectralMomentum",
     "StiefelAdam",
     "StiefelGeometry",
@@ -425,8 +436,11 @@ class _OwnedPoint:
         self, group: dict, B: Tensor, A: Tensor, work: dict, st: dict, label: str
     ) -> PendingAdamW:
         """Enter the manifold without an update: the point's factors (same ``X``) are written to
-        ``B``, ``A`` and its state stored, when the step is committed."""
-        return PendingAdamW.pair_write(group, label, B, A, self.point_factors(work), st, work)
+        ``B``, ``A`` and its state stored, when the step is committed (row-sharded factors: the
+        point's local rows into the local shards ``B``, ``A``)."""
+        pt = self.point_factors(work)
+        new = FactorPoint(local_tensor(pt.M), local_tensor(pt.N))
+        return PendingAdamW.pair_write(group, label, B, A, new, st, work)
 
     def project(self, p: Any, d: Any) -> Any:
         return d  # directions are tangent vectors of the manifold already
@@ -437,9 +451,17 @@ def row_sharded_svd(B: Tensor, A: Tensor, reduce: RowSum) -> FixedRankPoint:
     are sharded: ``B: (m_local, r)``, ``A: (r, n_local)`` the local parts. The QRs of ``B`` and
     ``Aᵀ`` from reduced Grams (:func:`~geolora.optim.sharding.gram_qr_blocks`: two rounds for both,
     one more where a factor is rank deficient), the ``r x r`` SVD of the core ``R_B R_Aᵀ`` in
-    float64 (the same on every rank), ``U = Q_B Ũ``, ``V = Q_A Ṽ`` on the local rows."""
+    float64 (the same on every rank), ``U = Q_B Ũ``, ``V = Q_A Ṽ`` on the local rows. A
+    rank-deficient ``A`` raises ``NotImplementedError`` (``V`` would not be orthonormal); a
+    rank-deficient ``B`` gives zero columns of ``U`` where ``S = 0`` (``U diag(S)`` exact)."""
     cd = compute_dtype(torch.promote_types(B.dtype, A.dtype))
     (qb, rb), (qa, ra) = gram_qr_blocks([(B.to(cd), "M"), (transpose(A).to(cd), "N")], reduce)
+    if rank_deficient(ra):  # Q_A would have zero columns: V not orthonormal
+        raise NotImplementedError(
+            "entering the manifold from a rank-deficient lora_A does not run on row-sharded "
+            "factors (the orthonormal completion of its row space needs a Householder QR of the "
+            "whole factor); use sharded='gather'"
+        )
     uc, s, vch = torch.linalg.svd(rb @ transpose(ra), full_matrices=False)
     return FixedRankPoint((qb @ uc).to(cd), s.to(cd), (qa @ transpose(vch)).to(cd))
 
@@ -731,12 +753,91 @@ class BoundedRankGeometry(_OwnedPoint):
 
 class StiefelPair(NamedTuple):
     """A stack of Stiefel-LoRA pairs: ``B ∈ St(m, r)`` (``q``), ``N = (R A)ᵀ``, the factors of
-    this step and the Stiefel manifold."""
+    this step, the Stiefel manifold and the bucket's reducer of sums over rows."""
 
     q: Tensor
     N: Tensor
     x: FactorPoint
     manifold: Stiefel
+    reduce: RowSum = LOCAL
+
+
+#: ``B`` is rank deficient on row shards when ``λ_min ≤ rtol · λ_max`` for the eigenvalues of
+#: its reduced float64 Gram (``σ_min/σ_max ≤ 1e-7``: below that the Gram's rounding decides).
+_SHARDED_GRAM_RTOL = 1e-14
+
+
+class RowShardedStiefel(Stiefel):
+    """``St(m, r)`` on row shards (FSDP2): points and tangent vectors are the local rows
+    ``(..., k, r)`` of ``(..., m, r)`` matrices, and every sum over rows goes through ``reduce``
+    (:class:`~geolora.optim.sharding.RowSum`, one all-reduce of the bucket each):
+    ``proj(X, Z) = Z − X sym(Σ XᵀZ)`` (so ``egrad2rgrad`` and the projection transport),
+    ``inner = Σ tr(UᵀV)``, and the retractions from reduced ``r x r`` quantities: ``"qr"`` by
+    CholeskyQR2 of the float64 Grams (:func:`~geolora.optim.sharding.gram_qr`, 2 rounds; one
+    process uses Householder QR: the two agree to rounding), ``"polar"`` from the Gram's
+    eigendecomposition (:func:`~geolora.optim.sharding.gram_polar`, 1 round) and ``"cayley"`` in
+    Wen & Yin's low-rank (Woodbury) form (:meth:`_cayley`, 2 rounds). Nothing here raises on local
+    values (a NaN propagates and the engine's global finiteness check refuses the step on every
+    rank)."""
+
+    def __init__(self, n: int, r: int, retraction: str, reduce: RowSum) -> None:
+        super().__init__(n, r, retraction=retraction)
+        self.reduce = reduce
+
+    def _sum(self, t: Tensor) -> Tensor:
+        return self.reduce(M=[t])[0][0]
+
+    def _validate(self, **tensors: Tensor) -> None:  # local rows: only ``r`` is fixed
+        for name, t in tensors.items():
+            if t.dim() < 2 or t.shape[-1] != self.r:
+                raise ValueError(f"{self}: {name} must be (..., k, {self.r}), got {tuple(t.shape)}")
+
+    def proj(self, x: Tensor, u: Tensor) -> Tensor:
+        """``P_X(Z) = Z − X sym(Σ XᵀZ)``."""
+        self._validate(x=x, u=u)
+        return u - x @ sym(self._sum(transpose(x) @ u))
+
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
+        """``Σ tr(UᵀV)``; shape = batch shape."""
+        v = u if v is None else v
+        self._validate(x=x, u=u, v=v)
+        return self._sum((u * v).sum(dim=(-2, -1)))
+
+    def retr(self, x: Tensor, u: Tensor) -> Tensor:
+        """``qf(X + U)`` (CholeskyQR2), ``polar(X + U)`` or the Cayley transform, from reduced
+        ``r x r`` / ``2r x 2r`` quantities (class docstring)."""
+        self._validate(x=x, u=u)
+        if self.retraction == "cayley":
+            return self._cayley(x, u)
+        y = x + u
+        if self.retraction == "qr":
+            q = gram_qr(y, self.reduce, "M", self.n)[0]
+        else:
+            q = gram_polar(y, self.reduce, "M")
+        return q.to(x.dtype)
+
+    def _cayley(self, x: Tensor, u: Tensor) -> Tensor:
+        """``(I − W/2)⁻¹(I + W/2) X`` with ``W = ĝXᵀ − Xĝᵀ = L Rᵀ``, ``ĝ = U − ½X(XᵀU)``,
+        ``L = [ĝ, X]``, ``R = [X, −ĝ]`` (Wen & Yin, "A feasible method for optimization with
+        orthogonality constraints", Math. Program. 2013, its low-rank form): by Woodbury ``Y = X + ½ L (C +
+        K⁻¹(C + ½ RᵀL C))`` with ``C = RᵀX``, ``K = I − ½ RᵀL`` (``2r x 2r``), so only ``Σ XᵀU``
+        (round 1) and ``Σ Xᵀĝ``, ``Σ XᵀX``, ``Σ ĝᵀĝ`` (round 2) sum over rows; float64."""
+        wd, r = torch.float64, self.r
+        x64, u64 = x.to(wd), u.to(wd)
+        g = u64 - 0.5 * x64 @ self._sum(transpose(x64) @ u64)
+        (xg, xx, gg), _ = self.reduce(
+            M=[transpose(x64) @ g, transpose(x64) @ x64, transpose(g) @ g]
+        )
+        gx = transpose(xg)
+        rl = torch.cat([torch.cat([xg, xx], -1), torch.cat([-gg, -gx], -1)], -2)
+        c = torch.cat([xx, -gx], -2)
+        k = torch.eye(2 * r, dtype=wd, device=x.device) - 0.5 * rl
+        coef = c + torch.linalg.solve(k, c + 0.5 * (rl @ c))
+        y = x64 + 0.5 * (g @ coef[..., :r, :] + x64 @ coef[..., r:, :])
+        return y.to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"RowShardedStiefel(n={self.n}, r={self.r}, retraction={self.retraction!r})"
 
 
 class StiefelTangent(NamedTuple):
@@ -753,19 +854,46 @@ class StiefelGeometry(_OwnedPoint):
     QR), point ``(Q, R A)``; a rank-deficient ``B`` enters by re-factoring only; ``B = 0`` becomes
     a deterministic orthonormal ``Q`` (seeded by the shape and the pair's name) with ``A = 0``.
     Gradient ``(∇_B − B sym(Bᵀ∇_B), ∇_N)``; retraction per-group ``retraction`` (QR, polar, Cayley)
-    for ``B``, Euclidean for ``N``; transport by projection."""
+    for ``B``, Euclidean for ``N``; transport by projection.
+
+    Row-sharded factors (FSDP2): the point is stored as the local rows of ``B`` and ``N``; the
+    sums over rows (``Bᵀ∇``, the first step's ``R = QᵀM``, ``‖g_B‖²``, the transport's ``B⁺ᵀm``,
+    the retraction's Grams) go through the reducer (:class:`RowShardedStiefel`). Entry: ``B = Q R``
+    by CholeskyQR2 (:func:`~geolora.optim.sharding.gram_qr`); ``B = 0`` (decided by a max over
+    the ranks) takes the local rows of the same :func:`orthonormal_init` of the global shape on
+    every rank; a nonzero ``B`` that is rank deficient by its reduced Gram (``λ_min ≤ 1e-14
+    λ_max``) takes AdamW robust steps until it is not (one process re-factors it with Householder
+    QR, whose completion of ``Q`` has no Gram form)."""
+
+    row_shards = True  # sums over rows through the point's reducer (class docstring)
+    state_sides: dict[str, str | None] = {"B": "M", "N": "N"}
 
     def validate(self, group: dict[str, Any]) -> None:
         check_choice("retraction", group["retraction"], tuple(sorted(STIEFEL_RETRACTIONS)))
 
     def entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
+        if is_dtensor(B):  # row shards: decided on reduced quantities, alike on every rank
+            if bool(B.detach().abs().amax().full_tensor() == 0):  # (a NaN is not zero)
+                return "refactor"
+            lam = torch.linalg.eigvalsh(dtensor_gram(B, 0))
+            return "robust" if bool(lam[0] <= _SHARDED_GRAM_RTOL * lam[-1]) else "enter"
         return "refactor" if rank_deficient(B) else "enter"
 
-    def init_state(self, group: dict[str, Any], B: Tensor, A: Tensor) -> dict[str, Tensor]:
+    def init_state(
+        self, group: dict[str, Any], B: Tensor, A: Tensor, reduce: RowSum = LOCAL
+    ) -> dict[str, Tensor]:
         from geolora.optim.stiefel_lora import orthonormal_init
 
         cd = compute_dtype(B.dtype)
         b, n_ = B.detach().to(cd), transpose(A.detach()).to(cd)
+        if reduce.sharded:  # local rows (class docstring)
+            (top,), _ = reduce(M=[b.abs().amax().reshape(1)], op="max")
+            m = reduce.rows("M", b.shape[0])
+            if bool(top == 0):
+                q = orthonormal_init(m, b.shape[1], group.get("name"), like=b)
+                return {"B": reduce.local_rows("M", q), "N": torch.zeros_like(n_)}
+            q, rb = gram_qr(b, reduce, "M", m)
+            return {"B": q.to(cd), "N": n_ @ transpose(rb.to(cd))}
         if not bool(b.any()):  # zero product from B = 0: any orthonormal B, A = 0
             q, np_ = orthonormal_init(b.shape[0], b.shape[1], group.get("name"), like=b), torch.zeros_like(n_)
         else:
@@ -776,9 +904,14 @@ class StiefelGeometry(_OwnedPoint):
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
         return FactorPoint(state["B"], state["N"])
 
-    def point(self, x: FactorPoint, state: dict, group: dict, step: int, reduce: Any = None) -> StiefelPair:
+    def point(
+        self, x: FactorPoint, state: dict, group: dict, step: int, reduce: RowSum = LOCAL
+    ) -> StiefelPair:
         q = state["B"]
         m, r = q.shape[-2:]
+        if reduce.sharded:
+            man: Stiefel = RowShardedStiefel(reduce.rows("M", m), r, group["retraction"], reduce)
+            return StiefelPair(q, state["N"], x, man, reduce)
         return StiefelPair(q, state["N"], x, Stiefel(m, r, retraction=group["retraction"]))
 
     def gradient(
@@ -786,6 +919,8 @@ class StiefelGeometry(_OwnedPoint):
     ) -> StiefelTangent:
         if step == 1:  # (M, N) are the factors the manifold was entered from: M = Q R
             rb = transpose(p.q) @ p.x.M
+            if p.reduce.sharded:
+                rb = p.reduce(M=[rb])[0][0]
             g_q, g_np = g.M @ transpose(rb), right_solve(g.N, rb)
         else:
             g_q, g_np = g.M, g.N
@@ -955,6 +1090,15 @@ class StiefelAdam:
     name = "stiefel_adam"
     functional_state = True
     gauge_rules: dict[str, str] = {}
+    row_shards = True  # the norm through the point's (reducing) manifold; the rest element-wise
+    #: the moments of ``B`` hold ``m`` rows (``exp_avg_sq_B`` only coordinate-wise; norm-based
+    #: it is one ``(1, 1)`` number per pair, whole on every rank), those of ``A`` ``n`` rows
+    state_sides: dict[str, Any] = {
+        "exp_avg_B": "M",
+        "exp_avg_sq_B": lambda group: "M" if group.get("coordinate_wise") else None,
+        "exp_avg_A": "N",
+        "exp_avg_sq_A": "N",
+    }
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ __all__ = [
     "StepComm",
     "dtensor_gram",
     "fsdp2_shard_placement",
+    "gram_polar",
     "gram_qr",
     "gram_qr_blocks",
     "gram_qr_sides",
@@ -81,8 +82,6 @@ ROW_SHARD_REFUSALS: dict[str, str] = {
     "LoRAMFixedRank": "its retraction (QR of the m×2r and n×2r blocks [U Up], [V Vp]) has no "
     "row-sharded form yet",
     "LoRAMBoundedRank": "its retraction (QR of V + cV̇p and of K⁺) has no row-sharded form yet",
-    "StiefelLoRA": "its Stiefel retraction of B (a QR or polar factor of the whole factor) has no "
-    "row-sharded form yet",
     "LoRAPro": "its Adam moments are dense m×n matrices (as AdamS)",
     "Riemannion": "its retraction (QR of [U Up], [V Vp], the 2r×2r polar core) has no "
     "row-sharded form yet",
@@ -156,6 +155,17 @@ class RowSum:
     def sharded(self) -> bool:
         """``True`` if some side's pieces are partial sums (a collective is needed)."""
         return self.m_rows or self.n_rows
+
+    def local_rows(self, side: str, whole: Tensor) -> Tensor:
+        """This rank's rows (dim ``-2``) of ``whole``, a tensor with all ``m`` (side ``"M"``) or
+        ``n`` (``"N"``) rows that every rank computed alike (e.g. a seeded initialisation): the
+        rows of its shard, cut as ``DTensor``'s ``Shard`` cuts (``torch.chunk``); ``whole``
+        itself for a side that is not row-sharded."""
+        if not (self.m_rows if side == "M" else self.n_rows):
+            return whole
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        chunks = whole.chunk(world, dim=-2)
+        return chunks[rank] if rank < len(chunks) else whole.narrow(-2, 0, 0)
 
     def __call__(
         self, M: Sequence[Tensor] = (), N: Sequence[Tensor] = (), *, op: str = "sum"
@@ -677,6 +687,23 @@ def gram_qr_blocks(
     return fixed
 
 
+def gram_polar(
+    F: Tensor, row_sum: Callable[..., tuple[list[Tensor], list[Tensor]]], side: str = "M"
+) -> Tensor:
+    """Orthonormal polar factor ``F (FᵀF)^{-1/2}`` of a row-sharded tall factor from its
+    all-reduced float64 Gram: ``G = Σ FᵀF = W diag(λ) Wᵀ`` (``eigh``), ``P = F W diag(λ^{-1/2})
+    Wᵀ``, the local rows in float64 (one :class:`RowSum` round; ``side`` as :func:`gram_qr`).
+    Its error is ``O(u cond(F)²)``: meant for well-conditioned ``F`` such as the Stiefel polar
+    retraction's ``X + U`` (``(X + U)ᵀ(X + U) = I + UᵀU`` for a tangent ``U``: ``cond ≤ sqrt(1 +
+    ‖U‖²)``); a singular ``F`` gives inf/NaN (a non-finite step, which the optimizer refuses)."""
+    x = F.to(torch.float64)
+    gram = transpose(x) @ x
+    got_M, got_N = row_sum(M=[gram]) if side == "M" else row_sum(N=[gram])
+    g = (got_M if side == "M" else got_N)[0]
+    lam, W = torch.linalg.eigh(0.5 * (g + transpose(g)))
+    return x @ ((W * lam.rsqrt().unsqueeze(-2)) @ transpose(W))
+
+
 # --- FSDP2 placement -----------------------------------------------------------------------------
 def fsdp2_shard_placement(
     model: torch.nn.Module, shard_size: int | None = None
@@ -818,7 +845,7 @@ def _empty_state(opt: Any, by_name: dict, path: tuple, meta: Any) -> Tensor:
     if k.startswith("robust_exp_avg") and k[-2:] in ("_B", "_A"):
         f = B if k.endswith("_B") else A  # the robust start runs on the DTensor factors
         return torch.empty_like(f, dtype=dtype) if size == tuple(f.shape) else plain.to(dev)
-    side = opt._state_side(k)
+    side = opt._state_side(k, g)
     rows = None if side is None else lay._row_spec(side)
     if rows is None or not size or size[0] != rows[1]:
         return plain.to(dev)

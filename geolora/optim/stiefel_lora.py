@@ -51,7 +51,10 @@ class StiefelLoRA(PairOptimizer):
     ``A`` only (``B`` has fixed norm). The abstract states no hyperparameters; the defaults are
     Adam's (``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``), ``weight_decay=0``, norm-based
     second moment for ``B`` (geoopt's), Adam's bias correction for both. Not transformation
-    invariant (``A``'s coordinates depend on the basis ``B``).
+    invariant (``A``'s coordinates depend on the basis ``B``). On row-sharded factors (FSDP2) it
+    steps on the local rows, every sum over rows (``Bᵀ∇``, ``‖g_B‖²``, the retraction's Grams, the
+    transport) through one all-reduce per round (:class:`~geolora.optim.manifold_pair.
+    RowShardedStiefel`, docs/distributed.md).
     """
 
     def __init__(
