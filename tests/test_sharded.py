@@ -10,7 +10,8 @@ process here.
   summation order of the batch mean and of the r×r Grams). Covers the robust start from
   ``B = 0``, a pair left out of sharding next to sharded ones, every row-shardable optimizer
   (LoRA+, ScaledGD with momentum, RPAdamW, LoRA-RITE — 1e-11 for RITE, see ``TOL64_OPT`` —,
-  LRACS under the balanced and the preconditioned metric, LiftedSGD with Nesterov momentum),
+  LRACS under the balanced and the preconditioned metric, LiftedSGD with Nesterov momentum,
+  RefLoRA with warm-up 2 and 0, the scalar policy and ``mode="precondition"``),
   the whole-pair gather of an optimizer without a
   row-sharded step (AdamS, ``sharded="gather"``), and the optimizer state stored as
   ``DTensor`` s with the factors' placements.
@@ -59,6 +60,7 @@ from geolora.optim import (
     LiftedSGD,
     LoRAPlus,
     LoRARite,
+    RefLoRA,
     RiemannianPreconditionedAdamW,
     ScaledGD,
 )
@@ -82,6 +84,8 @@ TOL64 = 1e-12
 #: gradient Grams amplifies where an eigenvalue is small (measured: 8.7e-13 on pair 4's A in
 #: rite_default, 3e-14 elsewhere), hence a 10x looser bound for it.
 TOL64_OPT = {"lora_rite": 1e-11}
+# (RefLoRA's gauge uses CholeskyQR2 frames too, but nothing amplifies their rounding in the
+# balanced factors U Φ Σ^{1/2}: measured at most 2.7e-15 over its cases, within TOL64)
 
 OPTIMIZERS: dict[str, Any] = {
     "loraplus": lambda g, **k: LoRAPlus(g, lr=2e-3, robust_steps=1, **k),
@@ -95,6 +99,14 @@ OPTIMIZERS: dict[str, Any] = {
         g, lr=2e-2, momentum=0.9, nesterov=True, robust_steps=1, **k
     ),
     "lracs_precond": lambda g, **k: LRACS(g, lr=1e-2, robust_steps=1, metric="preconditioned", **k),
+    # RefLoRA: warmup_steps=2 so that 8 of the 10 steps refactor; no robust start (B = 0 takes
+    # the identity gauge: plain AdamW)
+    "reflora": lambda g, **k: RefLoRA(g, lr=1e-2, warmup_steps=2, **k),
+    "reflora_w0": lambda g, **k: RefLoRA(g, lr=1e-2, warmup_steps=0, **k),
+    "reflora_scalar": lambda g, **k: RefLoRA(g, lr=1e-2, policy="scalar", warmup_steps=2, **k),
+    "reflora_precond": lambda g, **k: RefLoRA(
+        g, lr=1e-2, mode="precondition", warmup_steps=2, **k
+    ),
 }
 
 # name -> (optimizer, init, lora_A placement ("rows": dim 1 where possible), replicated pair)
@@ -110,15 +122,21 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "lracs_zero_rows_mixed": ("lracs", "zero", "rows", True),
     "lracs_precond_default": ("lracs_precond", "gaussian", "default", False),
     "lifted_sgd_nesterov_rows": ("lifted_sgd_nesterov", "gaussian", "rows", False),
+    "reflora_rows": ("reflora", "gaussian", "rows", False),
+    "reflora_w0_default": ("reflora_w0", "gaussian", "default", False),
+    "reflora_w0_zero_rows_mixed": ("reflora_w0", "zero", "rows", True),
+    "reflora_scalar_rows_mixed": ("reflora_scalar", "gaussian", "rows", True),
+    "reflora_precond_rows": ("reflora_precond", "gaussian", "rows", False),
 }
 RUNS: dict[int, list[str]] = {
     4: [
         "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default",
         "rite_zero_rows_mixed", "lracs_zero_rows_mixed", "gram_qr", "dcp_save", "dcp_save_rite",
+        "reflora_rows", "reflora_w0_zero_rows_mixed", "reflora_precond_rows",
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
-        "dcp_resume", "dcp_resume_rite",
+        "dcp_resume", "dcp_resume_rite", "reflora_refuse",
     ],
 }
 
@@ -329,6 +347,36 @@ def _run_refuse(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+def _run_reflora_refuse(rank: int, world: int) -> dict[str, Any]:
+    """RefLoRA with a gauge policy registered by the user (a function of whole factors) on row
+    shards: one warm-up step, then the refusal; what the failed step changed (nothing)."""
+    from geolora.optim.gauge import GAUGE_POLICIES, scalar_factors
+
+    GAUGE_POLICIES["user"] = lambda M, N: scalar_factors(M, N)  # (this worker process only)
+    try:
+        model = build_model("gaussian")
+        replicated = _shard(model, world, "rows", False)
+        opt = RefLoRA(lora_param_groups(model), lr=1e-2, policy="user", warmup_steps=1)
+
+        def snapshot() -> dict[str, torch.Tensor]:
+            st = {f"{i}.{k}": _whole(v) for i, s in enumerate(opt.state.values())
+                  for k, v in s.items() if isinstance(v, torch.Tensor)}
+            return {**trained(model), **st}
+
+        _train_steps(model, opt, replicated, rank, world, range(1))
+        before = snapshot()
+        try:
+            _train_steps(model, opt, replicated, rank, world, range(1, 2))
+            err = "no error"
+        except NotImplementedError as exc:
+            err = f"{type(exc).__name__}: {exc}"
+        after = snapshot()
+        changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+        return {"error": err, "changed": changed, "keys": len(before)}
+    finally:
+        del GAUGE_POLICIES["user"]
+
+
 def qr_inputs() -> dict[str, torch.Tensor]:
     """Tall ``(2, 13, 3)`` stacks: well conditioned (1e3) and beyond plain CholeskyQR (1e11)."""
     g = torch.Generator().manual_seed(7)
@@ -429,6 +477,8 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_gram_qr(rank, world)
                 elif name == "zoo":
                     results[name] = _run_zoo(rank, world)
+                elif name == "reflora_refuse":
+                    results[name] = _run_reflora_refuse(rank, world)
                 else:
                     stage, _, case = name[4:].partition("_")
                     case = f"_{case}" if case else ""
@@ -649,7 +699,7 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
         assert (R - Rh).abs().max() / Rh.abs().max() < 1e-14, name
 
 
-ROW_SHARDED = {"loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd"}
+ROW_SHARDED = {"loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd", "reflora"}
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=zoo_ids(ZOO))
@@ -674,3 +724,34 @@ def test_every_optimizer_runs_sharded_or_refuses_and_gathers(entry: ZooEntry, ru
         assert not isinstance(got, str), got
         for n, w in want.items():
             assert torch.equal(got[n], w), f"{n}: max dev {(got[n] - w).abs().max().item():.3g}"
+
+
+def test_reflora_state_sides_and_reductions(runs) -> None:
+    """RefLoRA on row shards: Adam's moments stored with the factors' row placements (M side
+    with B's rows, N side with Aᵀ's); per bucket and refactoring step two all-reduces for the
+    balanced gauge (CholeskyQR2 of M and N together; a third, shifted, round at B = 0), one for
+    the scalar policy (‖M‖_F², ‖N‖_F²), none in the warm-up."""
+    res = _ok(runs[2][0]["reflora_w0_zero_rows_mixed"])
+    st = res["state"]
+    for key, rows in (("exp_avg_M", 13), ("exp_avg_sq_M", 13), ("exp_avg_N", 12),
+                      ("exp_avg_sq_N", 12)):
+        assert st[f"0.lora_B.{key}"] == f"DTensor(Shard(dim=0),) torch.float64 ({rows}, 3)"
+    assert st["2.lora_B.exp_avg_M"] == "Tensor torch.float64 (12, 3)"  # the replicated pair
+    # one row-sharded bucket (pairs 0 and 4): step 1 at B = 0 (shifted: 3), then 9 steps of 2
+    assert res["comm"] == (3 + 2 * (STEPS - 1), 0)
+    # two buckets (pairs 0+4; pair 2, A and its gradient gathered every step), 8 refactoring
+    # steps after the warm-up
+    assert _ok(runs[2][0]["reflora_rows"])["comm"] == (2 * 2 * (STEPS - 2), 2 * STEPS)
+    assert _ok(runs[2][0]["reflora_scalar_rows_mixed"])["comm"][0] == STEPS - 2
+    st = _ok(runs[2][0]["reflora_w0_default"])["state"]  # A split along r: gathered, N whole
+    assert st["0.lora_B.exp_avg_sq_N"] == "Tensor torch.float64 (12, 3)"
+    assert st["0.lora_B.exp_avg_sq_M"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+
+
+def test_reflora_user_policy_refused_on_row_shards(runs) -> None:
+    res = [_ok(r["reflora_refuse"]) for r in runs[2]]
+    for r in res:
+        assert r["error"].startswith(
+            "NotImplementedError: RefLoRA(policy='user') does not run on row-sharded factors"
+        ), r["error"]
+        assert r["changed"] == [] and r["keys"] > 0  # the failed step wrote nothing

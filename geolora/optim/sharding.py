@@ -59,6 +59,7 @@ __all__ = [
     "dtensor_gram",
     "fsdp2_shard_placement",
     "gram_qr",
+    "gram_qr_pair",
     "gram_qr_sides",
     "is_dtensor",
     "load_optimizer_state_dcp",
@@ -85,7 +86,6 @@ ROW_SHARD_REFUSALS: dict[str, str] = {
     "LoRAPro": "its Adam moments are dense m×n matrices (as AdamS)",
     "Riemannion": "its retraction (QR of [U Up], [V Vp], the 2r×2r polar core) has no "
     "row-sharded form yet",
-    "RefLoRA": "its row-sharded step (the balanced gauge from the two Grams) is not written yet",
 }
 
 
@@ -631,6 +631,19 @@ def gram_qr_sides(
         bad = (info | info2)[..., None, None]
         out.append((torch.where(bad, float("nan"), q), torch.where(bad, float("nan"), r2 @ r1)))
     return out
+
+
+def gram_qr_pair(
+    M: Tensor, N: Tensor, reduce: RowSum
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """:func:`gram_qr_sides` of a bucket's ``M: (..., m_local, r)`` and ``N: (..., n_local, r)``
+    with their global row counts: ``((U, R_M), (V, R_N))``, ``U``, ``V`` the local rows, all
+    float64 (two reductions for both factors, three where a Gram needs the shift)."""
+    (U, RM), (V, RN) = gram_qr_sides(
+        [(M, "M", reduce.rows("M", M.shape[-2])), (N, "N", reduce.rows("N", N.shape[-2]))],
+        reduce,
+    )
+    return (U, RM), (V, RN)
 
 
 # --- FSDP2 placement -----------------------------------------------------------------------------
