@@ -31,6 +31,7 @@ process here.
   steps == 10 steps of one process (RPAdamW and LoRA-RITE).
 * LoRA-RITE in float32: within 1e-6 relative of one process (its frames come from another QR
   algorithm, so not bitwise).
+* RefLoRA in float32: within 1e-5 relative of one process (the same reason).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ LOW_PRECISION = {"bf16": torch.bfloat16, "fp32": torch.float32}
 #: LoRA-RITE in float32 (not bitwise: see test_rite_fp32_sharded_within_rounding)
 RITE_FP32 = "fp32_rite"
 RITE_FP32_TOL = 1e-6  # measured 5e-8 relative after 10 steps
+#: RefLoRA (balanced) in float32: float64 CholeskyQR2 frames against float32 Householder ones,
+#: the difference carried by Adam's element-wise division (measured 7.2e-7 relative)
+REFLORA_FP32, REFLORA_FP32_TOL = "fp32_reflora", 1e-5
 STEPS = 10
 TOL64 = 1e-12
 #: LoRA-RITE's sharded frame is CholeskyQR2 (float64 Grams), one process's is Householder QR:
@@ -136,7 +140,7 @@ RUNS: dict[int, list[str]] = {
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
-        "dcp_resume", "dcp_resume_rite", "reflora_refuse",
+        "dcp_resume", "dcp_resume_rite", "reflora_refuse", "fp32_reflora",
     ],
 }
 
@@ -479,6 +483,8 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_zoo(rank, world)
                 elif name == "reflora_refuse":
                     results[name] = _run_reflora_refuse(rank, world)
+                elif name == REFLORA_FP32:
+                    results[name] = closed_form_run(torch.float32, world, "reflora")
                 else:
                     stage, _, case = name[4:].partition("_")
                     case = f"_{case}" if case else ""
@@ -755,3 +761,16 @@ def test_reflora_user_policy_refused_on_row_shards(runs) -> None:
             "NotImplementedError: RefLoRA(policy='user') does not run on row-sharded factors"
         ), r["error"]
         assert r["changed"] == [] and r["keys"] > 0  # the failed step wrote nothing
+
+
+def test_reflora_fp32_sharded_within_rounding(runs) -> None:
+    """float32 RefLoRA (balanced gauge, warm-up 2): the sharded frames are CholeskyQR2 in float64,
+    one process's Householder QR in float32, so the factors agree to that rounding as Adam
+    carries it, not to the bit; the ranks agree bitwise."""
+    got = [_ok(r[REFLORA_FP32]) for r in runs[2]]
+    want = closed_form_run(torch.float32, opt_name="reflora")
+    for n, w in want["params"].items():
+        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
+        rel = ((got[0]["params"][n] - w).abs().max() / w.abs().max()).item()
+        assert rel < REFLORA_FP32_TOL, f"{n}: relative deviation {rel:.3g}"
+    assert got[0]["state"]["B0.exp_avg_sq_N"] == "DTensor(Shard(dim=0),) torch.float32 (12, 3)"
