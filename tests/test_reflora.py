@@ -26,6 +26,7 @@ from geolora.optim.gauge import (
     reflora_preconditioner,
     scalar_factors,
 )
+from geolora.optim.sharding import RowSum
 
 f64 = torch.float64
 M_, N_, R_ = 12, 10, 3
@@ -191,6 +192,37 @@ def test_rank_deficient_pairs_keep_the_identity_gauge() -> None:
     (Mz, Nz), (R, Rit) = balanced_factors(Z, N)
     assert torch.equal(Mz, Z) and torch.equal(Nz, N)
     assert torch.equal(R, torch.eye(R_, dtype=f64)) and torch.equal(Rit, R)
+
+
+class _OneRank(RowSum):
+    """A reducer of row shards over a world of one: the row-sharded code paths in one process."""
+
+    def __init__(self) -> None:
+        super().__init__(None, m_rows=True, n_rows=True, shape=(M_, N_))
+
+    def _all_reduce(self, pieces: list[torch.Tensor], op: str = "sum") -> list[torch.Tensor]:
+        return list(pieces)
+
+
+def test_row_shard_gauges_equal_the_whole_factor_ones() -> None:
+    """The row-shard forms (CholeskyQR2 frames, reduced Frobenius norms) give the whole-factor
+    gauges to rounding; ``B = 0`` keeps the identity gauge there too (tests/test_sharded.py runs
+    them on 2 and 4 processes)."""
+    M, N = unbalanced(L=2)
+    for policy in (balanced_factors, scalar_factors):
+        want, wg = policy(M, N)
+        got, gg = policy(M, N, _OneRank())
+        for a, b in zip((*got, *gg), (*want, *wg)):
+            assert rel(a, b) < 1e-13, policy.__name__
+    S, S_inv = reflora_preconditioner(M, N, _OneRank())
+    for a, b in zip((S, S_inv), reflora_preconditioner(M, N)):
+        assert rel(a, b) < 1e-13
+    Z = M.clone()
+    Z[0] = 0.0  # rank deficient: NaN from CholeskyQR, identity gauge
+    (Mz, Nz), (R, Rit) = balanced_factors(Z, N, _OneRank())
+    assert torch.equal(Mz[0], Z[0]) and torch.equal(Nz[0], N[0])
+    assert torch.equal(R[0], torch.eye(R_, dtype=f64)) and torch.equal(Rit[0], R[0])
+    assert torch.isfinite(R).all() and rel(Mz[1] @ Nz[1].mT, M[1] @ N[1].mT) < 1e-13
 
 
 # --- the optimizer against the authors' code ---------------------------------------------------

@@ -12,7 +12,8 @@ process here.
   (LoRA+, ScaledGD with momentum, RPAdamW, LoRA-RITE — 1e-11 for RITE, see ``TOL64_OPT`` —,
   LRACS under the balanced and the preconditioned metric, LiftedSGD with Nesterov momentum,
   StiefelLoRA with each retraction, coordinate-wise, from ``B = 0`` and from a rank-deficient
-  ``B``),
+  ``B``, RefLoRA with warm-up 2 and 0, the scalar policy and ``mode="precondition"``, LoRAM-FR
+  and LoRAM-BR from ``B = 0`` and with ``lora_A`` gathered),
   the whole-pair gather of an optimizer without a
   row-sharded step (AdamS, ``sharded="gather"``), and the optimizer state stored as
   ``DTensor`` s with the factors' placements.
@@ -32,6 +33,7 @@ process here.
   steps == 10 steps of one process (RPAdamW, LoRA-RITE and StiefelLoRA from ``B = 0``).
 * LoRA-RITE in float32: within 1e-6 relative of one process (its frames come from another QR
   algorithm, so not bitwise).
+* RefLoRA in float32: within 1e-5 relative of one process (the same reason).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from geolora.optim import (
     LoRAMFixedRank,
     LoRAPlus,
     LoRARite,
+    RefLoRA,
     RiemannianPreconditionedAdamW,
     ScaledGD,
     StiefelLoRA,
@@ -80,6 +83,9 @@ LOW_PRECISION = {"bf16": torch.bfloat16, "fp32": torch.float32}
 #: LoRA-RITE in float32 (not bitwise: see test_rite_fp32_sharded_within_rounding)
 RITE_FP32 = "fp32_rite"
 RITE_FP32_TOL = 1e-6  # measured 5e-8 relative after 10 steps
+#: RefLoRA (balanced) in float32: float64 CholeskyQR2 frames against float32 Householder ones,
+#: the difference carried by Adam's element-wise division (measured 7.2e-7 relative)
+REFLORA_FP32, REFLORA_FP32_TOL = "fp32_reflora", 1e-5
 STEPS = 10
 TOL64 = 1e-12
 #: LoRA-RITE's sharded frame is CholeskyQR2 (float64 Grams), one process's is Householder QR:
@@ -91,6 +97,8 @@ TOL64 = 1e-12
 #: rounding. One process changing only its QR method (Householder -> CholeskyQR2) moves 5.6e-12;
 #: the sharded run (CholeskyQR2, sums in another order) measured 1.3e-11 (5e-15 from a Gaussian B).
 TOL64_OPT = {"lora_rite": 1e-11, "loram_fr": 1e-10}
+# (RefLoRA's gauge uses CholeskyQR2 frames too, but nothing amplifies their rounding in the
+# balanced factors U Φ Σ^{1/2}: measured at most 2.7e-15 over its cases, within TOL64)
 
 OPTIMIZERS: dict[str, Any] = {
     "loraplus": lambda g, **k: LoRAPlus(g, lr=2e-3, robust_steps=1, **k),
@@ -111,6 +119,14 @@ OPTIMIZERS: dict[str, Any] = {
     "stiefel_polar": lambda g, **k: StiefelLoRA(g, lr=1e-2, retraction="polar", **k),
     "stiefel_cw": lambda g, **k: StiefelLoRA(g, lr=1e-2, coordinate_wise=True, **k),
     "stiefel_cayley": lambda g, **k: StiefelLoRA(g, lr=1e-2, retraction="cayley", **k),
+    # RefLoRA: warmup_steps=2 so that 8 of the 10 steps refactor; no robust start (B = 0 takes
+    # the identity gauge: plain AdamW)
+    "reflora": lambda g, **k: RefLoRA(g, lr=1e-2, warmup_steps=2, **k),
+    "reflora_w0": lambda g, **k: RefLoRA(g, lr=1e-2, warmup_steps=0, **k),
+    "reflora_scalar": lambda g, **k: RefLoRA(g, lr=1e-2, policy="scalar", warmup_steps=2, **k),
+    "reflora_precond": lambda g, **k: RefLoRA(
+        g, lr=1e-2, mode="precondition", warmup_steps=2, **k
+    ),
 }
 
 # name -> (optimizer, init, lora_A placement ("rows": dim 1 where possible), replicated pair)
@@ -135,18 +151,25 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "stiefel_polar_default": ("stiefel_polar", "gaussian", "default", False),
     "stiefel_cw_zero_rows_mixed": ("stiefel_cw", "zero", "rows", True),
     "stiefel_cayley_rows": ("stiefel_cayley", "gaussian", "rows", False),
+    "reflora_rows": ("reflora", "gaussian", "rows", False),
+    "reflora_w0_default": ("reflora_w0", "gaussian", "default", False),
+    "reflora_w0_zero_rows_mixed": ("reflora_w0", "zero", "rows", True),
+    "reflora_scalar_rows_mixed": ("reflora_scalar", "gaussian", "rows", True),
+    "reflora_precond_rows": ("reflora_precond", "gaussian", "rows", False),
 }
 RUNS: dict[int, list[str]] = {
     4: [
         "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default",
         "rite_zero_rows_mixed", "lracs_zero_rows_mixed", "loram_fr_zero_rows_mixed",
         "loram_br_zero_rows_mixed", "stiefel_rows_mixed", "stiefel_zero_rows",
-        "stiefel_polar_default", "stiefel_cayley_rows", "gram_qr", "dcp_save", "dcp_save_rite",
-        "dcp_save_stiefel",
+        "stiefel_polar_default", "stiefel_cayley_rows", "reflora_rows",
+        "reflora_w0_zero_rows_mixed", "reflora_precond_rows", "gram_qr", "dcp_save",
+        "dcp_save_rite", "dcp_save_stiefel",
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
         "dcp_resume", "dcp_resume_rite", "dcp_resume_stiefel", "stiefel_deficient", "stiefel_nan",
+        "reflora_refuse", "fp32_reflora",
     ],
 }
 
@@ -413,6 +436,36 @@ def _run_refuse(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+def _run_reflora_refuse(rank: int, world: int) -> dict[str, Any]:
+    """RefLoRA with a gauge policy registered by the user (a function of whole factors) on row
+    shards: one warm-up step, then the refusal; what the failed step changed (nothing)."""
+    from geolora.optim.gauge import GAUGE_POLICIES, scalar_factors
+
+    GAUGE_POLICIES["user"] = lambda M, N: scalar_factors(M, N)  # (this worker process only)
+    try:
+        model = build_model("gaussian")
+        replicated = _shard(model, world, "rows", False)
+        opt = RefLoRA(lora_param_groups(model), lr=1e-2, policy="user", warmup_steps=1)
+
+        def snapshot() -> dict[str, torch.Tensor]:
+            st = {f"{i}.{k}": _whole(v) for i, s in enumerate(opt.state.values())
+                  for k, v in s.items() if isinstance(v, torch.Tensor)}
+            return {**trained(model), **st}
+
+        _train_steps(model, opt, replicated, rank, world, range(1))
+        before = snapshot()
+        try:
+            _train_steps(model, opt, replicated, rank, world, range(1, 2))
+            err = "no error"
+        except NotImplementedError as exc:
+            err = f"{type(exc).__name__}: {exc}"
+        after = snapshot()
+        changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+        return {"error": err, "changed": changed, "keys": len(before)}
+    finally:
+        del GAUGE_POLICIES["user"]
+
+
 def qr_inputs() -> dict[str, torch.Tensor]:
     """Tall ``(2, 13, 3)`` stacks: well conditioned (1e3) and beyond plain CholeskyQR (1e11)."""
     g = torch.Generator().manual_seed(7)
@@ -517,6 +570,10 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = stiefel_deficient_run(world)
                 elif name == "stiefel_nan":
                     results[name] = _run_stiefel_nan(rank, world)
+                elif name == "reflora_refuse":
+                    results[name] = _run_reflora_refuse(rank, world)
+                elif name == REFLORA_FP32:
+                    results[name] = closed_form_run(torch.float32, world, "reflora")
                 else:
                     stage, _, case = name[4:].partition("_")
                     case = f"_{case}" if case else ""
@@ -815,7 +872,7 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
 
 ROW_SHARDED = {
     "loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd", "loram_fr", "loram_br",
-    "stiefel_lora",
+    "stiefel_lora", "reflora",
 }
 
 
@@ -841,3 +898,47 @@ def test_every_optimizer_runs_sharded_or_refuses_and_gathers(entry: ZooEntry, ru
         assert not isinstance(got, str), got
         for n, w in want.items():
             assert torch.equal(got[n], w), f"{n}: max dev {(got[n] - w).abs().max().item():.3g}"
+
+
+def test_reflora_state_sides_and_reductions(runs) -> None:
+    """RefLoRA on row shards: Adam's moments stored with the factors' row placements (M side
+    with B's rows, N side with Aᵀ's); per bucket and refactoring step two all-reduces for the
+    balanced gauge (CholeskyQR2 of M and N together; a third, shifted, round at B = 0), one for
+    the scalar policy (‖M‖_F², ‖N‖_F²), none in the warm-up."""
+    res = _ok(runs[2][0]["reflora_w0_zero_rows_mixed"])
+    st = res["state"]
+    for key, rows in (("exp_avg_M", 13), ("exp_avg_sq_M", 13), ("exp_avg_N", 12),
+                      ("exp_avg_sq_N", 12)):
+        assert st[f"0.lora_B.{key}"] == f"DTensor(Shard(dim=0),) torch.float64 ({rows}, 3)"
+    assert st["2.lora_B.exp_avg_M"] == "Tensor torch.float64 (12, 3)"  # the replicated pair
+    # one row-sharded bucket (pairs 0 and 4): step 1 at B = 0 (shifted: 3), then 9 steps of 2
+    assert res["comm"] == (3 + 2 * (STEPS - 1), 0)
+    # two buckets (pairs 0+4; pair 2, A and its gradient gathered every step), 8 refactoring
+    # steps after the warm-up
+    assert _ok(runs[2][0]["reflora_rows"])["comm"] == (2 * 2 * (STEPS - 2), 2 * STEPS)
+    assert _ok(runs[2][0]["reflora_scalar_rows_mixed"])["comm"][0] == STEPS - 2
+    st = _ok(runs[2][0]["reflora_w0_default"])["state"]  # A split along r: gathered, N whole
+    assert st["0.lora_B.exp_avg_sq_N"] == "Tensor torch.float64 (12, 3)"
+    assert st["0.lora_B.exp_avg_sq_M"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+
+
+def test_reflora_user_policy_refused_on_row_shards(runs) -> None:
+    res = [_ok(r["reflora_refuse"]) for r in runs[2]]
+    for r in res:
+        assert r["error"].startswith(
+            "NotImplementedError: RefLoRA(policy='user') does not run on row-sharded factors"
+        ), r["error"]
+        assert r["changed"] == [] and r["keys"] > 0  # the failed step wrote nothing
+
+
+def test_reflora_fp32_sharded_within_rounding(runs) -> None:
+    """float32 RefLoRA (balanced gauge, warm-up 2): the sharded frames are CholeskyQR2 in float64,
+    one process's Householder QR in float32, so the factors agree to that rounding as Adam
+    carries it, not to the bit; the ranks agree bitwise."""
+    got = [_ok(r[REFLORA_FP32]) for r in runs[2]]
+    want = closed_form_run(torch.float32, opt_name="reflora")
+    for n, w in want["params"].items():
+        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
+        rel = ((got[0]["params"][n] - w).abs().max() / w.abs().max()).item()
+        assert rel < REFLORA_FP32_TOL, f"{n}: relative deviation {rel:.3g}"
+    assert got[0]["state"]["B0.exp_avg_sq_N"] == "DTensor(Shard(dim=0),) torch.float32 (12, 3)"

@@ -605,11 +605,15 @@ class PairOptimizer(LoRAOptimizer):
     @property
     def supports_row_shards(self) -> bool:  # type: ignore[override]
         """Every part declares ``row_shards``: its sums over rows go through the reducer the
-        point carries. A gauge hook needs the whole factors: one that is only maintenance
-        (``skip_when_sharded``, :class:`~geolora.optim.gauge.Rebalance`) is skipped for
-        row-sharded pairs, any other (RefLoRA's refactoring) makes the optimizer gather."""
+        point carries. A gauge hook runs on row shards when it declares ``row_shards`` too
+        (RefLoRA's refactoring: its sums over rows through the reducer); one that is only
+        maintenance (``skip_when_sharded``, :class:`~geolora.optim.gauge.Rebalance`) is skipped
+        for row-sharded pairs; any other makes the optimizer refuse (or gather)."""
         parts = [self.geometry, self.move, self.preconditioner]
-        if self.gauge is not None and not getattr(self.gauge, "skip_when_sharded", False):
+        gauge = self.gauge
+        if gauge is not None and not (
+            getattr(gauge, "row_shards", False) or getattr(gauge, "skip_when_sharded", False)
+        ):
             return False
         return all(bool(getattr(p, "row_shards", False)) for p in parts)
 
@@ -675,10 +679,12 @@ class PairOptimizer(LoRAOptimizer):
         geometry, pre = self.geometry, self.preconditioner
         extra: dict[str, Any] = {}
         reduce = self.shard_sum
-        if self.gauge is not None and not reduce.sharded:
-            # (a gauge change needs the whole factors; supports_row_shards admits only a
-            # maintenance hook, which row-sharded pairs skip)
-            x, g, extra = self.gauge.apply(x, g, state, group, step)
+        if self.gauge is not None:
+            if not reduce.sharded:
+                x, g, extra = self.gauge.apply(x, g, state, group, step)
+            elif getattr(self.gauge, "row_shards", False):  # its row sums through the reducer
+                x, g, extra = self.gauge.apply(x, g, state, group, step, reduce)
+            # (any other hook admitted by supports_row_shards is maintenance, skipped here)
         point = geometry.point(x, state, group, step, reduce)
         grad = geometry.gradient(point, g, group, step, getattr(pre, "wants", "tangent"))
         m, r = x.M.shape[-2:]

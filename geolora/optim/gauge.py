@@ -54,8 +54,9 @@ import torch
 from torch import Tensor
 
 from geolora.linalg import compute_dtype, svd_small, transpose
-from geolora.manifolds.frame import make_frame
+from geolora.manifolds.frame import Frame, make_frame
 from geolora.manifolds.types import FactorPoint, FactorTangent
+from geolora.optim.sharding import LOCAL, RowSum, gram_qr_pair
 
 __all__ = [
     "GAUGE_POLICIES",
@@ -85,12 +86,29 @@ def _rank_tol(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else 1e-6
 
 
-def _core_svd(M: Tensor, N: Tensor) -> tuple[Any, Tensor, Tensor, Tensor]:
-    """Frame ``M = U R_M``, ``N = V R_N`` and the float64 SVD ``R_M R_Nᵀ = Φ diag(σ) Ψᵀ``."""
-    frame = make_frame(M, N)
+def _core_svd(M: Tensor, N: Tensor, reduce: RowSum = LOCAL) -> tuple[Any, Tensor, Tensor, Tensor]:
+    """Frame ``M = U R_M``, ``N = V R_N`` and the float64 SVD ``R_M R_Nᵀ = Φ diag(σ) Ψᵀ``
+    (row-sharded factors: :func:`_row_frame`)."""
+    frame = _row_frame(M, N, reduce) if reduce.sharded else make_frame(M, N)
     wd = torch.float64
     phi, sig, psi_h = svd_small(frame.RM.to(wd) @ transpose(frame.RN.to(wd)))
     return frame, phi, sig, transpose(psi_h)
+
+
+def _row_frame(M: Tensor, N: Tensor, reduce: RowSum) -> Frame:
+    """The frame of row-sharded factors (local rows, sums over rows through ``reduce``):
+    CholeskyQR2 of the all-reduced float64 Grams (:func:`~geolora.optim.sharding.gram_qr_pair`),
+    so ``R_M``, ``R_N`` (float64) are the same on every rank and ``U``, ``V`` (``M``'s dtype) the
+    local rows. A factor without full column rank (``B = 0``) gives NaN there; its ``R`` and
+    rows are set to 0, so ``σ = 0`` and the gauge is the identity — a decision taken on the
+    reduced Grams, hence the same on every rank."""
+    (U, RM), (V, RN) = gram_qr_pair(M, N, reduce)
+
+    def finite(t: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(t), t, 0.0)
+
+    dt = M.dtype
+    return Frame(finite(U).to(dt), finite(RM), finite(V).to(dt), finite(RN))
 
 
 def _full_rank(sig: Tensor, dtype: torch.dtype) -> Tensor:
@@ -108,7 +126,7 @@ def _eye_like(M: Tensor) -> Tensor:
     return eye.expand(*M.shape[:-2], r, r)
 
 
-def balanced_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:
+def balanced_factors(M: Tensor, N: Tensor, reduce: RowSum = LOCAL) -> tuple[FactorPoint, Gauge]:
     """The balanced representative ``(U Φ Σ^{1/2}, V Ψ Σ^{1/2})`` of ``X = M Nᵀ`` and its gauge.
 
     ``M: (..., m, r)``, ``N: (..., n, r)`` (any float dtype; the new factors keep it). With the
@@ -117,23 +135,28 @@ def balanced_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:
     orthonormal ``U``, ``V``, so their accuracy does not depend on the old balance),
     ``R = R_M⁻¹ Φ Σ^{1/2}``, ``R⁻ᵀ = R_N⁻¹ Ψ Σ^{1/2}`` (float64). ``M'ᵀM' = N'ᵀN' = Σ``;
     ``M' N'ᵀ = X`` to rounding. Rank-deficient batch elements are returned unchanged with
-    ``R = I`` (module docstring). Cost ``O((m + n) r²)``.
+    ``R = I`` (module docstring). Cost ``O((m + n) r²)``. Row-sharded factors (the local rows
+    and the bucket's :class:`~geolora.optim.sharding.RowSum` ``reduce``): the frame from
+    CholeskyQR2 (two ``r x r`` all-reduces), everything else replicated or row-local.
     """
-    new, gauge, _, _ = balanced_with_spectrum(M, N)
+    new, gauge, _, _ = balanced_with_spectrum(M, N, reduce=reduce)
     return new, gauge
 
 
 def balanced_with_spectrum(
-    M: Tensor, N: Tensor, threshold: float | None = None
+    M: Tensor, N: Tensor, threshold: float | None = None, reduce: RowSum = LOCAL
 ) -> tuple[FactorPoint, Gauge, Tensor, Tensor]:
     """:func:`balanced_factors` plus the singular values ``σ: (..., r)`` of ``X`` (float64,
     descending; the squared column norms of both new factors) and the batch mask of the
     elements that were balanced (``False``: rank deficient, gauge ``I``). With ``threshold``,
-    only the elements whose :func:`imbalance` exceeds it are balanced (no host sync)."""
-    frame, phi, sig, psi = _core_svd(M, N)
+    only the elements whose :func:`imbalance` exceeds it are balanced (no host sync).
+    ``reduce``: as :func:`balanced_factors`."""
+    frame, phi, sig, psi = _core_svd(M, N, reduce)
     ok = _full_rank(sig, M.dtype)
     if threshold is not None:
-        ok = ok & (_imbalance_from(M, N, sig) > threshold)
+        # (row shards: ‖M‖_F² + ‖N‖_F² = ‖R_M‖_F² + ‖R_N‖_F², already reduced)
+        fro = (frame.RM, frame.RN) if reduce.sharded else (M, N)
+        ok = ok & (_imbalance_from(*fro, sig) > threshold)
     root = sig.clamp_min(0).sqrt().unsqueeze(-2)
     a, b = phi * root, psi * root  # Φ Σ^{1/2}, Ψ Σ^{1/2}
     dt = M.dtype
@@ -149,13 +172,20 @@ def balanced_with_spectrum(
     return FactorPoint(new_M, new_N), Gauge(R, R_inv_t), sig, ok
 
 
-def scalar_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:
+def scalar_factors(M: Tensor, N: Tensor, reduce: RowSum = LOCAL) -> tuple[FactorPoint, Gauge]:
     """RefLoRA-S: ``(c M, N / c)`` with ``c = (‖N‖_F / ‖M‖_F)^{1/2}`` per batch element, so that
     ``‖M'‖_F = ‖N'‖_F = (‖M‖_F ‖N‖_F)^{1/2}``; ``R = c I``, ``R⁻ᵀ = I / c`` (float64). A zero
-    factor gives ``c = 1``. Shapes as :func:`balanced_factors`."""
+    factor gives ``c = 1``. Shapes as :func:`balanced_factors`; row-sharded factors: ``‖M‖_F² =
+    Σ_ranks ‖M_local‖_F²`` (one all-reduce through ``reduce``)."""
     wd = torch.float64
-    nm = M.to(wd).flatten(-2).norm(dim=-1)
-    nn = N.to(wd).flatten(-2).norm(dim=-1)
+    if reduce.sharded:
+        (sq_m,), (sq_n,) = reduce(
+            M=[M.to(wd).square().sum(dim=(-2, -1))], N=[N.to(wd).square().sum(dim=(-2, -1))]
+        )
+        nm, nn = sq_m.sqrt(), sq_n.sqrt()
+    else:
+        nm = M.to(wd).flatten(-2).norm(dim=-1)
+        nn = N.to(wd).flatten(-2).norm(dim=-1)
     ok = (nm > 0) & (nn > 0) & torch.isfinite(nm) & torch.isfinite(nn)
     c = torch.where(ok, (nn / torch.where(ok, nm, 1.0)).sqrt(), 1.0)
     eye = _eye_like(M)
@@ -164,14 +194,15 @@ def scalar_factors(M: Tensor, N: Tensor) -> tuple[FactorPoint, Gauge]:
     return new, Gauge(eye * cc, eye / cc)
 
 
-#: Gauge policies by name: ``policy(M, N) -> (new factors, gauge)``.
+#: Gauge policies by name: ``policy(M, N) -> (new factors, gauge)`` (the built-in ones also
+#: take a row-shard reducer, ``policy(M, N, reduce)``).
 GAUGE_POLICIES: dict[str, Callable[[Tensor, Tensor], tuple[FactorPoint, Gauge]]] = {
     "balanced": balanced_factors,
     "scalar": scalar_factors,
 }
 
 
-def reflora_preconditioner(M: Tensor, N: Tensor) -> tuple[Tensor, Tensor]:
+def reflora_preconditioner(M: Tensor, N: Tensor, reduce: RowSum = LOCAL) -> tuple[Tensor, Tensor]:
     """RefLoRA's closed-form ``S* = G_N⁻¹ # G_M`` and ``S*⁻¹`` (float64, ``(..., r, r)``).
 
     ``S*`` is the symmetric positive definite solution of ``S G_N S = G_M`` (``G_M = MᵀM``,
@@ -180,9 +211,9 @@ def reflora_preconditioner(M: Tensor, N: Tensor) -> tuple[Tensor, Tensor]:
     ``X`` as the step with the preconditioned factor gradients ``(∇_M S*, ∇_N S*⁻¹)`` on the
     original pair (the authors' code applies the full variant this way). From the balanced gauge
     (:func:`balanced_factors`, ``P = R⁻ᵀ``): ``S* = R⁻ᵀ R⁻¹``, ``S*⁻¹ = R Rᵀ``. Identity where
-    ``X`` is rank deficient.
+    ``X`` is rank deficient. ``reduce``: as :func:`balanced_factors` (``S*`` is replicated).
     """
-    _, (R, R_inv_t) = balanced_factors(M, N)
+    _, (R, R_inv_t) = balanced_factors(M, N, reduce)
     return R_inv_t @ transpose(R_inv_t), R @ transpose(R)
 
 
@@ -300,11 +331,15 @@ class GaugeHook:
     Subclasses implement :meth:`due` (host-side: act at this step?) and :meth:`choose` (the new
     factors, the gauge and what the preconditioner may use, e.g. a cluster average). The
     preconditioner must declare how its state moves (``gauge_rules``); without a declaration the
-    hook refuses to be combined with it (:meth:`bind`).
+    hook refuses to be combined with it (:meth:`bind`). A hook whose :meth:`choose` takes every
+    sum over rows through the reducer it is given sets :attr:`row_shards` (the state moves are
+    row-local products with ``r x r`` matrices).
     """
 
     functional_state = True
     defaults: dict[str, Any] = {}
+    #: ``True`` if :meth:`choose` runs on row shards (``choose(x, group, reduce)``)
+    row_shards: bool = False
 
     def __init__(self) -> None:
         self.rules: dict[str, str] = {}
@@ -323,16 +358,25 @@ class GaugeHook:
     def due(self, group: dict[str, Any], step: int) -> bool:
         raise NotImplementedError
 
-    def choose(self, x: FactorPoint, group: dict[str, Any]) -> tuple[FactorPoint, Gauge, dict]:
+    def choose(
+        self, x: FactorPoint, group: dict[str, Any], reduce: RowSum = LOCAL
+    ) -> tuple[FactorPoint, Gauge, dict]:
         raise NotImplementedError
 
     def apply(
-        self, x: FactorPoint, g: FactorTangent, state: dict, group: dict[str, Any], step: int
+        self,
+        x: FactorPoint,
+        g: FactorTangent,
+        state: dict,
+        group: dict[str, Any],
+        step: int,
+        reduce: RowSum = LOCAL,
     ) -> tuple[FactorPoint, FactorTangent, dict]:
-        """``(x', g', extra)`` for a stack of pairs; the state moves by reassignment."""
+        """``(x', g', extra)`` for a stack of pairs; the state moves by reassignment. ``reduce``:
+        the bucket's row-shard reducer (only for hooks with :attr:`row_shards`)."""
         if not self.due(group, step):
             return x, g, {}
-        new, gauge, extra = self.choose(x, group)
+        new, gauge, extra = self.choose(x, group, reduce) if reduce.sharded else self.choose(x, group)
         g = move_gradients(g, gauge)
         for key, rule in self.rules.items():
             if key in state:
@@ -368,7 +412,9 @@ class Rebalance(GaugeHook):
         every = group["rebalance_every"]
         return every > 0 and step % every == 0
 
-    def choose(self, x: FactorPoint, group: dict[str, Any]) -> tuple[FactorPoint, Gauge, dict]:
+    def choose(
+        self, x: FactorPoint, group: dict[str, Any], reduce: RowSum = LOCAL
+    ) -> tuple[FactorPoint, Gauge, dict]:
         new, gauge, _, _ = balanced_with_spectrum(x.M, x.N, group["rebalance_threshold"])
         return new, gauge, {}
 

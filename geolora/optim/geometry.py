@@ -63,7 +63,7 @@ from geolora.optim.preconditioners.base import (
     OneSided,
     Products,
 )
-from geolora.optim.sharding import LOCAL, RowSum, gram_qr_sides
+from geolora.optim.sharding import LOCAL, RowSum, gram_qr_pair
 from geolora.optim.validation import check_bool, check_choice, check_range
 
 __all__ = [
@@ -184,12 +184,8 @@ class QuotientGeometry:
                     "pinv=True on row-sharded factors: the pseudo-inverse of a rank-deficient "
                     "R has no Gram form here; use the default robust start (pinv=False)"
                 )
-            M, N = x.M, x.N
-            (U, RM), (V, RN) = gram_qr_sides(
-                [(M, "M", reduce.rows("M", M.shape[-2])), (N, "N", reduce.rows("N", N.shape[-2]))],
-                reduce,
-            )
-            dt = M.dtype
+            (U, RM), (V, RN) = gram_qr_pair(x.M, x.N, reduce)
+            dt = x.M.dtype
             return QuotientPoint(x, Frame(U.to(dt), RM.to(dt), V.to(dt), RN.to(dt)), self, reduce)
         U, RM = qr_pos(x.M, self.qr_method, sign_fix=self.sign_fix)
         V, RN = qr_pos(x.N, self.qr_method, sign_fix=self.sign_fix)

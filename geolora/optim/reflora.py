@@ -54,7 +54,9 @@ Deviations from the authors' code (their ``Refactorer``):
 Defaults from the authors' scripts: AdamW (Hugging Face ``adamw_torch``) with
 ``betas=(0.9, 0.999)``, ``eps=1e-8``, ``weight_decay=0``, ``lr=2e-4`` (LLaMA commonsense
 reasoning; ``1e-3`` for DeBERTaV3 on GLUE), ``warmup_steps=100`` (``reflora_warmup``). Memory
-per pair: AdamW's ``2(m + n) r``.
+per pair: AdamW's ``2(m + n) r``. On FSDP2 row-sharded factors (docs/distributed.md) the gauge
+comes from CholeskyQR2 frames of all-reduced Grams: two ``r x r`` all-reduces per step and bucket
+(one for RefLoRA-S), equal to one process to rounding.
 """
 
 from __future__ import annotations
@@ -71,10 +73,12 @@ from geolora.optim.gauge import (
     GaugeHook,
     balanced_with_spectrum,
     reflora_preconditioner,
+    scalar_factors,
 )
 from geolora.optim.geometry import FactorGeometry, FactorStep
 from geolora.optim.manifold_pair import _cluster_weights
 from geolora.optim.preconditioners.factor import FactorAdamW
+from geolora.optim.sharding import LOCAL, RowSum
 from geolora.optim.validation import check_choice
 
 __all__ = ["REFLORA_MODES", "RefLoRA", "RefLoRAGauge", "reflora_gradients"]
@@ -83,11 +87,12 @@ __all__ = ["REFLORA_MODES", "RefLoRA", "RefLoRAGauge", "reflora_gradients"]
 REFLORA_MODES = ("refactor", "precondition")
 
 
-def reflora_gradients(x: FactorPoint, g: FactorTangent) -> FactorTangent:
+def reflora_gradients(x: FactorPoint, g: FactorTangent, reduce: RowSum = LOCAL) -> FactorTangent:
     """The authors' preconditioned factor gradients ``(∇_M S*, ∇_N S*⁻¹)`` with
     ``S* = G_N⁻¹ # G_M`` (:func:`~geolora.optim.gauge.reflora_preconditioner`); ``g``'s dtype.
-    Shapes ``(..., m, r)``, ``(..., n, r)``."""
-    S, S_inv = reflora_preconditioner(x.M, x.N)
+    Shapes ``(..., m, r)``, ``(..., n, r)`` (row-sharded: the local rows, ``reduce`` the bucket's
+    reducer; ``S*`` is replicated, the products row-local)."""
+    S, S_inv = reflora_preconditioner(x.M, x.N, reduce)
     return FactorTangent(g.M @ S.to(g.M.dtype), g.N @ S_inv.to(g.N.dtype))
 
 
@@ -96,7 +101,11 @@ class RefLoRAGauge(GaugeHook):
     the ``policy`` representative (``"balanced"``: the optimal refactoring, with the cluster
     average of equal singular values handed to the preconditioner; ``"scalar"``: RefLoRA-S);
     ``mode="precondition"`` preconditions the gradients instead and moves nothing. Per-group
-    hyperparameters ``policy``, ``mode``, ``warmup_steps``."""
+    hyperparameters ``policy``, ``mode``, ``warmup_steps``. Runs on row shards (FSDP2): the
+    frames by CholeskyQR2 through the reducer, ``‖M‖_F``, ``‖N‖_F`` reduced for the scalar
+    policy; a policy registered in ``GAUGE_POLICIES`` by the user is refused there."""
+
+    row_shards = True  # every sum over rows through the reducer; the state moves are row-local
 
     def __init__(
         self, policy: str = "balanced", mode: str = "refactor", warmup_steps: int = 100
@@ -119,16 +128,28 @@ class RefLoRAGauge(GaugeHook):
     def due(self, group: dict[str, Any], step: int) -> bool:
         return step > group["warmup_steps"]
 
-    def apply(self, x, g, state, group, step):
+    def apply(self, x, g, state, group, step, reduce: RowSum = LOCAL):
         if self.due(group, step) and group["mode"] == "precondition":
-            return x, reflora_gradients(x, g), {}
-        return super().apply(x, g, state, group, step)
+            return x, reflora_gradients(x, g, reduce), {}
+        return super().apply(x, g, state, group, step, reduce)
 
-    def choose(self, x: FactorPoint, group: dict[str, Any]) -> tuple[FactorPoint, Gauge, dict]:
-        if group["policy"] != "balanced":
-            new, gauge = GAUGE_POLICIES[group["policy"]](x.M, x.N)
+    def choose(
+        self, x: FactorPoint, group: dict[str, Any], reduce: RowSum = LOCAL
+    ) -> tuple[FactorPoint, Gauge, dict]:
+        policy = group["policy"]
+        if policy != "balanced":
+            if not reduce.sharded:
+                new, gauge = GAUGE_POLICIES[policy](x.M, x.N)
+            elif GAUGE_POLICIES[policy] is scalar_factors:
+                new, gauge = scalar_factors(x.M, x.N, reduce)
+            else:
+                raise NotImplementedError(
+                    f"RefLoRA(policy={policy!r}) does not run on row-sharded factors: the policy "
+                    f"is a function of the whole factors; use policy='balanced' or 'scalar', or "
+                    f"sharded='gather'"
+                )
             return new, gauge, {}
-        new, gauge, sig, ok = balanced_with_spectrum(x.M, x.N)
+        new, gauge, sig, ok = balanced_with_spectrum(x.M, x.N, reduce=reduce)
         average = _cluster_weights(sig.to(x.M.dtype))
         if average is None:
             return new, gauge, {}

@@ -61,6 +61,7 @@ __all__ = [
     "gram_polar",
     "gram_qr",
     "gram_qr_blocks",
+    "gram_qr_pair",
     "gram_qr_sides",
     "is_dtensor",
     "load_optimizer_state_dcp",
@@ -79,13 +80,9 @@ ROW_SHARD_REFUSALS: dict[str, str] = {
     "on every rank and a reduce-scatter of Ẋᵀ U (n×r), not only r×r sums",
     "LiftedShampoo": "its row-sharded step (QR frames, the Frequent-Directions sketch Grams) is "
     "not written yet, and its exact statistics (sketch_rank=None) are m×m and n×n",
-    "LoRAMFixedRank": "its retraction (QR of the m×2r and n×2r blocks [U Up], [V Vp]) has no "
-    "row-sharded form yet",
-    "LoRAMBoundedRank": "its retraction (QR of V + cV̇p and of K⁺) has no row-sharded form yet",
     "LoRAPro": "its Adam moments are dense m×n matrices (as AdamS)",
     "Riemannion": "its retraction (QR of [U Up], [V Vp], the 2r×2r polar core) has no "
     "row-sharded form yet",
-    "RefLoRA": "its row-sharded step (the balanced gauge from the two Grams) is not written yet",
 }
 
 
@@ -702,6 +699,17 @@ def gram_polar(
     g = (got_M if side == "M" else got_N)[0]
     lam, W = torch.linalg.eigh(0.5 * (g + transpose(g)))
     return x @ ((W * lam.rsqrt().unsqueeze(-2)) @ transpose(W))
+def gram_qr_pair(
+    M: Tensor, N: Tensor, reduce: RowSum
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """:func:`gram_qr_sides` of a bucket's ``M: (..., m_local, r)`` and ``N: (..., n_local, r)``
+    with their global row counts: ``((U, R_M), (V, R_N))``, ``U``, ``V`` the local rows, all
+    float64 (two reductions for both factors, three where a Gram needs the shift)."""
+    (U, RM), (V, RN) = gram_qr_sides(
+        [(M, "M", reduce.rows("M", M.shape[-2])), (N, "N", reduce.rows("N", N.shape[-2]))],
+        reduce,
+    )
+    return (U, RM), (V, RN)
 
 
 # --- FSDP2 placement -----------------------------------------------------------------------------
