@@ -159,6 +159,7 @@ from geolora.optim.sharding import (
     gram_qr,
     gram_qr_blocks,
     is_dtensor,
+    local_amax,
     local_tensor,
 )
 from geolora.optim.validation import check_bool, check_choice, check_range
@@ -873,9 +874,10 @@ class StiefelGeometry(_OwnedPoint):
 
     def entry_policy(self, group: dict[str, Any], B: Tensor, A: Tensor) -> str:
         if is_dtensor(B):  # row shards: decided on reduced quantities, alike on every rank
-            if bool(B.detach().abs().amax().full_tensor() == 0):  # (a NaN is not zero)
+            gram = dtensor_gram(B, 0)
+            if bool((torch.diagonal(gram) == 0).all()):  # B = 0 (a NaN is not zero)
                 return "refactor"
-            lam = torch.linalg.eigvalsh(dtensor_gram(B, 0))
+            lam = torch.linalg.eigvalsh(gram)
             return "robust" if bool(lam[0] <= _SHARDED_GRAM_RTOL * lam[-1]) else "enter"
         return "refactor" if rank_deficient(B) else "enter"
 
@@ -887,7 +889,7 @@ class StiefelGeometry(_OwnedPoint):
         cd = compute_dtype(B.dtype)
         b, n_ = B.detach().to(cd), transpose(A.detach()).to(cd)
         if reduce.sharded:  # local rows (class docstring)
-            (top,), _ = reduce(M=[b.abs().amax().reshape(1)], op="max")
+            (top,), _ = reduce(M=[local_amax(b.abs()).reshape(1)], op="max")
             m = reduce.rows("M", b.shape[0])
             if bool(top == 0):
                 q = orthonormal_init(m, b.shape[1], group.get("name"), like=b)

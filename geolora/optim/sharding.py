@@ -64,6 +64,7 @@ __all__ = [
     "gram_qr_pair",
     "gram_qr_sides",
     "is_dtensor",
+    "local_amax",
     "load_optimizer_state_dcp",
     "local_tensor",
     "optimizer_state_dcp",
@@ -84,6 +85,23 @@ ROW_SHARD_REFUSALS: dict[str, str] = {
     "Riemannion": "its retraction (QR of [U Up], [V Vp], the 2r×2r polar core) has no "
     "row-sharded form yet",
 }
+
+
+def local_amax(t: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """``t.amax(dim)`` of a local shard of nonnegative values that may be empty (FSDP2 gives the
+    last ranks no rows when a factor has fewer rows than ``world · ⌈rows / world⌉``): an empty
+    reduction gives 0, the identity of a max over the ranks of nonnegative values. Every rank
+    must reach the same collectives, so a shard-local error is not an option."""
+    if t.numel() == 0:
+        if dim is None:
+            return t.new_zeros(())
+        shape = list(t.shape)
+        if keepdim:
+            shape[dim] = 1
+        else:
+            del shape[dim]
+        return t.new_zeros(shape)
+    return t.amax() if dim is None else t.amax(dim=dim, keepdim=keepdim)
 
 
 def is_dtensor(t: Any) -> bool:

@@ -37,7 +37,7 @@ from geolora.linalg import transpose
 from geolora.manifolds.frame import tangent_to_factors
 from geolora.manifolds.types import FixedRankTangent
 from geolora.optim.preconditioners.base import LowRank
-from geolora.optim.sharding import LOCAL, RowSum
+from geolora.optim.sharding import LOCAL, RowSum, local_amax
 from geolora.optim.validation import check_range
 
 
@@ -151,7 +151,7 @@ class RACSPreconditioner:
         top_q = top_s = None
         if reduce.sharded:  # the relative floors need the maxima over all rows
             (top_q,), (top_s,) = reduce(
-                M=[mq.amax(dim=-1, keepdim=True)], N=[ms.amax(dim=-1, keepdim=True)], op="max"
+                M=[local_amax(mq, -1, keepdim=True)], N=[local_amax(ms, -1, keepdim=True)], op="max"
             )
         dq = inv_sqrt_floored(mq, eps, top_q)
         ds = inv_sqrt_floored(ms, eps, top_s)
