@@ -13,7 +13,8 @@ process here.
   LRACS under the balanced and the preconditioned metric, LiftedSGD with Nesterov momentum,
   StiefelLoRA with each retraction, coordinate-wise, from ``B = 0`` and from a rank-deficient
   ``B``, RefLoRA with warm-up 2 and 0, the scalar policy and ``mode="precondition"``, LoRAM-FR
-  and LoRAM-BR from ``B = 0`` and with ``lora_A`` gathered),
+  and LoRAM-BR from ``B = 0`` and with ``lora_A`` gathered, Riemannion with the SVD and, Nesterov,
+  with Newton–Schulz),
   the whole-pair gather of an optimizer without a
   row-sharded step (AdamS, ``sharded="gather"``), and the optimizer state stored as
   ``DTensor`` s with the factors' placements.
@@ -66,6 +67,7 @@ from geolora.optim import (
     LoRAPlus,
     LoRARite,
     RefLoRA,
+    Riemannion,
     RiemannianPreconditionedAdamW,
     ScaledGD,
     StiefelLoRA,
@@ -114,6 +116,10 @@ OPTIMIZERS: dict[str, Any] = {
     "lracs_precond": lambda g, **k: LRACS(g, lr=1e-2, robust_steps=1, metric="preconditioned", **k),
     "loram_fr": lambda g, **k: LoRAMFixedRank(g, lr=1e-3, robust_steps=1, **k),
     "loram_br": lambda g, **k: LoRAMBoundedRank(g, lr=1e-2, **k),
+    "riemannion": lambda g, **k: Riemannion(g, lr=1e-2, robust_steps=1, **k),
+    "riemannion_ns": lambda g, **k: Riemannion(
+        g, lr=1e-2, robust_steps=1, nesterov=True, orthogonalize="newton_schulz", **k
+    ),
     # (no robust start: B = 0 enters St(m, r) by a re-factoring step, the default)
     "stiefel_lora": lambda g, **k: StiefelLoRA(g, lr=1e-2, **k),
     "stiefel_polar": lambda g, **k: StiefelLoRA(g, lr=1e-2, retraction="polar", **k),
@@ -146,6 +152,8 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "loram_fr_default": ("loram_fr", "gaussian", "default", False),
     "loram_br_zero_rows_mixed": ("loram_br", "zero", "rows", True),
     "loram_br_default": ("loram_br", "gaussian", "default", False),
+    "riemannion_zero_rows_mixed": ("riemannion", "zero", "rows", True),
+    "riemannion_ns_default": ("riemannion_ns", "gaussian", "default", False),
     "stiefel_rows_mixed": ("stiefel_lora", "gaussian", "rows", True),
     "stiefel_zero_rows": ("stiefel_lora", "zero", "rows", False),
     "stiefel_polar_default": ("stiefel_polar", "gaussian", "default", False),
@@ -161,7 +169,8 @@ RUNS: dict[int, list[str]] = {
     4: [
         "loraplus_rows_mixed", "rpadamw_zero_rows_mixed", "scaled_gd_zero_default",
         "rite_zero_rows_mixed", "lracs_zero_rows_mixed", "loram_fr_zero_rows_mixed",
-        "loram_br_zero_rows_mixed", "stiefel_rows_mixed", "stiefel_zero_rows",
+        "loram_br_zero_rows_mixed", "riemannion_zero_rows_mixed", "stiefel_rows_mixed",
+        "stiefel_zero_rows",
         "stiefel_polar_default", "stiefel_cayley_rows", "reflora_rows",
         "reflora_w0_zero_rows_mixed", "reflora_precond_rows", "gram_qr", "dcp_save",
         "dcp_save_rite", "dcp_save_stiefel", "zoo",
@@ -799,6 +808,13 @@ def test_loram_state_sides_and_reductions(runs) -> None:
     assert st["0.lora_B.exp_avg_sq_K"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
     assert st["0.lora_B.exp_avg_Vp"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
     assert br["comm"][0] == 2 * 4 + 8 * STEPS + 1
+    # Riemannion: LoRAM-FR's geometry, plus the orthogonalised momentum's QRs (2) and UᵀZV (1)
+    ri = _ok(runs[2][0]["riemannion_zero_rows_mixed"])
+    st = ri["state"]
+    assert st["0.lora_B.momentum_Up"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+    assert st["0.lora_B.momentum_Vp"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
+    assert st["0.lora_B.momentum_M"] == "Tensor torch.float64 (3, 3)"
+    assert ri["comm"][0] == 2 * 2 + 7 * (STEPS - 1) + 1
 
 
 def test_stiefel_state_sides_and_reductions(runs) -> None:
@@ -872,7 +888,7 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
 
 ROW_SHARDED = {
     "loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd", "loram_fr", "loram_br",
-    "stiefel_lora", "reflora",
+    "stiefel_lora", "reflora", "riemannion",
 }
 
 

@@ -1190,7 +1190,12 @@ def msign(K: Tensor, method: str = "svd", *, rtol: float, ns_steps: int = 5) -> 
 
 
 def tangent_msign(
-    pt: FixedRankPoint, t: FixedRankTangent, method: str = "svd", *, ns_steps: int = 5
+    pt: FixedRankPoint,
+    t: FixedRankTangent,
+    method: str = "svd",
+    *,
+    ns_steps: int = 5,
+    reduce: RowSum = LOCAL,
 ) -> FixedRankTangent:
     """``P_T(msign(Ẋ))`` for the tangent vector ``t = (M, Up, Vp)`` at ``pt = (U, S, V)``.
 
@@ -1200,12 +1205,20 @@ def tangent_msign(
     ``msign(Ẋ) V = Q_L (O T_R[:, :r])`` and ``msign(Ẋ)ᵀ U = Q_R (Oᵀ T_L[:, :r])`` feed the
     tangent projection. Any QR sign convention gives the same result. Cost ``O((m + n) r²)``;
     shapes as :class:`~geolora.manifolds.types.FixedRankTangent`, stacked ``(..., ·, ·)``.
+
+    Row-sharded factors (``reduce`` sharded): the QRs through the reducer
+    (:func:`~geolora.optim.sharding.gram_qr_blocks`; where a block is rank deficient its ``Q``
+    has zero columns, which meet only zero rows of ``O``) and the projection's ``UᵀZV`` reduced.
     """
     u, _, v = pt
     r = u.shape[-1]
     dt = u.dtype
-    ql, tl = thin_qr(torch.cat([u, t.Up], dim=-1))
-    qr_, tr = thin_qr(torch.cat([v, t.Vp], dim=-1))
+    blocks = [torch.cat([u, t.Up], dim=-1), torch.cat([v, t.Vp], dim=-1)]
+    if reduce.sharded:
+        (ql, tl), (qr_, tr) = _sharded_qr(reduce)(blocks)
+        ql, qr_ = ql.to(dt), qr_.to(dt)
+    else:
+        (ql, tl), (qr_, tr) = thin_qr(blocks[0]), thin_qr(blocks[1])
     wd = torch.float64
     tl, tr = tl.to(wd), tr.to(wd)
     tl1, tl2 = tl[..., :r], tl[..., r:]
@@ -1215,7 +1228,10 @@ def tangent_msign(
     O = msign(core, method, rtol=float(torch.finfo(dt).eps) ** 0.5, ns_steps=ns_steps)
     zv = ql @ (O @ tr1).to(dt)
     ztu = qr_ @ (transpose(O) @ tl1).to(dt)
-    return fixed_rank_project(pt, zv, ztu)
+    if not reduce.sharded:
+        return fixed_rank_project(pt, zv, ztu)
+    (m,), _ = reduce(M=[transpose(u) @ zv])  # fixed_rank_project with the reduced UᵀZV
+    return FixedRankTangent(m, zv - u @ m, ztu - v @ transpose(m))
 
 
 class SpectralMomentum:
@@ -1229,6 +1245,10 @@ class SpectralMomentum:
 
     name = "spectral_momentum"
     functional_state = True
+    row_shards = True  # through tangent_msign's reducer (the point's)
+    state_sides: dict[str, str | None] = {
+        "momentum_M": None, "momentum_Up": "M", "momentum_Vp": "N"
+    }
     gauge_rules: dict[str, str] = {}
 
     def __init__(
@@ -1270,7 +1290,7 @@ class SpectralMomentum:
             d = FixedRankTangent(*(torch.add(a, b, alpha=beta) for a, b in zip(xi, mom)))
         state["momentum_M"], state["momentum_Up"], state["momentum_Vp"] = mom
         p = ctx.point
-        D = tangent_msign(p.pt, d, hp["orthogonalize"], ns_steps=hp["ns_steps"])
+        D = tangent_msign(p.pt, d, hp["orthogonalize"], ns_steps=hp["ns_steps"], reduce=p.reduce)
         return ctx.geometry.mask(D, p)
 
     def transport(self, state: dict[str, Tensor], transport: Transport, hp: dict) -> None:

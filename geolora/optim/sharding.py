@@ -82,8 +82,6 @@ ROW_SHARD_REFUSALS: dict[str, str] = {
     "LiftedShampoo": "its row-sharded step (QR frames, the Frequent-Directions sketch Grams) is "
     "not written yet, and its exact statistics (sketch_rank=None) are m×m and n×n",
     "LoRAPro": "its Adam moments are dense m×n matrices (as AdamS)",
-    "Riemannion": "its retraction (QR of [U Up], [V Vp], the 2r×2r polar core) has no "
-    "row-sharded form yet",
 }
 
 
