@@ -88,6 +88,8 @@ RITE_FP32_TOL = 1e-6  # measured 5e-8 relative after 10 steps
 #: RefLoRA (balanced) in float32: float64 CholeskyQR2 frames against float32 Householder ones,
 #: the difference carried by Adam's element-wise division (measured 7.2e-7 relative)
 REFLORA_FP32, REFLORA_FP32_TOL = "fp32_reflora", 1e-5
+#: LoRAM-BR with bfloat16 factors (its point and moments in float32, the compute dtype)
+LORAM_BF16 = "bf16_loram"
 STEPS = 10
 TOL64 = 1e-12
 #: LoRA-RITE's sharded frame is CholeskyQR2 (float64 Grams), one process's is Householder QR:
@@ -173,11 +175,12 @@ RUNS: dict[int, list[str]] = {
         "stiefel_zero_rows",
         "stiefel_polar_default", "stiefel_cayley_rows", "reflora_rows",
         "reflora_w0_zero_rows_mixed", "reflora_precond_rows", "gram_qr", "dcp_save",
-        "dcp_save_rite", "dcp_save_stiefel", "zoo",
+        "dcp_save_rite", "dcp_save_stiefel", "dcp_save_loram", "zoo",
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
-        "dcp_resume", "dcp_resume_rite", "dcp_resume_stiefel", "stiefel_deficient", "stiefel_nan",
+        "dcp_resume", "dcp_resume_rite", "dcp_resume_stiefel", "dcp_resume_loram",
+        "stiefel_deficient", "stiefel_nan", LORAM_BF16,
         "reflora_refuse", "fp32_reflora",
     ],
 }
@@ -524,7 +527,7 @@ def _run_zoo(rank: int, world: int) -> dict[str, Any]:
 
 DCP_OPT, DCP_INIT = "rpadamw", "zero"
 #: checkpoint case suffix -> optimizer (LoRA-RITE: factor-row state basis_U/V, r×r state whole)
-DCP_CASES = {"": DCP_OPT, "_rite": "lora_rite", "_stiefel": "stiefel_lora"}
+DCP_CASES = {"": DCP_OPT, "_rite": "lora_rite", "_stiefel": "stiefel_lora", "_loram": "loram_br"}
 
 
 def _run_dcp(stage: str, rank: int, world: int, ckpt: str, opt_name: str = DCP_OPT) -> dict[str, Any]:
@@ -565,6 +568,8 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_train(name, rank, world)
                 elif name in LOW_PRECISION:
                     results[name] = closed_form_run(LOW_PRECISION[name], world)
+                elif name == LORAM_BF16:
+                    results[name] = closed_form_run(torch.bfloat16, world, "loram_br")
                 elif name == RITE_FP32:
                     results[name] = closed_form_run(torch.float32, world, "lora_rite")
                 elif name.startswith("nan_"):
@@ -728,13 +733,16 @@ def test_refusals_are_clear(runs) -> None:
 @pytest.mark.parametrize("case", list(DCP_CASES), ids=[DCP_CASES[c] for c in DCP_CASES])
 def test_dcp_save_on_4_resume_on_2(case: str, runs) -> None:
     saved = _ok(runs[4][0][f"dcp_save{case}"])["state"]
-    first = "exp_avg_B" if case == "_stiefel" else "exp_avg_M"
+    first = {"_stiefel": "exp_avg_B", "_loram": "exp_avg_K"}.get(case, "exp_avg_M")
     assert saved[f"0.lora_B.{first}"].startswith("DTensor(Shard(dim=0),)")
     got = _ok(runs[2][0][f"dcp_resume{case}"])
     assert got["state"][f"0.lora_B.{first}"].startswith("DTensor(Shard(dim=0),)")
     if case == "_stiefel":  # the owned point holds factor rows, the norm-based v_B is whole
         assert got["state"]["0.lora_B.B"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
         assert got["state"]["0.lora_B.exp_avg_sq_B"] == "Tensor torch.float64 (1, 1)"
+    if case == "_loram":  # LoRAM-BR's owned point (K, V) holds factor rows
+        assert got["state"]["0.lora_B.K"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"
+        assert got["state"]["0.lora_B.V"] == "DTensor(Shard(dim=0),) torch.float64 (12, 3)"
     if case == "_rite":  # the bases are factor rows, the r×r statistics whole on every rank
         assert got["state"]["0.lora_B.basis_V"].startswith("DTensor(Shard(dim=0),)")
         assert got["state"]["0.lora_B.exp_avg_sq_N"] == "Tensor torch.float64 (3, 3)"
@@ -851,6 +859,22 @@ def test_stiefel_rank_deficient_b_takes_robust_steps_on_shards(runs) -> None:
     st = got[0]["state"]
     assert st["B0.B"] == "DTensor(Shard(dim=0),) torch.float64 (13, 3)"  # entered afterwards
     assert not any("robust_exp_avg" in k for k in st)
+
+
+def test_loram_bf16_factors_fp32_state(runs) -> None:
+    """LoRAM-BR with bfloat16 factors: its point and moments in float32 (DTensors with the
+    factors' rows); the factors within one bfloat16 rounding (2⁻⁸ relative to the largest entry)
+    of one process, whose float32 frames come from Householder QR (measured: bitwise equal)."""
+    got = [_ok(r[LORAM_BF16]) for r in runs[2]]
+    want = closed_form_run(torch.bfloat16, opt_name="loram_br")
+    start = _Pairs(torch.bfloat16)
+    for n, w in want["params"].items():
+        assert not torch.equal(w, start.get_parameter(n).detach()), f"{n} not trained"
+        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
+        rel = ((got[0]["params"][n].float() - w.float()).abs().max() / w.float().abs().max()).item()
+        assert rel <= 2.0**-8, f"{n}: relative deviation {rel:.3g}"
+    assert got[0]["state"]["B0.K"] == "DTensor(Shard(dim=0),) torch.float32 (13, 3)"
+    assert got[0]["state"]["B0.exp_avg_sq_Vp"] == "DTensor(Shard(dim=0),) torch.float32 (12, 3)"
 
 
 def test_rite_fp32_sharded_within_rounding(runs) -> None:

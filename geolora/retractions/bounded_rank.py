@@ -294,8 +294,9 @@ def canonical_qfactor_retraction(
                 "the singular values of the whole K⁺); use nuclear_mode='subgradient' or "
                 "sharded='gather'"
             )
-        q64, rq = qr(torch.add(v, dvp, alpha=c), "N")
-        q, dq = q64.to(v.dtype), torch.ones(rq.shape[:-1], dtype=rq.dtype, device=rq.device)
+        q64, rq64 = qr(torch.add(v, dvp, alpha=c), "N")
+        q, rq = q64.to(v.dtype), rq64.to(v.dtype)
+        dq = torch.ones(rq.shape[:-1], dtype=rq.dtype, device=rq.device)
     e = transpose(dvp) @ q  # V̇pᵀ q
     if sums is not None:
         _, (e,) = sums(N=[e])
