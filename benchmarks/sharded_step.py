@@ -41,7 +41,10 @@ import torch.multiprocessing as mp
 from geolora.bench.perf import MINILM_SHAPES
 
 WORLD = 2
-OPTIMIZERS = ("loraplus", "scaledgd", "rpadamw", "lora_rite", "lracs", "adams")
+OPTIMIZERS = (
+    "loraplus", "scaledgd", "rpadamw", "lora_rite", "lracs", "loram_fr", "loram_br",
+    "stiefel_lora", "reflora", "riemannion", "adams",
+)
 LAYOUTS = ("replicated", "rows", "default")
 
 
@@ -49,10 +52,15 @@ def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     from geolora.optim import (
         LRACS,
         AdamS,
+        LoRAMBoundedRank,
+        LoRAMFixedRank,
         LoRAPlus,
         LoRARite,
+        RefLoRA,
         RiemannianPreconditionedAdamW,
+        Riemannion,
         ScaledGD,
+        StiefelLoRA,
     )
 
     if name == "loraplus":
@@ -63,6 +71,16 @@ def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
         return RiemannianPreconditionedAdamW(groups, lr=1e-4)
     if name == "lora_rite":
         return LoRARite(groups, lr=1e-4)
+    if name == "loram_fr":
+        return LoRAMFixedRank(groups, lr=1e-4)
+    if name == "loram_br":
+        return LoRAMBoundedRank(groups, lr=1e-4)
+    if name == "stiefel_lora":
+        return StiefelLoRA(groups, lr=1e-4)
+    if name == "reflora":
+        return RefLoRA(groups, lr=1e-4, warmup_steps=0)
+    if name == "riemannion":
+        return Riemannion(groups, lr=1e-4)
     if name == "adams":  # no row-sharded step (dense moments): the explicit whole-pair gather
         return AdamS(groups, lr=1e-4, robust_steps=0, sharded="gather")
     return LRACS(groups, lr=1e-4, robust_steps=0)
