@@ -67,8 +67,8 @@ from geolora.optim import (
     LoRAPlus,
     LoRARite,
     RefLoRA,
-    Riemannion,
     RiemannianPreconditionedAdamW,
+    Riemannion,
     ScaledGD,
     StiefelLoRA,
 )
@@ -861,18 +861,24 @@ def test_stiefel_rank_deficient_b_takes_robust_steps_on_shards(runs) -> None:
     assert not any("robust_exp_avg" in k for k in st)
 
 
+def _assert_near_one_process(got: list[dict], want: dict, dtype: torch.dtype, tol: float) -> None:
+    """Every factor trained, the ranks bitwise equal, and the sharded factors within ``tol``
+    relative to the largest entry of one process's."""
+    start = _Pairs(dtype)
+    for n, w in want["params"].items():
+        assert not torch.equal(w, start.get_parameter(n).detach()), f"{n} not trained"
+        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
+        rel = ((got[0]["params"][n].float() - w.float()).abs().max() / w.float().abs().max()).item()
+        assert rel <= tol, f"{n}: relative deviation {rel:.3g}"
+
+
 def test_loram_bf16_factors_fp32_state(runs) -> None:
     """LoRAM-BR with bfloat16 factors: its point and moments in float32 (DTensors with the
     factors' rows); the factors within one bfloat16 rounding (2⁻⁸ relative to the largest entry)
     of one process, whose float32 frames come from Householder QR (measured: bitwise equal)."""
     got = [_ok(r[LORAM_BF16]) for r in runs[2]]
     want = closed_form_run(torch.bfloat16, opt_name="loram_br")
-    start = _Pairs(torch.bfloat16)
-    for n, w in want["params"].items():
-        assert not torch.equal(w, start.get_parameter(n).detach()), f"{n} not trained"
-        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
-        rel = ((got[0]["params"][n].float() - w.float()).abs().max() / w.float().abs().max()).item()
-        assert rel <= 2.0**-8, f"{n}: relative deviation {rel:.3g}"
+    _assert_near_one_process(got, want, torch.bfloat16, 2.0**-8)
     assert got[0]["state"]["B0.K"] == "DTensor(Shard(dim=0),) torch.float32 (13, 3)"
     assert got[0]["state"]["B0.exp_avg_sq_Vp"] == "DTensor(Shard(dim=0),) torch.float32 (12, 3)"
 
@@ -883,12 +889,7 @@ def test_rite_fp32_sharded_within_rounding(runs) -> None:
     differ by (amplified over the steps), not to the bit."""
     got = [_ok(r[RITE_FP32]) for r in runs[2]]
     want = closed_form_run(torch.float32, opt_name="lora_rite")
-    start = _Pairs(torch.float32)
-    for n, w in want["params"].items():
-        assert not torch.equal(w, start.get_parameter(n).detach()), f"{n} not trained"
-        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
-        rel = ((got[0]["params"][n] - w).abs().max() / w.abs().max()).item()
-        assert rel < RITE_FP32_TOL, f"{n}: relative deviation {rel:.3g}"
+    _assert_near_one_process(got, want, torch.float32, RITE_FP32_TOL)
     assert got[0]["state"]["B0.basis_U"] == "DTensor(Shard(dim=0),) torch.float32 (13, 3)"
 
 
@@ -982,8 +983,5 @@ def test_reflora_fp32_sharded_within_rounding(runs) -> None:
     carries it, not to the bit; the ranks agree bitwise."""
     got = [_ok(r[REFLORA_FP32]) for r in runs[2]]
     want = closed_form_run(torch.float32, opt_name="reflora")
-    for n, w in want["params"].items():
-        assert torch.equal(got[0]["params"][n], got[1]["params"][n]), "ranks disagree"
-        rel = ((got[0]["params"][n] - w).abs().max() / w.abs().max()).item()
-        assert rel < REFLORA_FP32_TOL, f"{n}: relative deviation {rel:.3g}"
+    _assert_near_one_process(got, want, torch.float32, REFLORA_FP32_TOL)
     assert got[0]["state"]["B0.exp_avg_sq_N"] == "DTensor(Shard(dim=0),) torch.float32 (12, 3)"

@@ -447,6 +447,16 @@ class _OwnedPoint:
         return d  # directions are tangent vectors of the manifold already
 
 
+def entry_svd(B: Tensor, A: Tensor, reduce: RowSum = LOCAL) -> FixedRankPoint:
+    """The truncated SVD of ``X = B A`` by which a LoRA pair enters an owned fixed-rank or
+    bounded-rank point: :meth:`FixedRank.from_factors` (``allow_zero=True``), or
+    :func:`row_sharded_svd` for the local rows of sharded factors (``reduce`` sharded)."""
+    if reduce.sharded:
+        return row_sharded_svd(B, A, reduce)
+    m, r = B.shape
+    return FixedRank(m, A.shape[1], r).from_factors(B, A, allow_zero=True)
+
+
 def row_sharded_svd(B: Tensor, A: Tensor, reduce: RowSum) -> FixedRankPoint:
     """:meth:`FixedRank.from_factors` (``allow_zero=True``) of ``X = B A`` for factors whose rows
     are sharded: ``B: (m_local, r)``, ``A: (r, n_local)`` the local parts. The QRs of ``B`` and
@@ -532,11 +542,7 @@ class FixedRankGeometry(_OwnedPoint):
     def init_state(
         self, group: dict[str, Any], B: Tensor, A: Tensor, reduce: RowSum = LOCAL
     ) -> dict[str, Tensor]:
-        if reduce.sharded:  # local rows
-            pt = row_sharded_svd(B.detach(), A.detach(), reduce)
-        else:
-            m, r = B.shape
-            pt = FixedRank(m, A.shape[1], r).from_factors(B.detach(), A.detach(), allow_zero=True)
+        pt = entry_svd(B.detach(), A.detach(), reduce)
         return {"U": pt.U, "S": pt.S, "V": pt.V}
 
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
@@ -669,11 +675,7 @@ class BoundedRankGeometry(_OwnedPoint):
     def init_state(
         self, group: dict[str, Any], B: Tensor, A: Tensor, reduce: RowSum = LOCAL
     ) -> dict[str, Tensor]:
-        if reduce.sharded:  # local rows
-            pt = row_sharded_svd(B.detach(), A.detach(), reduce)
-        else:
-            m, r = B.shape
-            pt = FixedRank(m, A.shape[1], r).from_factors(B.detach(), A.detach(), allow_zero=True)
+        pt = entry_svd(B.detach(), A.detach(), reduce)
         return {"K": pt.U * pt.S.unsqueeze(-2), "V": pt.V}
 
     def point_factors(self, state: dict[str, Tensor]) -> FactorPoint:
