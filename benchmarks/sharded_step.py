@@ -63,27 +63,23 @@ def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
         StiefelLoRA,
     )
 
-    if name == "loraplus":
-        return LoRAPlus(groups, lr=1e-4)
-    if name == "scaledgd":
-        return ScaledGD(groups, lr=1e-4, momentum=0.9)
-    if name == "rpadamw":
-        return RiemannianPreconditionedAdamW(groups, lr=1e-4)
-    if name == "lora_rite":
-        return LoRARite(groups, lr=1e-4)
-    if name == "loram_fr":
-        return LoRAMFixedRank(groups, lr=1e-4)
-    if name == "loram_br":
-        return LoRAMBoundedRank(groups, lr=1e-4)
-    if name == "stiefel_lora":
-        return StiefelLoRA(groups, lr=1e-4)
-    if name == "reflora":
-        return RefLoRA(groups, lr=1e-4, warmup_steps=0)
-    if name == "riemannion":
-        return Riemannion(groups, lr=1e-4)
-    if name == "adams":  # no row-sharded step (dense moments): the explicit whole-pair gather
-        return AdamS(groups, lr=1e-4, robust_steps=0, sharded="gather")
-    return LRACS(groups, lr=1e-4, robust_steps=0)
+    # (class, options beyond lr=1e-4); AdamS has no row-sharded step (dense moments): the
+    # explicit whole-pair gather
+    table: dict[str, tuple[type, dict[str, Any]]] = {
+        "loraplus": (LoRAPlus, {}),
+        "scaledgd": (ScaledGD, {"momentum": 0.9}),
+        "rpadamw": (RiemannianPreconditionedAdamW, {}),
+        "lora_rite": (LoRARite, {}),
+        "lracs": (LRACS, {"robust_steps": 0}),
+        "loram_fr": (LoRAMFixedRank, {}),
+        "loram_br": (LoRAMBoundedRank, {}),
+        "stiefel_lora": (StiefelLoRA, {}),
+        "reflora": (RefLoRA, {"warmup_steps": 0}),
+        "riemannion": (Riemannion, {}),
+        "adams": (AdamS, {"robust_steps": 0, "sharded": "gather"}),
+    }
+    cls, kw = table[name]
+    return cls(groups, lr=1e-4, **kw)
 
 
 def _pairs(layout: str, r: int) -> tuple[list[dict], list[tuple[torch.Tensor, ...]]]:
