@@ -95,7 +95,9 @@ class LoRAMFixedRank(PairOptimizer):
     Adam's ``betas=(0.9, 0.999)``, ``eps=1e-8`` (not stated in the paper).
     Zero-initialised LoRA goes through the base class's robust AdamW start until ``B A`` has rank
     r, then the truncated SVD enters the manifold (module docstring). Memory per pair:
-    ``2(m + n) r + r`` for the point plus ``2((m + n) r + r²)`` for the moments.
+    ``2(m + n) r + r`` for the point plus ``2((m + n) r + r²)`` for the moments. Steps on
+    row-sharded factors (FSDP2) with four ``r x r`` all-reduce rounds per bucket
+    (:class:`~geolora.optim.manifold_pair.FixedRankGeometry`; not ``coordinate_wise=False``).
     """
 
     # Groups saved before these options existed resume the box.
@@ -163,7 +165,10 @@ class LoRAMBoundedRank(PairOptimizer):
 
     Defaults from the paper: ``lr=1e-4`` (Table 1), ``alpha=0.5`` (Alg. 6), ``nuclear_norm=1e-3``
     (Table 1 note b: worse with 0), Adam's ``betas``/``eps``. A zero-initialised ``B`` needs no
-    robust start (``K = 0`` is a point); ``robust_steps`` still works if asked for.
+    robust start (``K = 0`` is a point); ``robust_steps`` still works if asked for. Steps on
+    row-sharded factors (FSDP2) with eight ``r x r`` all-reduce rounds per bucket
+    (:class:`~geolora.optim.manifold_pair.BoundedRankGeometry`; not ``coordinate_wise=False`` or
+    ``nuclear_mode="prox"``).
     """
 
     optional_on_load = frozenset({"second_moment_transport", "momentum_bound"})

@@ -122,7 +122,8 @@ class Riemannion(PairOptimizer):
         robust_steps: AdamW warm-up steps (rank-deficient pairs take them anyway).
         **kwargs: :class:`~geolora.optim.base.LoRAOptimizer` options.
 
-    Memory per pair: ``2 (m + n) r + r² + r``. Transformation invariant.
+    Memory per pair: ``2 (m + n) r + r² + r``. Transformation invariant. Steps on row-sharded
+    factors (FSDP2): seven ``r x r`` all-reduce rounds per bucket (docs/distributed.md).
     """
 
     def __init__(
