@@ -82,6 +82,7 @@ ROW_SHARD_REFUSALS: dict[str, str] = {
     "LiftedShampoo": "its row-sharded step (QR frames, the Frequent-Directions sketch Grams) is "
     "not written yet, and its exact statistics (sketch_rank=None) are m×m and n×n",
     "LoRAPro": "its Adam moments are dense m×n matrices (as AdamS)",
+    "InvariantDoRA": "its pair step is AdamS's (dense m×n Adam moments)",
 }
 
 
