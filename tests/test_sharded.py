@@ -14,7 +14,8 @@ process here.
   StiefelLoRA with each retraction, coordinate-wise, from ``B = 0`` and from a rank-deficient
   ``B``, RefLoRA with warm-up 2 and 0, the scalar policy and ``mode="precondition"``, LoRAM-FR
   and LoRAM-BR from ``B = 0`` and with ``lora_A`` gathered, Riemannion with the SVD and, Nesterov,
-  with Newton–Schulz),
+  with Newton–Schulz, LiftedShampoo with Frequent-Directions sketches from ``B = 0`` and with
+  ``lora_A`` gathered; its exact statistics are refused),
   the whole-pair gather of an optimizer without a
   row-sharded step (AdamS, ``sharded="gather"``), and the optimizer state stored as
   ``DTensor`` s with the factors' placements.
@@ -62,6 +63,7 @@ from geolora.optim import (
     LRACS,
     AdamS,
     LiftedSGD,
+    LiftedShampoo,
     LoRAMBoundedRank,
     LoRAMFixedRank,
     LoRAPlus,
@@ -135,6 +137,10 @@ OPTIMIZERS: dict[str, Any] = {
     "reflora_precond": lambda g, **k: RefLoRA(
         g, lr=1e-2, mode="precondition", warmup_steps=2, **k
     ),
+    # Frequent-Directions sketches of rank 4 < m, n (the exact statistics refuse row shards)
+    "lifted_shampoo": lambda g, **k: LiftedShampoo(
+        g, **{"lr": 5e-2, "sketch_rank": 4, "beta2": 0.9, "robust_steps": 1, **k}
+    ),
 }
 
 # name -> (optimizer, init, lora_A placement ("rows": dim 1 where possible), replicated pair)
@@ -166,6 +172,8 @@ TRAIN: dict[str, tuple[str, str, str, bool]] = {
     "reflora_w0_zero_rows_mixed": ("reflora_w0", "zero", "rows", True),
     "reflora_scalar_rows_mixed": ("reflora_scalar", "gaussian", "rows", True),
     "reflora_precond_rows": ("reflora_precond", "gaussian", "rows", False),
+    "shampoo_zero_rows_mixed": ("lifted_shampoo", "zero", "rows", True),
+    "shampoo_default": ("lifted_shampoo", "gaussian", "default", False),
 }
 RUNS: dict[int, list[str]] = {
     4: [
@@ -174,14 +182,15 @@ RUNS: dict[int, list[str]] = {
         "loram_br_zero_rows_mixed", "riemannion_zero_rows_mixed", "stiefel_rows_mixed",
         "stiefel_zero_rows",
         "stiefel_polar_default", "stiefel_cayley_rows", "reflora_rows",
-        "reflora_w0_zero_rows_mixed", "reflora_precond_rows", "gram_qr", "dcp_save",
+        "reflora_w0_zero_rows_mixed", "reflora_precond_rows", "shampoo_zero_rows_mixed",
+        "shampoo_default", "gram_qr", "dcp_save",
         "dcp_save_rite", "dcp_save_stiefel", "dcp_save_loram", "zoo",
     ],
     2: [
         *TRAIN, "bf16", "fp32", "fp32_rite", "nan_grad", "nan_state", "refuse", "gram_qr", "zoo",
         "dcp_resume", "dcp_resume_rite", "dcp_resume_stiefel", "dcp_resume_loram",
         "stiefel_deficient", "stiefel_nan", LORAM_BF16,
-        "reflora_refuse", "fp32_reflora",
+        "reflora_refuse", "fp32_reflora", "shampoo_refuse",
     ],
 }
 
@@ -478,6 +487,23 @@ def _run_reflora_refuse(rank: int, world: int) -> dict[str, Any]:
         del GAUGE_POLICIES["user"]
 
 
+def _run_shampoo_refuse(rank: int, world: int) -> dict[str, Any]:
+    """LiftedShampoo with exact statistics (``sketch_rank=None``, the default) on row shards:
+    the refusal at the first step, and what that step changed (nothing)."""
+    model = build_model("gaussian")
+    replicated = _shard(model, world, "rows", False)
+    opt = OPTIMIZERS["lifted_shampoo"](lora_param_groups(model), sketch_rank=None)
+    before = trained(model)
+    try:
+        _train_steps(model, opt, replicated, rank, world, range(1))
+        err = "no error"
+    except NotImplementedError as exc:
+        err = f"{type(exc).__name__}: {exc}"
+    after = trained(model)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    return {"error": err, "changed": changed, "state": len(opt.state)}
+
+
 def qr_inputs() -> dict[str, torch.Tensor]:
     """Tall ``(2, 13, 3)`` stacks: well conditioned (1e3) and beyond plain CholeskyQR (1e11)."""
     g = torch.Generator().manual_seed(7)
@@ -503,9 +529,13 @@ def _run_gram_qr(rank: int, world: int) -> dict[str, Any]:
 
 
 ZOO_STEPS = 4  # one robust step, three of the optimizer's own
+#: zoo entries built with other options here (in both runs): LiftedShampoo's default exact
+#: statistics refuse row shards, its Frequent-Directions sketches (rank 2 < m, n) run on them
+ZOO_SHARDED_KWARGS: dict[str, dict[str, Any]] = {"lifted_shampoo": {"sketch_rank": 2}}
 
 
 def zoo_run(entry: ZooEntry, world: int = 1, **kw: Any) -> dict:
+    kw = {**ZOO_SHARDED_KWARGS.get(entry.name, {}), **kw}
     return closed_form_run(
         torch.float64, world, steps=ZOO_STEPS,
         factory=lambda g: entry.factory(g, robust_steps=1, **kw),
@@ -586,6 +616,8 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_stiefel_nan(rank, world)
                 elif name == "reflora_refuse":
                     results[name] = _run_reflora_refuse(rank, world)
+                elif name == "shampoo_refuse":
+                    results[name] = _run_shampoo_refuse(rank, world)
                 elif name == REFLORA_FP32:
                     results[name] = closed_form_run(torch.float32, world, "reflora")
                 else:
@@ -913,7 +945,7 @@ def test_gram_qr_on_row_shards_equals_householder(world: int, runs) -> None:
 
 ROW_SHARDED = {
     "loraplus", "scaled_gd", "rpadamw", "lora_rite", "lracs", "lifted_sgd", "loram_fr", "loram_br",
-    "stiefel_lora", "reflora", "riemannion",
+    "stiefel_lora", "reflora", "riemannion", "lifted_shampoo",
 }
 
 
@@ -985,3 +1017,36 @@ def test_reflora_fp32_sharded_within_rounding(runs) -> None:
     want = closed_form_run(torch.float32, opt_name="reflora")
     _assert_near_one_process(got, want, torch.float32, REFLORA_FP32_TOL)
     assert got[0]["state"]["B0.exp_avg_sq_N"] == "DTensor(Shard(dim=0),) torch.float32 (12, 3)"
+
+
+def test_shampoo_state_sides_and_reductions(runs) -> None:
+    """LiftedShampoo (sketch rank 4) on row shards: the Frequent-Directions sketches ``Z_L``
+    (m x k) and ``Z_R`` (n x k) stored with the factors' row placements, the escaped masses
+    whole; per bucket and geometric step 4 all-reduces: the frames (2), the projected
+    gradient's core (1), and one for the sketches, the inverse fourth roots and the projection
+    of the preconditioned direction together (``ZᵀZ``, ``ZᵀF``, ``FᵀF``, ``UᵀZ``, ``UᵀF`` of
+    both sides)."""
+    res = _ok(runs[2][0]["shampoo_zero_rows_mixed"])
+    st = res["state"]
+    assert st["0.lora_B.shampoo_L"] == "DTensor(Shard(dim=0),) torch.float64 (13, 4)"
+    assert st["0.lora_B.shampoo_R"] == "DTensor(Shard(dim=0),) torch.float64 (12, 4)"
+    assert st["0.lora_B.shampoo_L_rho"] == "Tensor torch.float64 ()"
+    assert st["2.lora_B.shampoo_L"] == "Tensor torch.float64 (12, 4)"  # the replicated pair
+    # B = 0: one robust step, then 9 steps of one row-sharded bucket (pairs 0 and 4)
+    assert res["comm"] == (4 * (STEPS - 1), 0)
+    # A split along r (default placements, gathered): two buckets (0+4; 2) with N whole; the
+    # M side still takes 4 all-reduces per step
+    res = _ok(runs[2][0]["shampoo_default"])
+    assert res["comm"][0] == 2 * 4 * (STEPS - 1)
+    assert res["state"]["0.lora_B.shampoo_R"] == "Tensor torch.float64 (12, 4)"
+    assert res["state"]["0.lora_B.shampoo_L"] == "DTensor(Shard(dim=0),) torch.float64 (13, 4)"
+
+
+def test_shampoo_exact_statistics_refused_on_row_shards(runs) -> None:
+    res = [_ok(r["shampoo_refuse"]) for r in runs[2]]
+    for r in res:
+        msg = r["error"]
+        assert msg.startswith("NotImplementedError: LiftedShampoo does not run on sharded"), msg
+        assert "sketch_rank=None" in msg and "sketch_rank=k" in msg and "sharded='gather'" in msg
+        assert r["changed"] == [] and r["state"] == 0  # the failed step wrote nothing
+    assert res[1] == res[0]

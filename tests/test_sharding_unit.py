@@ -1,8 +1,8 @@
 """Single-process checks of :mod:`geolora.optim.sharding` (the multi-process behaviour is in
 tests/test_sharded.py): the Gram-based QR against Householder QR in float64, its shifted
 fallback, the Gram-based polar factor and the row-sharded Stiefel manifold against their
-single-process forms, the identity reducer, the ``sharded`` option and the FSDP2 placement
-function."""
+single-process forms, the identity reducer, the ``sharded`` option, the FSDP2 placement
+function and the row-sharded Shampoo update (one round) against the unsharded one."""
 
 from __future__ import annotations
 
@@ -157,3 +157,59 @@ def test_trainer_class_builds_the_geolora_optimizer() -> None:
         trainer_class(FakeTrainer, "nope")
     with pytest.raises(TypeError, match="Trainer class"):
         trainer_class("transformers.Trainer")  # type: ignore[arg-type]
+
+
+class _AllRows(RowSum):
+    """A reducer that declares both sides row-sharded but holds every row (one process): the
+    row-sharded code paths with identity sums, counting the rounds."""
+
+    def __init__(self) -> None:
+        super().__init__(None, m_rows=True, n_rows=True)
+        self.calls = 0
+
+    def rows(self, side: str, local: int) -> int:
+        return local
+
+    def _all_reduce(self, pieces: list[torch.Tensor], op: str = "sum") -> list[torch.Tensor]:
+        self.calls += 1
+        return pieces
+
+
+@pytest.mark.parametrize("k", [2, 4, 20])
+def test_sharded_shampoo_update_equals_unsharded(k: int) -> None:
+    """The row-sharded Shampoo update (one round of reduced products: the FD Gram, the inverse
+    fourth roots and the projection assembled from them) against the unsharded update and its
+    projection, on one frame, over 4 steps (sketch rank 2 and 4 < m, n; 20: k = m, n)."""
+    from geolora.manifolds.frame import make_frame
+    from geolora.manifolds.types import FactorPoint, FixedRankTangent
+    from geolora.optim.base import StepContext
+    from geolora.optim.geometry import QuotientGeometry, QuotientPoint, to_tangent
+    from geolora.optim.preconditioners.shampoo import ShampooPreconditioner
+
+    g = torch.Generator().manual_seed(5)
+    L, m, n, r = 2, 13, 12, 3
+    x = FactorPoint(*(torch.randn(L, d, r, generator=g, dtype=torch.float64) for d in (m, n)))
+    geo, pre, red = QuotientGeometry(), ShampooPreconditioner(k), _AllRows()
+    hp = {"beta2": 0.9, "eps": 1e-6}
+    frame = make_frame(x.M, x.N)
+    like = x.M.new_empty(())
+    st_local = {k_: v.expand(L, *v.shape).clone() for k_, v in pre.init_state(m, n, r, like).items()}
+    st_rows = {key: v.clone() for key, v in st_local.items()}
+    assert pre.init_state(m, n, r, like, red)["shampoo_L"].shape == (m, min(k, m))
+    for step in range(1, 5):
+        xi = to_tangent(frame, torch.randn(L, m, n, generator=g, dtype=torch.float64))
+        ctx = StepContext(geo, QuotientPoint(x, frame, geo), hp, m, n, r)
+        want = to_tangent(frame, pre.update(st_local, xi, ctx, hp, step))
+        before = red.calls
+        ctx = StepContext(geo, QuotientPoint(x, frame, geo, red), hp, m, n, r)
+        got = pre.update(st_rows, xi, ctx, hp, step)
+        assert red.calls == before + 1  # one round for everything
+        assert isinstance(got, FixedRankTangent)
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    for key, v in st_local.items():
+        if key.endswith("rho"):
+            assert torch.allclose(st_rows[key], v, rtol=1e-12, atol=1e-14), key
+        else:  # the sketches agree as Z Zᵀ (their columns are eigenvectors: signs are free)
+            a, b = st_rows[key], v
+            assert (a @ a.mT - b @ b.mT).abs().max() <= 1e-12 * (b @ b.mT).abs().max(), key

@@ -75,6 +75,17 @@ def project_lowrank(frame: Frame, A: Tensor, B: Tensor) -> FixedRankTangent:
     )
 
 
+def lowrank_tangent(frame: Frame, A: Tensor, B: Tensor, UtA: Tensor, BtV: Tensor) -> FixedRankTangent:
+    """``P_T(A Bᵀ)`` from given ``UtA = Uᵀ A: (..., r, k)`` and ``BtV = Bᵀ V: (..., k, r)`` (e.g.
+    reduced over row shards, ``A``, ``B``, ``U``, ``V`` the local rows): ``S = (UᵀA)(BᵀV)``,
+    ``Up = A (BᵀV) − U S``, ``Vp = B (UᵀA)ᵀ − V Sᵀ``."""
+    ZV, ZtU = mm_t(A, BtV), mm_t(B, transpose(UtA))
+    S = UtA @ BtV
+    return FixedRankTangent(
+        S, addmm(ZV, frame.U, S, alpha=-1.0), addmm(ZtU, frame.V, transpose(S), alpha=-1.0)
+    )
+
+
 def tangent_to_dense(frame: Frame, t: FixedRankTangent) -> Tensor:
     """``U S Vᵀ + Up Vᵀ + U Vpᵀ`` as a dense ``(..., m, n)`` matrix, written once as
     ``A Bᵀ`` from :func:`tangent_to_factors` (dense preconditioners, tests)."""

@@ -649,7 +649,10 @@ class PairOptimizer(LoRAOptimizer):
             state = dict(geo_init(group, B, A))
         like = torch.empty((), dtype=compute_dtype(B.dtype), device=B.device)
         init = self.preconditioner.init_state
-        kw = {"hp": group} if "hp" in inspect.signature(init).parameters else {}
+        params = inspect.signature(init).parameters
+        kw: dict[str, Any] = {"hp": group} if "hp" in params else {}
+        if "reduce" in params:  # local rows: the global row counts through the reducer
+            kw["reduce"] = self.shard_sum
         pre = init(B.shape[0], A.shape[1], B.shape[1], like, **kw)
         clash = state.keys() & pre.keys()
         if clash:

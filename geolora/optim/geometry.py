@@ -49,6 +49,7 @@ from geolora.linalg import (
 from geolora.manifolds.frame import (
     Frame,
     addmm,
+    lowrank_tangent,
     project_dense,
     project_factor_grads,
     project_lowrank,
@@ -278,11 +279,7 @@ def sharded_tangent(p: QuotientPoint, d: Any) -> FixedRankTangent:
         return _scaled_tangent(t, 1.0 / d.divisor)
     if isinstance(d, LowRank):
         (UtA,), (BtV,) = p.reduce(M=[transpose(U) @ d.A], N=[transpose(d.B) @ V])
-        ZV, ZtU = mm_t(d.A, BtV), mm_t(d.B, transpose(UtA))
-        S = UtA @ BtV
-        return FixedRankTangent(
-            S, addmm(ZV, U, S, alpha=-1.0), addmm(ZtU, V, transpose(S), alpha=-1.0)
-        )
+        return lowrank_tangent(p.frame, d.A, d.B, UtA, BtV)
     _whole_rows(p, f"the projection of a {type(d).__name__} direction")
     raise AssertionError("unreachable")  # pragma: no cover
 

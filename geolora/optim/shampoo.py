@@ -39,7 +39,10 @@ class LiftedShampoo(LiftedOptimizer):
         robust_steps: AdamW warm-up steps (A.16; default 0).
         metric: quotient metric of the lift (default LoRA-S ``"balanced"``).
 
-    Invariant under ``(B, A) → (B R, R⁻¹ A)`` with an invariant metric.
+    Invariant under ``(B, A) → (B R, R⁻¹ A)`` with an invariant metric. On FSDP2 row-sharded
+    factors with a finite ``sketch_rank`` the sketches are stored with the factors' rows and
+    each step takes 4 ``all_reduce`` s per bucket (docs/distributed.md); ``sketch_rank=None``
+    refuses row shards (``sharded="gather"`` runs it on the gathered pair).
     """
 
     def __init__(

@@ -79,8 +79,9 @@ SHARDED_MODES = ("auto", "rows", "gather")
 ROW_SHARD_REFUSALS: dict[str, str] = {
     "AdamS": "its Adam moments are dense m×n matrices: a row-sharded step needs V and Vp whole "
     "on every rank and a reduce-scatter of Ẋᵀ U (n×r), not only r×r sums",
-    "LiftedShampoo": "its row-sharded step (QR frames, the Frequent-Directions sketch Grams) is "
-    "not written yet, and its exact statistics (sketch_rank=None) are m×m and n×n",
+    "LiftedShampoo": "its exact statistics (sketch_rank=None, the default) are m×m and n×n "
+    "matrices, which have no row-sharded form; pass a finite sketch_rank=k (Frequent-Directions "
+    "sketches (m + n)×k, stored with the factors' rows) for the row-sharded step",
     "LoRAPro": "its Adam moments are dense m×n matrices (as AdamS)",
     "InvariantDoRA": "its pair step is AdamS's (dense m×n Adam moments)",
 }
