@@ -67,11 +67,13 @@ def build_model() -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, name: str = "scaled_gd") -> torch.optim.Optimizer:
-    from geolora.optim import LoRARite, ScaledGD
+    from geolora.optim import LoRAMBoundedRank, LoRARite, ScaledGD
     from geolora.optim.groups import lora_param_groups
 
     if name == "lora_rite":
         return LoRARite(lora_param_groups(model), lr=1e-2)
+    if name == "loram_br":  # an owned point (K, V) entered on the shards
+        return LoRAMBoundedRank(lora_param_groups(model), lr=1e-2)
     return ScaledGD(lora_param_groups(model), lr=5e-2, momentum=0.9)
 
 
@@ -82,6 +84,7 @@ ACCELERATE_CASES = {
     "accelerate_default": ("scaled_gd", False, 1e-12),
     "accelerate_presharded": ("scaled_gd", True, 1e-12),
     "accelerate_presharded_rite": ("lora_rite", True, 1e-11),
+    "accelerate_presharded_loram_br": ("loram_br", True, 1e-12),
 }
 
 
