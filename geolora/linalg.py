@@ -202,16 +202,19 @@ def polar_overlap(c: Tensor, *, max_iter: int = 16, tol: float = 1e-8) -> Tensor
 
     Newton–Schulz iteration ``X ← X + ½ X (I − XᵀX)`` from ``X₀ = c`` (Higham, "Functions of
     Matrices", 2008, Sec. 8.3): each singular value goes ``σ ← σ (3 − σ²) / 2``, so overlaps of
-    nearby frames (``σ ≈ 1``) converge quadratically in a few ``r × r`` products — about a tenth
-    of an ``r × r`` SVD on a CPU at ``r = 32``. The loop stops one iteration after
+    nearby frames (``σ ≈ 1``) converge quadratically in a few ``r × r`` products — about a
+    quarter of the time of an ``r × r`` SVD on a CPU at ``r = 32`` (measured). The loop stops one iteration after
     ``max|I − XᵀX| ≤ tol`` holds for every matrix (the last iteration squares the error to
     rounding). Matrices that have not converged after ``max_iter`` iterations (a singular value
     near 0, i.e. frames with nearly orthogonal directions, or non-finite entries) get the polar
     factor of :func:`polar` (SVD) instead, so the result is defined wherever :func:`polar`'s is.
     """
+    if max_iter < 1:
+        raise ValueError(f"polar_overlap: max_iter must be >= 1, got {max_iter}")
     r = c.shape[-1]
     eye = torch.eye(r, dtype=c.dtype, device=c.device)
     x = c
+    done = torch.zeros(c.shape[:-2], dtype=torch.bool, device=c.device)
     for _ in range(max_iter):
         e = eye - transpose(x) @ x
         done = e.abs().amax(dim=(-2, -1)) <= tol
