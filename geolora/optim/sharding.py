@@ -606,6 +606,20 @@ def gram_qr(F: Tensor, row_sum: Callable[..., tuple[list[Tensor], list[Tensor]]]
     return gram_qr_sides([(F, side, rows)], row_sum)[0]
 
 
+def _reduced_grams(
+    xs: Sequence[Tensor], sides: Sequence[str], row_sum: Callable[..., tuple[list[Tensor], list[Tensor]]]
+) -> list[Tensor]:
+    """The symmetrised Grams ``Σ xᵀx`` of local row blocks ``xs`` (side ``"M"`` or ``"N"``
+    each), all reduced in one :class:`RowSum` round, in the order of ``xs``."""
+    gs = [transpose(x) @ x for x in xs]
+    got_M, got_N = row_sum(
+        M=[g for g, s in zip(gs, sides) if s == "M"], N=[g for g, s in zip(gs, sides) if s != "M"]
+    )
+    it_M, it_N = iter(got_M), iter(got_N)
+    out = [next(it_M) if s == "M" else next(it_N) for s in sides]
+    return [0.5 * (g + transpose(g)) for g in out]
+
+
 def gram_qr_sides(
     factors: Sequence[tuple[Tensor, str, int | None]],
     row_sum: Callable[..., tuple[list[Tensor], list[Tensor]]],
@@ -619,13 +633,7 @@ def gram_qr_sides(
     sides = [side for _, side, _ in factors]
 
     def reduced(xs: list[Tensor]) -> list[Tensor]:
-        gs = [transpose(x) @ x for x in xs]
-        got_M, got_N = row_sum(
-            M=[g for g, s in zip(gs, sides) if s == "M"], N=[g for g, s in zip(gs, sides) if s != "M"]
-        )
-        it_M, it_N = iter(got_M), iter(got_N)
-        out = [next(it_M) if s == "M" else next(it_N) for s in sides]
-        return [0.5 * (g + transpose(g)) for g in out]
+        return _reduced_grams(xs, sides, row_sum)
 
     def chol_step(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         L, info = torch.linalg.cholesky_ex(g)
@@ -678,19 +686,13 @@ def gram_qr_blocks(
         return out
     wd = torch.float64
     xs = [F.to(wd) for F, _ in blocks]
-    grams = [transpose(x) @ x for x in xs]
-    got_M, got_N = row_sum(
-        M=[g for g, (_, s) in zip(grams, blocks) if s == "M"],
-        N=[g for g, (_, s) in zip(grams, blocks) if s != "M"],
-    )
-    it_M, it_N = iter(got_M), iter(got_N)
-    grams = [next(it_M) if s == "M" else next(it_N) for _, s in blocks]
+    grams = _reduced_grams(xs, [side for _, side in blocks], row_sum)
     fixed = []
     for (q, r), x, g, b in zip(out, xs, grams, bad):
         if not b or not bool(torch.isfinite(g).all()):
             fixed.append((q, r))
             continue
-        lam, w = torch.linalg.eigh(0.5 * (g + transpose(g)))
+        lam, w = torch.linalg.eigh(g)
         lam = lam.clamp_min(0)
         keep = lam > g.shape[-1] * torch.finfo(wd).eps * lam.amax(-1, keepdim=True)
         root = lam.sqrt()
@@ -712,10 +714,8 @@ def gram_polar(
     retraction's ``X + U`` (``(X + U)ᵀ(X + U) = I + UᵀU`` for a tangent ``U``: ``cond ≤ sqrt(1 +
     ‖U‖²)``); a singular ``F`` gives inf/NaN (a non-finite step, which the optimizer refuses)."""
     x = F.to(torch.float64)
-    gram = transpose(x) @ x
-    got_M, got_N = row_sum(M=[gram]) if side == "M" else row_sum(N=[gram])
-    g = (got_M if side == "M" else got_N)[0]
-    lam, W = torch.linalg.eigh(0.5 * (g + transpose(g)))
+    (g,) = _reduced_grams([x], [side], row_sum)
+    lam, W = torch.linalg.eigh(g)
     return x @ ((W * lam.rsqrt().unsqueeze(-2)) @ transpose(W))
 def gram_qr_pair(
     M: Tensor, N: Tensor, reduce: RowSum
