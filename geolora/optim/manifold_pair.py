@@ -477,17 +477,27 @@ def row_sharded_svd(B: Tensor, A: Tensor, reduce: RowSum) -> FixedRankPoint:
     return FixedRankPoint((qb @ uc).to(cd), s.to(cd), (qa @ transpose(vch)).to(cd))
 
 
+def gram_rank_deficient(gram: Tensor, rtol: float) -> bool:
+    """``σ_min ≤ rtol σ_max`` (or ``F = 0``) for the singular values ``σ`` of a factor ``F`` given
+    its float64 Gram ``FᵀF`` (whole, e.g. reduced over row shards: the same decision on every
+    rank). The Gram's eigenvalues resolve ``σ_min`` only down to ``√eps σ_max``."""
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # increasing
+    return not (bool(s[-1] > 0) and bool(s[0] > rtol * s[-1]))
+
+
+#: ``rtol`` of a rank test on a reduced Gram (:func:`gram_rank_deficient`): below ``1e-7`` the
+#: float64 Gram's rounding decides.
+_GRAM_RTOL = 1e-7
+
+
 def factor_rank_deficient(F: Tensor, rows: int = 0) -> bool:
     """:func:`~geolora.linalg.rank_deficient` of ``B`` (``rows=0``) or of ``Aᵀ`` (``F = A``,
-    ``rows=1``). A ``DTensor`` factor (FSDP2) is tested from its reduced float64 Gram, whose
-    eigenvalues resolve ``σ_min`` only down to ``√eps σ_max``: there the test is
-    ``σ_min ≤ max(rtol, 1e-7) σ_max`` (the same on every rank)."""
+    ``rows=1``). A ``DTensor`` factor (FSDP2) is tested from its reduced float64 Gram
+    (:func:`gram_rank_deficient`): ``σ_min ≤ max(rtol, 1e-7) σ_max``."""
     if not is_dtensor(F):
         return rank_deficient(F if rows == 0 else transpose(F))
-    lam = torch.linalg.eigvalsh(dtensor_gram(F, rows)).clamp_min(0)
-    s = lam.sqrt()  # increasing
-    rtol = max(1e-7, 1e-12 if compute_dtype(F.dtype) == torch.float64 else 1e-6)
-    return not (bool(s[-1] > 0) and bool(s[0] > rtol * s[-1]))
+    rtol = max(_GRAM_RTOL, 1e-12 if compute_dtype(F.dtype) == torch.float64 else 1e-6)
+    return gram_rank_deficient(dtensor_gram(F, rows), rtol)
 
 
 def _sharded_qr(reduce: RowSum) -> Callable[[list[Tensor]], list[tuple[Tensor, Tensor]]]:
@@ -765,11 +775,6 @@ class StiefelPair(NamedTuple):
     reduce: RowSum = LOCAL
 
 
-#: ``B`` is rank deficient on row shards when ``λ_min ≤ rtol · λ_max`` for the eigenvalues of
-#: its reduced float64 Gram (``σ_min/σ_max ≤ 1e-7``: below that the Gram's rounding decides).
-_SHARDED_GRAM_RTOL = 1e-14
-
-
 class RowShardedStiefel(Stiefel):
     """``St(m, r)`` on row shards (FSDP2): points and tangent vectors are the local rows
     ``(..., k, r)`` of ``(..., m, r)`` matrices, and every sum over rows goes through ``reduce``
@@ -879,8 +884,7 @@ class StiefelGeometry(_OwnedPoint):
             gram = dtensor_gram(B, 0)
             if bool((torch.diagonal(gram) == 0).all()):  # B = 0 (a NaN is not zero)
                 return "refactor"
-            lam = torch.linalg.eigvalsh(gram)
-            return "robust" if bool(lam[0] <= _SHARDED_GRAM_RTOL * lam[-1]) else "enter"
+            return "robust" if gram_rank_deficient(gram, _GRAM_RTOL) else "enter"
         return "refactor" if rank_deficient(B) else "enter"
 
     def init_state(
