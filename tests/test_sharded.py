@@ -92,6 +92,13 @@ RITE_FP32_TOL = 1e-6  # measured 5e-8 relative after 10 steps
 REFLORA_FP32, REFLORA_FP32_TOL = "fp32_reflora", 1e-5
 #: LoRAM-BR with bfloat16 factors (its point and moments in float32, the compute dtype)
 LORAM_BF16 = "bf16_loram"
+#: every closed-form run of the workers: name -> (factor dtype, optimizer)
+CLOSED_FORM_RUNS: dict[str, tuple[torch.dtype, str]] = {
+    **{name: (dtype, "rpadamw") for name, dtype in LOW_PRECISION.items()},
+    RITE_FP32: (torch.float32, "lora_rite"),
+    REFLORA_FP32: (torch.float32, "reflora"),
+    LORAM_BF16: (torch.bfloat16, "loram_br"),
+}
 STEPS = 10
 TOL64 = 1e-12
 #: LoRA-RITE's sharded frame is CholeskyQR2 (float64 Grams), one process's is Householder QR:
@@ -596,12 +603,9 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
             try:
                 if name in TRAIN:
                     results[name] = _run_train(name, rank, world)
-                elif name in LOW_PRECISION:
-                    results[name] = closed_form_run(LOW_PRECISION[name], world)
-                elif name == LORAM_BF16:
-                    results[name] = closed_form_run(torch.bfloat16, world, "loram_br")
-                elif name == RITE_FP32:
-                    results[name] = closed_form_run(torch.float32, world, "lora_rite")
+                elif name in CLOSED_FORM_RUNS:
+                    dtype, opt_name = CLOSED_FORM_RUNS[name]
+                    results[name] = closed_form_run(dtype, world, opt_name)
                 elif name.startswith("nan_"):
                     results[name] = _run_nan(name[4:], rank, world)
                 elif name == "refuse":
@@ -618,8 +622,6 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = _run_reflora_refuse(rank, world)
                 elif name == "shampoo_refuse":
                     results[name] = _run_shampoo_refuse(rank, world)
-                elif name == REFLORA_FP32:
-                    results[name] = closed_form_run(torch.float32, world, "reflora")
                 else:
                     stage, _, case = name[4:].partition("_")
                     case = f"_{case}" if case else ""
