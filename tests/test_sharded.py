@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -598,6 +599,15 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict[str, Any] = {}
     ckpt = str(Path(out).parent / "dcp")
+    runners: dict[str, Callable[[int, int], Any]] = {  # the cases that run as (rank, world)
+        "refuse": _run_refuse,
+        "gram_qr": _run_gram_qr,
+        "zoo": _run_zoo,
+        "stiefel_deficient": lambda rank, world: stiefel_deficient_run(world),
+        "stiefel_nan": _run_stiefel_nan,
+        "reflora_refuse": _run_reflora_refuse,
+        "shampoo_refuse": _run_shampoo_refuse,
+    }
     try:
         for name in names:
             try:
@@ -608,20 +618,8 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> Non
                     results[name] = closed_form_run(dtype, world, opt_name)
                 elif name.startswith("nan_"):
                     results[name] = _run_nan(name[4:], rank, world)
-                elif name == "refuse":
-                    results[name] = _run_refuse(rank, world)
-                elif name == "gram_qr":
-                    results[name] = _run_gram_qr(rank, world)
-                elif name == "zoo":
-                    results[name] = _run_zoo(rank, world)
-                elif name == "stiefel_deficient":
-                    results[name] = stiefel_deficient_run(world)
-                elif name == "stiefel_nan":
-                    results[name] = _run_stiefel_nan(rank, world)
-                elif name == "reflora_refuse":
-                    results[name] = _run_reflora_refuse(rank, world)
-                elif name == "shampoo_refuse":
-                    results[name] = _run_shampoo_refuse(rank, world)
+                elif name in runners:
+                    results[name] = runners[name](rank, world)
                 else:
                     stage, _, case = name[4:].partition("_")
                     case = f"_{case}" if case else ""
